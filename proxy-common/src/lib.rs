@@ -1,0 +1,217 @@
+//! Map layouts shared by the kproxy eBPF programs (`proxy-ebpf`) and the agent
+//! (`proxy-user`). Every key and value is `#[repr(C)]` with explicit padding
+//! fields so that kernel and user side agree byte for byte and no
+//! uninitialised padding ever reaches a hash.
+//!
+//! Addresses and ports are stored in **network byte order** exactly as they
+//! appear in the packet, so the datapath never swaps bytes.
+//!
+//! # Maps (who writes, who reads)
+//!
+//! | map | type | key → value | written by | read by |
+//! |---|---|---|---|---|
+//! | `SERVICES` | hash | [`SvcKey`] → [`SvcValue`] | agent | ingress |
+//! | `SLOTS` | hash | [`SlotKey`] → [`Backend`] | agent | ingress |
+//! | `RR_CURSOR` | array | service id → `u64` | ingress (atomic add); agent zeroes on id reuse | ingress |
+//! | `CONNTRACK` | LRU hash | [`CtKey`] → [`CtValue`] | ingress (new flows); agent deletes flows of removed backends | ingress, egress, agent |
+//! | `FRAGS` | LRU hash | [`FragKey`] → [`Backend`] | ingress (first fragment) | ingress (later fragments) |
+//! | `SVC_COUNTERS` | per-CPU array | service id → [`Counters`] | ingress | agent |
+//! | `GLOBAL_COUNTERS` | per-CPU array | `0` → [`Counters`] | ingress, egress | agent |
+//!
+//! A service frontend (ClusterIP, port, protocol) has one `SERVICES` entry. Its
+//! value holds a service id (index into `RR_CURSOR` and `SVC_COUNTERS`) and the
+//! number of backend slots in use. Slots `0..count` of that id live in `SLOTS`.
+//! `count == 0` means "known service without ready endpoints": the ingress
+//! program rejects such packets with ICMP port unreachable.
+//!
+//! Round-robin: the ingress program does an atomic fetch-add on the service's
+//! cursor and takes slot `cursor % count`. One cursor per service makes the
+//! choice exact across CPUs (9 new flows over 3 backends go 3/3/3).
+//!
+//! Slot compaction (agent): a backend is added by writing slot `count` and
+//! then `count + 1`; removed by copying the last slot over it and then
+//! writing `count - 1`. Each step leaves a consistent table for concurrent
+//! readers (at worst one backend is briefly listed twice).
+#![no_std]
+
+/// Default capacity of `SERVICES` (frontends) and of the per-service arrays.
+pub const MAX_SERVICES: u32 = 131_072;
+/// Default capacity of `SLOTS` (backend slots over all services).
+pub const MAX_SLOTS: u32 = 524_288;
+/// Default capacity of the LRU `CONNTRACK` map (two entries per flow).
+pub const MAX_CONNTRACK: u32 = 262_144;
+/// Capacity of the LRU `FRAGS` map.
+pub const MAX_FRAGS: u32 = 8_192;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// `CtKey::dir` of an entry keyed by the client → frontend tuple.
+pub const CT_DIR_FORWARD: u8 = 0;
+/// `CtKey::dir` of an entry keyed by the backend → client tuple.
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Name of the read-only global that sets the in-kernel log level
+/// (0 = off, 1 = error, 2 = warn, 3 = info, 4 = debug). Checked before every
+/// aya-log call, so logging costs nothing on the hot path when off.
+pub const LOG_LEVEL_GLOBAL: &str = "KPROXY_LOG_LEVEL";
+
+/// A service frontend: ClusterIP, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SvcKey {
+    /// IPv4 address, network order.
+    pub addr: u32,
+    /// Port, network order.
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// What the datapath needs to know about a frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SvcValue {
+    /// Service id: index into `RR_CURSOR` and `SVC_COUNTERS`, and the first
+    /// half of every `SlotKey` of this frontend. Assigned by the agent.
+    pub id: u32,
+    /// Number of backend slots in use (`0` = reject).
+    pub count: u32,
+}
+
+/// One backend slot of a frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SlotKey {
+    pub svc_id: u32,
+    pub slot: u32,
+}
+
+/// A backend address (also the value of a fragment entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// IPv4 address, network order.
+    pub addr: u32,
+    /// Port, network order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Connection-tracking key: the packet's 5-tuple as seen on the wire plus the
+/// direction of the entry.
+///
+/// * forward (`CT_DIR_FORWARD`): client → frontend, value holds the backend;
+/// * reply (`CT_DIR_REPLY`): backend → client, value holds the frontend to
+///   restore as the reply's source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: u16,
+}
+
+/// Connection-tracking value: the address to translate to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtValue {
+    /// Forward entry: backend address; reply entry: frontend address.
+    pub addr: u32,
+    /// Forward entry: backend port; reply entry: frontend port.
+    pub port: u16,
+    pub _pad: u16,
+    /// Service id the flow belongs to (for counters).
+    pub svc_id: u32,
+    pub _pad2: u32,
+}
+
+/// Key of a fragmented datagram in `FRAGS`: only the first fragment carries
+/// ports, so later fragments are matched by (source, destination, IP id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Packet counters, per CPU. Per-service entries use the first five fields;
+/// the global entry uses all of them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Packets translated (forward or reverse) or rejected.
+    pub packets: u64,
+    /// Bytes of those packets.
+    pub bytes: u64,
+    /// New flows (conntrack entries created).
+    pub new_flows: u64,
+    /// Packets answered with ICMP port unreachable (no ready endpoints).
+    pub rejects: u64,
+    /// Packets dropped (no backend although count > 0, failed rewrite).
+    pub drops: u64,
+    /// IPv4 packets the parser could not read (IHL < 5, truncated); passed on
+    /// untouched for the kernel to judge. Global only.
+    pub malformed: u64,
+    /// Non-first fragments translated through `FRAGS`. Global only.
+    pub fragments: u64,
+    /// Non-first fragments with no `FRAGS` entry, passed on untouched.
+    /// Global only.
+    pub fragments_unmatched: u64,
+}
+
+impl Counters {
+    /// Adds `other` field by field (used to sum per-CPU values).
+    pub fn add(&mut self, other: &Counters) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.new_flows += other.new_flows;
+        self.rejects += other.rejects;
+        self.drops += other.drops;
+        self.malformed += other.malformed;
+        self.fragments += other.fragments;
+        self.fragments_unmatched += other.fragments_unmatched;
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all types are repr(C), Copy, contain only integers and have
+    // explicit padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for SvcKey {}
+    unsafe impl aya::Pod for SvcValue {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for Counters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<SvcKey>(), 8);
+        assert_eq!(size_of::<SvcValue>(), 8);
+        assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<CtValue>(), 16);
+        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<Counters>(), 64);
+    }
+}

@@ -1,0 +1,337 @@
+//! kproxy datapath: ClusterIP DNAT with exact per-service round-robin, own
+//! conntrack, reverse NAT of replies, ICMP reject for services without
+//! endpoints.
+//!
+//! Two TC programs, attached to every interface that faces clients:
+//!
+//! * `kproxy_ingress` — client → frontend. Reads top to bottom:
+//!   parse → frontend lookup → conntrack lookup / round-robin select →
+//!   record → rewrite destination → count.
+//! * `kproxy_egress` — backend → client. parse → reply conntrack lookup →
+//!   rewrite source back to the frontend → count.
+//!
+//! Map layouts (keys, values, who writes, who reads) are documented in
+//! `proxy-common/src/lib.rs`, next to the types.
+//!
+//! Verdicts: packets that are not ours return `TC_ACT_UNSPEC` (-1, "next"
+//! for tcx, "continue" for cls_bpf) untouched, so other programs on the same
+//! hook still see them. Translated packets return `TC_ACT_OK`; rejects are
+//! turned into ICMP port unreachable and sent back out of the interface they
+//! came in on (`TC_ACT_REDIRECT`).
+//!
+//! Fragments: the first fragment carries the ports and is translated like any
+//! packet; its backend is remembered in `FRAGS` under (src, dst, IP id, proto)
+//! so later fragments of the same datagram get the same destination address.
+//! A later fragment that arrives before its first fragment (or after the
+//! entry was evicted) is passed on untouched and counted as
+//! `fragments_unmatched`.
+#![no_std]
+#![no_main]
+// atomic_xadd: the BPF target exposes no AtomicU64::fetch_add; with
+// target-cpu=v3 the intrinsic lowers to BPF_ATOMIC | BPF_FETCH | BPF_ADD.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+mod packet;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_redirect,
+    macros::{classifier, map},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::TcContext,
+};
+use aya_log_ebpf::{debug, warn};
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use packet::{Ipv4, L4Kind, Parsed};
+use proxy_common::*;
+
+/// "Not ours": let the next program / the stack decide.
+const TC_ACT_UNSPEC: i32 = -1;
+
+#[map]
+static SERVICES: HashMap<SvcKey, SvcValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
+#[map]
+static SLOTS: HashMap<SlotKey, Backend> = HashMap::with_max_entries(MAX_SLOTS, 0);
+#[map]
+static RR_CURSOR: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
+#[map]
+static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+#[map]
+static FRAGS: LruHashMap<FragKey, Backend> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
+#[map]
+static SVC_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+#[map]
+static GLOBAL_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+
+#[classifier]
+pub fn kproxy_ingress(ctx: TcContext) -> i32 {
+    let ip = match packet::parse_ipv4(&ctx) {
+        Parsed::NotIpv4 => return TC_ACT_UNSPEC,
+        Parsed::Malformed => {
+            count_global(|c| c.malformed += 1);
+            return TC_ACT_UNSPEC;
+        }
+        Parsed::Ipv4(ip) => ip,
+    };
+    match ip.l4 {
+        L4Kind::Other => TC_ACT_UNSPEC,
+        L4Kind::LaterFragment => translate_later_fragment(&ctx, &ip),
+        L4Kind::Ports { sport, dport } => {
+            let key = SvcKey {
+                addr: ip.daddr,
+                port: dport,
+                proto: ip.proto,
+                _pad: 0,
+            };
+            // Short path: anything that is not a frontend leaves here.
+            let Some(svc) = (unsafe { SERVICES.get(&key) }) else {
+                return TC_ACT_UNSPEC;
+            };
+            let svc = *svc;
+            if svc.count == 0 {
+                return reject(&ctx, &ip, svc.id);
+            }
+            forward(&ctx, &ip, sport, dport, svc)
+        }
+    }
+}
+
+#[classifier]
+pub fn kproxy_egress(ctx: TcContext) -> i32 {
+    let ip = match packet::parse_ipv4(&ctx) {
+        Parsed::Ipv4(ip) => ip,
+        // Malformed packets are counted once, on ingress.
+        _ => return TC_ACT_UNSPEC,
+    };
+    let L4Kind::Ports { sport, dport } = ip.l4 else {
+        return TC_ACT_UNSPEC;
+    };
+    let key = CtKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport,
+        dport,
+        proto: ip.proto,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    };
+    let Some(ct) = (unsafe { CONNTRACK.get(&key) }) else {
+        return TC_ACT_UNSPEC;
+    };
+    let ct = *ct;
+    if packet::rewrite(&ctx, &ip, packet::Side::Source, ct.addr, ct.port).is_err() {
+        count_service(ct.svc_id, |c| c.drops += 1);
+        count_global(|c| c.drops += 1);
+        return TC_ACT_SHOT;
+    }
+    let len = u64::from(ctx.len());
+    count_service(ct.svc_id, |c| {
+        c.packets += 1;
+        c.bytes += len;
+    });
+    count_global(|c| {
+        c.packets += 1;
+        c.bytes += len;
+    });
+    TC_ACT_OK
+}
+
+/// Client → frontend with at least one backend: keep the flow's backend or
+/// pick the next one round-robin, then rewrite the destination.
+#[inline(always)]
+fn forward(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16, svc: SvcValue) -> i32 {
+    let fwd = CtKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport,
+        dport,
+        proto: ip.proto,
+        dir: CT_DIR_FORWARD,
+        _pad: 0,
+    };
+    let mut new_flow = false;
+    let backend = match unsafe { CONNTRACK.get(&fwd) } {
+        Some(ct) => Backend {
+            addr: ct.addr,
+            port: ct.port,
+            _pad: 0,
+        },
+        None => {
+            let Some(backend) = select_backend(svc) else {
+                warn!(
+                    ctx,
+                    "kproxy: service {} has no backend in its slots", svc.id
+                );
+                count_service(svc.id, |c| c.drops += 1);
+                count_global(|c| c.drops += 1);
+                return TC_ACT_SHOT;
+            };
+            let reply = CtKey {
+                saddr: backend.addr,
+                daddr: ip.saddr,
+                sport: backend.port,
+                dport: sport,
+                proto: ip.proto,
+                dir: CT_DIR_REPLY,
+                _pad: 0,
+            };
+            let to_frontend = CtValue {
+                addr: ip.daddr,
+                port: dport,
+                _pad: 0,
+                svc_id: svc.id,
+                _pad2: 0,
+            };
+            let to_backend = CtValue {
+                addr: backend.addr,
+                port: backend.port,
+                _pad: 0,
+                svc_id: svc.id,
+                _pad2: 0,
+            };
+            // Reply entry first: once the forward entry exists a reply can
+            // come back, and it must find its way home.
+            if CONNTRACK.insert(&reply, &to_frontend, 0).is_err()
+                || CONNTRACK.insert(&fwd, &to_backend, 0).is_err()
+            {
+                count_service(svc.id, |c| c.drops += 1);
+                count_global(|c| c.drops += 1);
+                return TC_ACT_SHOT;
+            }
+            debug!(ctx, "kproxy: new flow for service {}", svc.id);
+            new_flow = true;
+            backend
+        }
+    };
+    if ip.more_fragments {
+        let frag = FragKey {
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            id: ip.id,
+            proto: ip.proto,
+            _pad: 0,
+        };
+        // Best effort: without the entry later fragments pass untranslated.
+        let _ = FRAGS.insert(&frag, &backend, 0);
+    }
+    if packet::rewrite(
+        ctx,
+        ip,
+        packet::Side::Destination,
+        backend.addr,
+        backend.port,
+    )
+    .is_err()
+    {
+        count_service(svc.id, |c| c.drops += 1);
+        count_global(|c| c.drops += 1);
+        return TC_ACT_SHOT;
+    }
+    let len = u64::from(ctx.len());
+    let flows = u64::from(new_flow);
+    count_service(svc.id, |c| {
+        c.packets += 1;
+        c.bytes += len;
+        c.new_flows += flows;
+    });
+    count_global(|c| {
+        c.packets += 1;
+        c.bytes += len;
+        c.new_flows += flows;
+    });
+    TC_ACT_OK
+}
+
+/// Exact round-robin: one atomic cursor per service, shared by all CPUs.
+#[inline(always)]
+fn select_backend(svc: SvcValue) -> Option<Backend> {
+    let cursor = RR_CURSOR.get_ptr_mut(svc.id)?;
+    // SeqCst, not Relaxed: a Relaxed fetch-add whose result is used is
+    // miscompiled for BPF (returns the addend; llvm issue 210280).
+    let turn = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(cursor, 1) };
+    let slot = (turn % u64::from(svc.count)) as u32;
+    let key = SlotKey {
+        svc_id: svc.id,
+        slot,
+    };
+    unsafe { SLOTS.get(&key) }.copied()
+}
+
+/// A non-first fragment carries no ports: follow the first fragment's choice.
+#[inline(always)]
+fn translate_later_fragment(ctx: &TcContext, ip: &Ipv4) -> i32 {
+    let key = FragKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        id: ip.id,
+        proto: ip.proto,
+        _pad: 0,
+    };
+    let Some(backend) = (unsafe { FRAGS.get(&key) }) else {
+        count_global(|c| c.fragments_unmatched += 1);
+        return TC_ACT_UNSPEC;
+    };
+    let addr = backend.addr;
+    if packet::rewrite_l3_only(ctx, addr).is_err() {
+        count_global(|c| c.drops += 1);
+        return TC_ACT_SHOT;
+    }
+    count_global(|c| c.fragments += 1);
+    TC_ACT_OK
+}
+
+/// No ready endpoints: answer with ICMP port unreachable from the frontend,
+/// sent straight back out of the interface the packet came in on. TCP and UDP
+/// clients both see "connection refused" at once, as with kube-proxy's
+/// REJECT rule.
+#[inline(always)]
+fn reject(ctx: &TcContext, ip: &Ipv4, svc_id: u32) -> i32 {
+    let len = u64::from(ctx.len());
+    match packet::build_port_unreachable(ctx, ip) {
+        Ok(()) => {
+            count_service(svc_id, |c| {
+                c.packets += 1;
+                c.bytes += len;
+                c.rejects += 1;
+            });
+            count_global(|c| {
+                c.packets += 1;
+                c.bytes += len;
+                c.rejects += 1;
+            });
+            debug!(ctx, "kproxy: rejected packet for service {}", svc_id);
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            unsafe { bpf_redirect(ifindex, 0) as i32 }
+        }
+        Err(()) => {
+            count_service(svc_id, |c| c.drops += 1);
+            count_global(|c| c.drops += 1);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn count_service(id: u32, f: impl FnOnce(&mut Counters)) {
+    if let Some(c) = SVC_COUNTERS.get_ptr_mut(id) {
+        f(unsafe { &mut *c });
+    }
+}
+
+#[inline(always)]
+fn count_global(f: impl FnOnce(&mut Counters)) {
+    if let Some(c) = GLOBAL_COUNTERS.get_ptr_mut(0) {
+        f(unsafe { &mut *c });
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,247 @@
+//! `kproxy`: the node agent. Reads Services and EndpointSlices, programs the
+//! eBPF dataplane, follows changes, and detaches cleanly on SIGINT/SIGTERM.
+//!
+//! Stdout carries one line per lifecycle event, for people and scripts:
+//! `kproxy: attached …`, `kproxy: ready …`, `kproxy: applied …`,
+//! `kproxy: rejected <file>: …`, `kproxy: detached`. Diagnostics go to
+//! stderr through `log`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use proxy_common::{MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS};
+use proxy_user::dataplane::{AttachMode, Dataplane, LoadOptions};
+use proxy_user::manifests;
+use proxy_user::model::DesiredState;
+use proxy_user::reconcile;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kproxy",
+    version,
+    about = "Kubernetes service dataplane in eBPF"
+)]
+struct Args {
+    /// Service and EndpointSlice manifests: a YAML/JSON file or a directory of
+    /// them. Followed for changes.
+    #[arg(long, value_name = "PATH")]
+    manifests: PathBuf,
+    /// Interfaces that face clients (comma-separated): ingress translates
+    /// ClusterIP traffic, egress restores replies.
+    #[arg(long, value_name = "IF[,IF…]", value_delimiter = ',', required = true)]
+    iface: Vec<String>,
+    /// How to attach the TC programs: tcx links (kernel ≥ 6.6), netlink
+    /// (clsact qdisc + cls_bpf), or auto (tcx where available).
+    #[arg(long, value_enum, default_value = "auto")]
+    attach: AttachArg,
+    /// Agent log level (stderr).
+    #[arg(long, default_value = "info")]
+    log_level: log::LevelFilter,
+    /// In-kernel aya-log level. `off` keeps logging off the hot path.
+    #[arg(long, value_enum, default_value = "off")]
+    bpf_log_level: BpfLogLevel,
+    /// How often to check the manifests for changes, in milliseconds.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    poll_interval_ms: u64,
+    /// Capacity of the frontend table (ClusterIP:port/protocol entries).
+    #[arg(long, default_value_t = MAX_SERVICES, value_parser = clap::value_parser!(u32).range(1..))]
+    max_services: u32,
+    /// Capacity of the backend-slot table (sum of backends over frontends).
+    #[arg(long, default_value_t = MAX_SLOTS, value_parser = clap::value_parser!(u32).range(1..))]
+    max_backends: u32,
+    /// Capacity of the LRU conntrack table (two entries per flow).
+    #[arg(long, default_value_t = MAX_CONNTRACK, value_parser = clap::value_parser!(u32).range(2..))]
+    conntrack_size: u32,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AttachArg {
+    Auto,
+    Tcx,
+    Netlink,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BpfLogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+fn main() {
+    let args = Args::parse();
+    env_logger::Builder::new()
+        .filter_level(args.log_level)
+        .format_target(false)
+        .init();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = rt.block_on(run(args)) {
+        eprintln!("kproxy: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    // Read the manifests before touching the kernel: a bad start changes
+    // nothing.
+    let mut fingerprint = manifests::fingerprint(&args.manifests);
+    let initial = manifests::load(&args.manifests).context("initial manifests")?;
+
+    let opts = LoadOptions {
+        max_services: args.max_services,
+        max_slots: args.max_backends,
+        conntrack_size: args.conntrack_size,
+        bpf_log_level: args.bpf_log_level as u8,
+    };
+    let mut dp = Dataplane::load(&opts)?;
+    if !matches!(args.bpf_log_level, BpfLogLevel::Off) {
+        spawn_bpf_logger(&mut dp)?;
+    }
+    let mode = match args.attach {
+        AttachArg::Auto => AttachMode::auto(),
+        AttachArg::Tcx => AttachMode::Tcx,
+        AttachArg::Netlink => AttachMode::Netlink,
+    };
+    for iface in &args.iface {
+        // On error `dp` drops and detaches what was attached so far.
+        dp.attach(iface, mode)?;
+        println!("kproxy: attached {iface} mode={mode}");
+    }
+
+    let mut current = DesiredState::default();
+    apply(&mut dp, &mut current, initial)?;
+    println!(
+        "kproxy: ready services={} backends={}",
+        dp.service_count(),
+        dp.backend_count()
+    );
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(args.poll_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut generation = 1u64;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = tick.tick() => {}
+        }
+        let fp = manifests::fingerprint(&args.manifests);
+        if fp == fingerprint {
+            continue;
+        }
+        fingerprint = fp;
+        let started = Instant::now();
+        let desired = match manifests::load(&args.manifests) {
+            Ok(d) => d,
+            Err(e) => {
+                println!(
+                    "kproxy: rejected {}: {} (previous state kept)",
+                    e.file.display(),
+                    e.message
+                );
+                log::error!("manifest rejected, previous state kept: {e}");
+                continue;
+            }
+        };
+        if desired == current {
+            continue;
+        }
+        match apply(&mut dp, &mut current, desired) {
+            Ok(()) => {
+                generation += 1;
+                println!(
+                    "kproxy: applied generation={generation} services={} backends={} took_us={}",
+                    dp.service_count(),
+                    dp.backend_count(),
+                    started.elapsed().as_micros()
+                );
+            }
+            Err(e) => {
+                println!("kproxy: error applying changes: {e:#}");
+                log::error!("applying changes failed: {e:#}");
+            }
+        }
+    }
+
+    report_counters(&dp);
+    dp.detach_all()?;
+    println!("kproxy: detached");
+    Ok(())
+}
+
+/// Diffs `desired` against what is programmed and applies it. On error the
+/// maps hold a consistent prefix of the changes; `current` is rebuilt from
+/// what was actually programmed so the next change retries the rest.
+fn apply(dp: &mut Dataplane, current: &mut DesiredState, desired: DesiredState) -> Result<()> {
+    let changes = reconcile::diff(current, &desired);
+    match dp.apply(&changes) {
+        Ok(stats) => {
+            log::info!("applied {} changes: {stats:?}", changes.len());
+            *current = desired;
+            Ok(())
+        }
+        Err(e) => {
+            *current = dp.programmed_state();
+            Err(e)
+        }
+    }
+}
+
+fn report_counters(dp: &Dataplane) {
+    match dp.global_counters() {
+        Ok(c) => println!(
+            "kproxy: counters packets={} bytes={} new_flows={} rejects={} drops={} malformed={} \
+             fragments={} fragments_unmatched={} conntrack_entries={}",
+            c.packets,
+            c.bytes,
+            c.new_flows,
+            c.rejects,
+            c.drops,
+            c.malformed,
+            c.fragments,
+            c.fragments_unmatched,
+            dp.conntrack_entries()
+        ),
+        Err(e) => log::warn!("reading counters: {e:#}"),
+    }
+    if let Ok(per_service) = dp.service_counters() {
+        for (fe, name, c) in per_service {
+            println!(
+                "kproxy: service {name} {fe} packets={} bytes={} new_flows={} rejects={} drops={}",
+                c.packets, c.bytes, c.new_flows, c.rejects, c.drops
+            );
+        }
+    }
+}
+
+/// Forwards aya-log records from the kernel to `log`.
+fn spawn_bpf_logger(dp: &mut Dataplane) -> Result<()> {
+    let logger = aya_log::EbpfLogger::init(dp.ebpf_mut()).context("starting aya-log")?;
+    // SAFETY: the logger owns the ring buffer's fd and lives inside the
+    // AsyncFd, so the fd stays open for as long as it is registered.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("registering the aya-log ring buffer: {e}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
