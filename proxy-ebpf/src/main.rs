@@ -85,7 +85,7 @@ pub fn kproxy_ingress(ctx: TcContext) -> i32 {
                 _pad: 0,
             };
             // Short path: anything that is not a frontend leaves here.
-            let Some(svc) = (unsafe { SERVICES.get(&key) }) else {
+            let Some(svc) = (unsafe { SERVICES.get(key) }) else {
                 return TC_ACT_UNSPEC;
             };
             let svc = *svc;
@@ -116,7 +116,7 @@ pub fn kproxy_egress(ctx: TcContext) -> i32 {
         dir: CT_DIR_REPLY,
         _pad: 0,
     };
-    let Some(ct) = (unsafe { CONNTRACK.get(&key) }) else {
+    let Some(ct) = (unsafe { CONNTRACK.get(key) }) else {
         return TC_ACT_UNSPEC;
     };
     let ct = *ct;
@@ -151,7 +151,7 @@ fn forward(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16, svc: SvcValue) ->
         _pad: 0,
     };
     let mut new_flow = false;
-    let backend = match unsafe { CONNTRACK.get(&fwd) } {
+    let backend = match unsafe { CONNTRACK.get(fwd) } {
         Some(ct) => Backend {
             addr: ct.addr,
             port: ct.port,
@@ -192,8 +192,8 @@ fn forward(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16, svc: SvcValue) ->
             };
             // Reply entry first: once the forward entry exists a reply can
             // come back, and it must find its way home.
-            if CONNTRACK.insert(&reply, &to_frontend, 0).is_err()
-                || CONNTRACK.insert(&fwd, &to_backend, 0).is_err()
+            if CONNTRACK.insert(reply, to_frontend, 0).is_err()
+                || CONNTRACK.insert(fwd, to_backend, 0).is_err()
             {
                 count_service(svc.id, |c| c.drops += 1);
                 count_global(|c| c.drops += 1);
@@ -213,7 +213,7 @@ fn forward(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16, svc: SvcValue) ->
             _pad: 0,
         };
         // Best effort: without the entry later fragments pass untranslated.
-        let _ = FRAGS.insert(&frag, &backend, 0);
+        let _ = FRAGS.insert(frag, backend, 0);
     }
     if packet::rewrite(
         ctx,
@@ -255,7 +255,7 @@ fn select_backend(svc: SvcValue) -> Option<Backend> {
         svc_id: svc.id,
         slot,
     };
-    unsafe { SLOTS.get(&key) }.copied()
+    unsafe { SLOTS.get(key) }.copied()
 }
 
 /// A non-first fragment carries no ports: follow the first fragment's choice.
@@ -268,7 +268,7 @@ fn translate_later_fragment(ctx: &TcContext, ip: &Ipv4) -> i32 {
         proto: ip.proto,
         _pad: 0,
     };
-    let Some(backend) = (unsafe { FRAGS.get(&key) }) else {
+    let Some(backend) = (unsafe { FRAGS.get(key) }) else {
         count_global(|c| c.fragments_unmatched += 1);
         return TC_ACT_UNSPEC;
     };

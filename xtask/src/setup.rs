@@ -1,0 +1,527 @@
+//! `cargo xtask setup`: makes this machine able to build and test kproxy.
+//!
+//! Idempotent and cheap when everything is there (only a handful of quick
+//! probes run; no `cargo install`, no `apt-get`), so build/test/up/bench call
+//! it every time and a fresh machine needs nothing done by hand.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::{self, Toolchain, output, run, succeeds, which};
+
+/// bpf-linker release we build. It links against the libLLVM shipped with the
+/// nightly toolchain, whose major version must match the `llvm-NN` feature.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages the tests and the demo use: `ip` (iproute2), iptables (the
+/// comparison baseline in tests), iperf3 (throughput checks), sysctl/pkill
+/// (procps), modprobe (kmod), and `nc` (netcat-openbsd), which the demo
+/// (`cargo xtask up`) tells the user to try.
+const APT_REQUIRED: &[&str] = &[
+    "iproute2",
+    "iptables",
+    "iperf3",
+    "procps",
+    "kmod",
+    "netcat-openbsd",
+];
+/// Nice to have for debugging (`bpftool prog/map/link show`), not needed by
+/// any test; not every release packages it.
+const APT_OPTIONAL: &[&str] = &["bpftool"];
+
+/// One line of the closing summary.
+struct Summary {
+    rows: Vec<(&'static str, String)>,
+}
+
+impl Summary {
+    /// Prints the outcome of a step now and keeps it for the summary.
+    fn note(&mut self, item: &'static str, status: impl Into<String>) {
+        let status = status.into();
+        say!("==> setup: {item}: {status}");
+        self.rows.push((item, status));
+    }
+}
+
+pub fn run_setup() -> Result<()> {
+    let started = Instant::now();
+    let mut summary = Summary { rows: Vec::new() };
+
+    check_platform(&mut summary)?;
+    let nightly = ensure_nightly(&mut summary)?;
+    ensure_active_components(&mut summary)?;
+    ensure_bpf_linker(&mut summary, &nightly)?;
+    ensure_apt_packages(&mut summary)?;
+    ensure_bpffs(&mut summary);
+
+    say!("==> setup done in {}:", util::secs(started.elapsed()));
+    let width = summary.rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (item, status) in &summary.rows {
+        say!("    {item:<width$}  {status}");
+    }
+    Ok(())
+}
+
+/// Linux, root, and a kernel with the BPF syscall and BTF. Nothing else in
+/// kproxy works without these, and none of them can be fixed by installing
+/// packages, so fail early with what to do.
+fn check_platform(summary: &mut Summary) -> Result<()> {
+    if std::env::consts::OS != "linux" {
+        bail!(
+            "kproxy needs Linux (eBPF, network namespaces), this is {}: run it on a Linux machine or VM",
+            std::env::consts::OS
+        );
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "not running as root: loading eBPF programs, creating network namespaces and \
+             installing packages need root. Run as root, e.g. `sudo -E env PATH=\"$PATH\" cargo xtask ...`"
+        );
+    }
+    // This sysctl exists exactly when the kernel has CONFIG_BPF_SYSCALL.
+    if !Path::new("/proc/sys/kernel/unprivileged_bpf_disabled").exists() {
+        bail!(
+            "the kernel has no BPF syscall (/proc/sys/kernel/unprivileged_bpf_disabled is missing): \
+             boot a kernel built with CONFIG_BPF_SYSCALL=y"
+        );
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        bail!(
+            "the kernel has no BTF (/sys/kernel/btf/vmlinux is missing): boot a kernel built with \
+             CONFIG_DEBUG_INFO_BTF=y (Debian 11+/Ubuntu 20.10+ stock kernels have it)"
+        );
+    }
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    summary.note(
+        "platform",
+        format!("Linux {}, root, BPF syscall, BTF", release.trim()),
+    );
+    Ok(())
+}
+
+/// What the rest of setup and the eBPF build need to know about nightly.
+struct Nightly {
+    sysroot: PathBuf,
+    llvm_major: u32,
+}
+
+fn ensure_nightly(summary: &mut Summary) -> Result<Nightly> {
+    let version = match output(util::rustc(Toolchain::Nightly).arg("-vV")) {
+        Ok(v) => {
+            summary.note(
+                "nightly toolchain",
+                format!("already present ({})", first_line(&v)),
+            );
+            v
+        }
+        Err(_) => {
+            require_rustup()?;
+            run(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]))?;
+            let v = output(util::rustc(Toolchain::Nightly).arg("-vV"))
+                .context("nightly was installed but `rustc +nightly -vV` still fails")?;
+            summary.note(
+                "nightly toolchain",
+                format!("installed ({})", first_line(&v)),
+            );
+            v
+        }
+    };
+    let llvm_major = llvm_major(&version).with_context(|| {
+        format!("no `LLVM version: N.x` line in `rustc +nightly -vV`:\n{version}")
+    })?;
+    let sysroot = PathBuf::from(output(
+        util::rustc(Toolchain::Nightly).args(["--print", "sysroot"]),
+    )?);
+
+    // rust-src: `-Z build-std=core` compiles core for bpfel-unknown-none from
+    // it. clippy: `cargo xtask test` lints the eBPF crate with nightly. The
+    // minimal profile has neither.
+    let mut missing = Vec::new();
+    if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        missing.push("rust-src");
+    }
+    if !sysroot.join("bin/cargo-clippy").exists() {
+        missing.push("clippy");
+    }
+    if missing.is_empty() {
+        summary.note("nightly components", "already present (rust-src, clippy)");
+    } else {
+        require_rustup()?;
+        let mut cmd = Command::new("rustup");
+        cmd.args(["component", "add"])
+            .args(&missing)
+            .args(["--toolchain", "nightly"]);
+        run(&mut cmd)?;
+        summary.note(
+            "nightly components",
+            format!("installed {}", missing.join(", ")),
+        );
+    }
+    Ok(Nightly {
+        sysroot,
+        llvm_major,
+    })
+}
+
+/// rustfmt and clippy for the toolchain that runs xtask (stable by default):
+/// `cargo xtask test` runs `cargo fmt --check` and `cargo clippy` with it.
+fn ensure_active_components(summary: &mut Summary) -> Result<()> {
+    let sysroot = PathBuf::from(output(
+        util::rustc(Toolchain::Active).args(["--print", "sysroot"]),
+    )?);
+    let version = output(util::rustc(Toolchain::Active).arg("-V"))?;
+    let mut missing = Vec::new();
+    if !sysroot.join("bin/cargo-fmt").exists() || !sysroot.join("bin/rustfmt").exists() {
+        missing.push("rustfmt");
+    }
+    if !sysroot.join("bin/cargo-clippy").exists() {
+        missing.push("clippy");
+    }
+    if missing.is_empty() {
+        summary.note(
+            "default toolchain",
+            format!("already present ({version}, rustfmt, clippy)"),
+        );
+    } else {
+        require_rustup()?;
+        // No --toolchain: rustup adds to the active toolchain, the same one
+        // (RUSTUP_TOOLCHAIN from the outer cargo) that will run fmt/clippy.
+        run(Command::new("rustup")
+            .args(["component", "add"])
+            .args(&missing))?;
+        summary.note(
+            "default toolchain",
+            format!("{version}: installed {}", missing.join(", ")),
+        );
+    }
+    Ok(())
+}
+
+fn require_rustup() -> Result<()> {
+    if which("rustup").is_none() {
+        bail!(
+            "rustup is not on PATH, but it is needed to install the nightly toolchain and components: \
+             install rustup (https://rustup.rs) and run `cargo xtask setup` again"
+        );
+    }
+    Ok(())
+}
+
+/// bpf-linker, built against the nightly's own libLLVM so that it reads the
+/// bitcode rustc emits. Rebuilt whenever the nightly's LLVM major changes
+/// (recorded in a stamp file) or when the installed one no longer starts
+/// (e.g. a nightly update removed the libLLVM it was linked against).
+fn ensure_bpf_linker(summary: &mut Summary, nightly: &Nightly) -> Result<()> {
+    let prefix = util::home_dir()?.join(".local/share/kproxy/llvm");
+    let stamp = prefix.join("bpf-linker.llvm-major");
+    let major = nightly.llvm_major;
+
+    let installed = which("bpf-linker");
+    let runs = installed
+        .as_ref()
+        .is_some_and(|path| succeeds(Command::new(path).arg("--version")));
+    let stamped = fs::read_to_string(&stamp)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+
+    let reason = match (&installed, runs, stamped) {
+        (None, _, _) => "not installed".to_string(),
+        (Some(_), false, _) => "installed but does not start".to_string(),
+        (Some(_), true, Some(m)) if m == major => {
+            summary.note("bpf-linker", format!("already present (LLVM {major})"));
+            return Ok(());
+        }
+        (Some(_), true, Some(m)) => format!("built for LLVM {m}, nightly has LLVM {major}"),
+        // Installed by hand or by an older setup: accept it if the binary is
+        // dynamically linked against a libLLVM of the right major.
+        (Some(path), true, None) => match linked_llvm_major(path) {
+            Some(m) if m == major => {
+                write_stamp(&stamp, major)?;
+                summary.note(
+                    "bpf-linker",
+                    format!("already present (links libLLVM {major}; stamp written)"),
+                );
+                return Ok(());
+            }
+            Some(m) => format!("links libLLVM {m}, nightly has LLVM {major}"),
+            None => "its LLVM version cannot be determined".to_string(),
+        },
+    };
+    say!(
+        "==> setup: bpf-linker: {reason}: building {BPF_LINKER_VERSION} for LLVM {major} (about a minute)"
+    );
+
+    link_nightly_llvm(&prefix, &nightly.sysroot)?;
+    let install = |locked: bool| {
+        let mut cmd = util::cargo(Toolchain::Active);
+        cmd.env("LLVM_PREFIX", &prefix)
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--force",
+            ])
+            .args(locked.then_some("--locked"))
+            .args(["--no-default-features", "--features"])
+            .arg(format!("llvm-{major}"));
+        run(&mut cmd)
+    };
+    // --locked reproduces the release's dependency set; if that lock no
+    // longer resolves on this toolchain, fall back to fresh resolution.
+    if let Err(e) = install(true) {
+        say!(
+            "==> setup: bpf-linker: install with --locked failed ({e:#}); retrying without --locked"
+        );
+        install(false)?;
+    }
+
+    let linker = util::cargo_home()?.join("bin/bpf-linker");
+    let version = output(Command::new(&linker).arg("--version"))
+        .with_context(|| format!("{} was installed but does not run", linker.display()))?;
+    write_stamp(&stamp, major)?;
+    summary.note("bpf-linker", format!("installed {version} (LLVM {major})"));
+    Ok(())
+}
+
+/// Lays out `$prefix/lib` the way llvm-sys expects an LLVM install: the
+/// nightly's versioned libLLVM under its own name (that is the soname
+/// bpf-linker will need at run time, found through its rpath) and as
+/// `libLLVM.so` (what the linker looks for at build time).
+fn link_nightly_llvm(prefix: &Path, sysroot: &Path) -> Result<()> {
+    let lib_dir = prefix.join("lib");
+    fs::create_dir_all(&lib_dir).with_context(|| format!("creating {}", lib_dir.display()))?;
+    let sys_lib = sysroot.join("lib");
+    let mut candidates: Vec<PathBuf> = fs::read_dir(&sys_lib)
+        .with_context(|| format!("reading {}", sys_lib.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.") || n.starts_with("libLLVM-"))
+        })
+        .collect();
+    candidates.sort();
+    let Some(lib) = candidates.pop() else {
+        bail!(
+            "no libLLVM.so.* in {}: the nightly toolchain does not ship libLLVM, so bpf-linker cannot be built against it",
+            sys_lib.display()
+        );
+    };
+    let name = lib.file_name().expect("read_dir entries have names");
+
+    // Drop links left from an older nightly so llvm-sys cannot pick them up.
+    for entry in fs::read_dir(&lib_dir)?.flatten() {
+        let path = entry.path();
+        if path.is_symlink() && !path.exists() {
+            fs::remove_file(&path).ok();
+        }
+    }
+    for link in [lib_dir.join("libLLVM.so"), lib_dir.join(name)] {
+        if link.symlink_metadata().is_ok() {
+            fs::remove_file(&link).with_context(|| format!("removing {}", link.display()))?;
+        }
+        std::os::unix::fs::symlink(&lib, &link)
+            .with_context(|| format!("linking {} -> {}", link.display(), lib.display()))?;
+    }
+    say!(
+        "==> setup: linked {} into {}",
+        lib.display(),
+        lib_dir.display()
+    );
+    Ok(())
+}
+
+fn write_stamp(stamp: &Path, major: u32) -> Result<()> {
+    if let Some(dir) = stamp.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(stamp, format!("{major}\n")).with_context(|| format!("writing {}", stamp.display()))
+}
+
+/// "LLVM version: 22.1.4" → 22.
+fn llvm_major(rustc_vv: &str) -> Option<u32> {
+    rustc_vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version:"))
+        .and_then(|v| v.trim().split('.').next())
+        .and_then(|m| m.parse().ok())
+}
+
+/// Major version of the libLLVM a binary is dynamically linked against, read
+/// from its DT_NEEDED string (`libLLVM.so.22.1-rust-…` or `libLLVM-17.so`).
+/// None for a statically linked binary.
+fn linked_llvm_major(binary: &Path) -> Option<u32> {
+    let bytes = fs::read(binary).ok()?;
+    let needle = b"libLLVM";
+    let mut start = 0;
+    while let Some(pos) = find(&bytes[start..], needle) {
+        let rest = &bytes[start + pos + needle.len()..];
+        let digits = rest
+            .strip_prefix(b".so.")
+            .or_else(|| rest.strip_prefix(b"-"));
+        if let Some(digits) = digits {
+            let n: String = digits
+                .iter()
+                .take_while(|b| b.is_ascii_digit())
+                .map(|&b| b as char)
+                .collect();
+            if let Ok(major) = n.parse() {
+                return Some(major);
+            }
+        }
+        start += pos + needle.len();
+    }
+    None
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}
+
+fn ensure_apt_packages(summary: &mut Summary) -> Result<()> {
+    if which("dpkg-query").is_none() || which("apt-get").is_none() {
+        summary.note(
+            "system packages",
+            "not a Debian-like system: install iproute2, iptables, iperf3, procps, kmod, netcat (and bpftool) yourself",
+        );
+        return Ok(());
+    }
+    let missing_required: Vec<&str> = APT_REQUIRED
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    let missing_optional: Vec<&str> = APT_OPTIONAL
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing_required.is_empty() && missing_optional.is_empty() {
+        summary.note("system packages", "already present");
+        return Ok(());
+    }
+
+    let mut apt = Apt { updated: false };
+    // apt-get cannot install anything before the package lists exist.
+    if !apt.lists_present() {
+        apt.update()?;
+    }
+
+    let mut status = Vec::new();
+    if !missing_required.is_empty() {
+        if !apt.install(&missing_required) {
+            // Stale lists are the usual reason (a mirror dropped the old
+            // version): refresh them once and try again.
+            if apt.updated {
+                bail!("apt-get install {} failed", missing_required.join(" "));
+            }
+            apt.update()?;
+            if !apt.install(&missing_required) {
+                bail!("apt-get install {} failed", missing_required.join(" "));
+            }
+        }
+        status.push(format!("installed {}", missing_required.join(" ")));
+    }
+    for pkg in missing_optional {
+        // Only try when apt knows the package: otherwise every setup run
+        // would pay for a failing install.
+        let known = succeeds(Command::new("apt-cache").args(["show", "--no-all-versions", pkg]));
+        if known && apt.install(&[pkg]) {
+            status.push(format!("installed {pkg}"));
+        } else {
+            status.push(format!("{pkg} not available (optional, skipped)"));
+        }
+    }
+    summary.note("system packages", status.join("; "));
+    Ok(())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${db:Status-Status}", pkg]))
+        .is_ok_and(|s| s == "installed")
+}
+
+struct Apt {
+    updated: bool,
+}
+
+impl Apt {
+    fn lists_present(&self) -> bool {
+        fs::read_dir("/var/lib/apt/lists")
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
+            })
+            .unwrap_or(false)
+    }
+
+    fn update(&mut self) -> Result<()> {
+        run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["update", "-q"]))?;
+        self.updated = true;
+        Ok(())
+    }
+
+    fn install(&self, pkgs: &[&str]) -> bool {
+        run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(pkgs))
+        .is_ok()
+    }
+}
+
+/// bpffs at /sys/fs/bpf, for pinning maps/links while debugging. kproxy does
+/// not need it, so failing to mount is only reported.
+fn ensure_bpffs(summary: &mut Summary) {
+    let mounted = fs::read_to_string("/proc/mounts")
+        .map(|m| {
+            m.lines().any(|l| {
+                let mut f = l.split_whitespace();
+                let (_, dir, fstype) = (f.next(), f.next(), f.next());
+                dir == Some("/sys/fs/bpf") && fstype == Some("bpf")
+            })
+        })
+        .unwrap_or(false);
+    if mounted {
+        summary.note("bpffs", "already mounted at /sys/fs/bpf");
+        return;
+    }
+    match run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"])) {
+        Ok(()) => summary.note("bpffs", "mounted at /sys/fs/bpf"),
+        Err(e) => summary.note(
+            "bpffs",
+            format!("not mounted ({e:#}); not needed by kproxy"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_llvm_major() {
+        let vv = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nhost: x86_64-unknown-linux-gnu\nLLVM version: 22.1.4\n";
+        assert_eq!(llvm_major(vv), Some(22));
+        assert_eq!(llvm_major("rustc 1.0"), None);
+    }
+}

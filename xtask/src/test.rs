@@ -1,0 +1,158 @@
+//! `cargo xtask test`: the whole gate CI runs (.ci/run): setup, build, format
+//! check, clippy on both workspaces, then the test suite against the freshly
+//! built agent.
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+
+use crate::build::{self, BPF_OBJ_ENV, BPF_TARGET};
+use crate::setup;
+use crate::util::{self, Toolchain, run};
+
+/// Tells the integration tests which agent binary to run.
+const KPROXY_BIN_ENV: &str = "KPROXY_BIN";
+
+/// `args` are what followed `--` on the command line: arguments for
+/// `cargo test` (e.g. a test-name filter); a second `--` in them starts the
+/// arguments for the test binaries (e.g. `--nocapture`).
+pub fn run_test(args: &[String]) -> Result<()> {
+    let started = Instant::now();
+    let mut timings = Vec::new();
+    let result = steps(args, &mut timings);
+
+    say!("==> step timings:");
+    for (step, took) in &timings {
+        say!("    {step:<14} {}", util::secs(*took));
+    }
+    let total = util::secs(started.elapsed());
+    match result {
+        Ok(()) => {
+            say!("==> xtask test: PASS ({total})");
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            say!("==> xtask test: FAIL ({total})");
+            // Exit here so the FAIL line is the last thing printed.
+            std::process::exit(1);
+        }
+    }
+}
+
+fn steps(args: &[String], timings: &mut Vec<(&'static str, std::time::Duration)>) -> Result<()> {
+    let mut step = |name: &'static str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+        say!("==> step: {name}");
+        let t = Instant::now();
+        let r = f();
+        timings.push((name, t.elapsed()));
+        r.map_err(|e| e.context(format!("step `{name}` failed")))
+    };
+
+    let root = util::workspace_root();
+    let ebpf_dir = build::ebpf_dir();
+
+    step("setup", &mut || setup::run_setup())?;
+
+    let mut outputs = None;
+    step("build", &mut || {
+        outputs = Some(build::build_all(true)?);
+        Ok(())
+    })?;
+    let Some(outputs) = outputs else {
+        bail!("build produced no outputs");
+    };
+
+    step("fmt", &mut || {
+        run(util::cargo(Toolchain::Active)
+            .current_dir(&root)
+            .args(["fmt", "--all", "--", "--check"]))?;
+        // proxy-ebpf is excluded from the workspace, so `--all` above does
+        // not reach it. Run from the root with --manifest-path so that cargo
+        // does not read proxy-ebpf/.cargo/config.toml (its [unstable] table is
+        // nightly-only) and stable rustfmt does the check.
+        run(util::cargo(Toolchain::Active)
+            .current_dir(&root)
+            .arg("fmt")
+            .arg("--manifest-path")
+            .arg(ebpf_dir.join("Cargo.toml"))
+            .args(["--all", "--", "--check"]))
+    })?;
+
+    step("clippy", &mut || {
+        // KPROXY_BPF_OBJ: proxy-user's build script embeds the object, and
+        // the same value as in the build keeps that build script fresh.
+        run(util::cargo(Toolchain::Active)
+            .current_dir(&root)
+            .env(BPF_OBJ_ENV, &outputs.bpf_obj)
+            .args(["clippy", "--workspace", "--all-targets", "--target-dir"])
+            .arg(util::target_dir())
+            .args(["--", "-D", "warnings"]))
+    })?;
+
+    step("clippy-ebpf", &mut || {
+        // Same target, flags and target dir as the eBPF build. Only the
+        // crate itself is linted (clippy-driver is the workspace wrapper);
+        // core from build-std is compiled by plain rustc.
+        run(util::cargo(Toolchain::Nightly)
+            .current_dir(&ebpf_dir)
+            .args([
+                "clippy",
+                "--release",
+                "--target",
+                BPF_TARGET,
+                "-Z",
+                "build-std=core",
+            ])
+            .arg("--target-dir")
+            .arg(ebpf_dir.join("target"))
+            .args(["--", "-D", "warnings"]))
+    })?;
+
+    step("cargo test", &mut || {
+        let (cargo_args, test_args) = split_test_args(args);
+        let mut cmd = util::cargo(Toolchain::Active);
+        cmd.current_dir(&root)
+            .env(BPF_OBJ_ENV, &outputs.bpf_obj)
+            .env(KPROXY_BIN_ENV, &outputs.kproxy)
+            .args(["test", "--workspace", "--release", "--target-dir"])
+            .arg(util::target_dir())
+            .args(cargo_args)
+            .arg("--");
+        // The dataplane tests each build network namespaces and load BPF
+        // programs; two at a time matches the 2-core machines.
+        if !test_args.iter().any(|a| a.starts_with("--test-threads")) {
+            cmd.arg("--test-threads=2");
+        }
+        cmd.args(test_args);
+        run(&mut cmd)
+    })?;
+    Ok(())
+}
+
+/// `["dataplane", "--", "--nocapture"]` → (`["dataplane"]`, `["--nocapture"]`).
+fn split_test_args(args: &[String]) -> (&[String], &[String]) {
+    match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_test_args;
+
+    #[test]
+    fn splits_cargo_and_test_binary_args() {
+        let args: Vec<String> = ["dataplane", "--", "--nocapture"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let (cargo, bin) = split_test_args(&args);
+        assert_eq!(cargo, ["dataplane"]);
+        assert_eq!(bin, ["--nocapture"]);
+        let (cargo, bin) = split_test_args(&args[..1]);
+        assert_eq!(cargo, ["dataplane"]);
+        assert!(bin.is_empty());
+    }
+}
