@@ -1,0 +1,209 @@
+//! Client-side probes. Sockets are created inside the client namespace (via
+//! [`Netns::run`]) and can then be used from the test thread.
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::Netns;
+
+/// The request line/datagram the clients send.
+pub const REQUEST: &str = "who";
+
+/// A TCP connection that can ask "which backend are you" repeatedly.
+#[derive(Debug)]
+pub struct TcpSession {
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    pending: Vec<u8>,
+}
+
+impl TcpSession {
+    /// Connects from inside `ns` to `ip:port` within `timeout`; reads and
+    /// writes also time out after `timeout`.
+    pub fn connect(ns: &Netns, ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<TcpSession> {
+        let target = SocketAddr::from((ip, port));
+        let stream = ns
+            .run(|| TcpStream::connect_timeout(&target, timeout))?
+            .with_context(|| format!("tcp connect to {target} from {}", ns.name()))?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.set_nodelay(true)?;
+        let peer = stream.peer_addr()?;
+        let local = stream.local_addr()?;
+        Ok(TcpSession {
+            stream,
+            peer,
+            local,
+            pending: Vec::new(),
+        })
+    }
+
+    /// Sends `who\n` and returns the reply line (without the newline).
+    pub fn ask(&mut self) -> Result<String> {
+        self.stream
+            .write_all(format!("{REQUEST}\n").as_bytes())
+            .with_context(|| format!("tcp send to {}", self.peer))?;
+        let mut chunk = [0u8; 256];
+        loop {
+            if let Some(pos) = self.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=pos).collect();
+                return Ok(String::from_utf8_lossy(&line[..line.len() - 1])
+                    .trim()
+                    .to_owned());
+            }
+            let n = self
+                .stream
+                .read(&mut chunk)
+                .with_context(|| format!("tcp read from {} (local {})", self.peer, self.local))?;
+            if n == 0 {
+                bail!("connection to {} closed before a reply line", self.peer);
+            }
+            self.pending.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The socket's peer address (what the client believes it talks to).
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The socket's local address (client ip and source port).
+    pub fn local(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+/// Opens a new TCP connection, sends `who\n`, reads one line. Returns the
+/// reply and the socket's peer address.
+pub fn tcp_ask(
+    ns: &Netns,
+    ip: Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> Result<(String, SocketAddr)> {
+    let mut s = TcpSession::connect(ns, ip, port, timeout)?;
+    let reply = s.ask()?;
+    Ok((reply, s.peer()))
+}
+
+/// An unconnected UDP socket bound once (fixed local port): every ask uses
+/// the same 5-tuple.
+#[derive(Debug)]
+pub struct UdpSession {
+    sock: UdpSocket,
+    target: SocketAddr,
+    local: SocketAddr,
+}
+
+impl UdpSession {
+    /// Binds an ephemeral port inside `ns`; asks go to `ip:port`, replies
+    /// are awaited for at most `timeout`.
+    pub fn open(ns: &Netns, ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<UdpSession> {
+        let sock = ns
+            .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?
+            .with_context(|| format!("udp bind in {}", ns.name()))?;
+        sock.set_read_timeout(Some(timeout))?;
+        let local = sock.local_addr()?;
+        Ok(UdpSession {
+            sock,
+            target: SocketAddr::from((ip, port)),
+            local,
+        })
+    }
+
+    /// Sends `who` with send_to and returns the first reply and its source.
+    pub fn ask(&mut self) -> Result<(String, SocketAddr)> {
+        self.sock
+            .send_to(REQUEST.as_bytes(), self.target)
+            .with_context(|| format!("udp send_to {}", self.target))?;
+        let mut buf = [0u8; 2048];
+        let (n, from) = self.sock.recv_from(&mut buf).with_context(|| {
+            format!(
+                "udp recv_from (asked {} from local port {})",
+                self.target,
+                self.local.port()
+            )
+        })?;
+        Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
+    }
+
+    /// Local address (0.0.0.0:<port>: the socket is bound to the
+    /// unspecified address); the port stays the same for the session's life.
+    pub fn local(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+/// A fresh unconnected UDP socket: send_to `ip:port`, recv_from. Returns
+/// the reply and the address it came from.
+pub fn udp_ask(
+    ns: &Netns,
+    ip: Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> Result<(String, SocketAddr)> {
+    UdpSession::open(ns, ip, port, timeout)?.ask()
+}
+
+/// A TCP connect that is expected to fail. Returns the error kind (e.g.
+/// `ConnectionRefused` when an RST or ICMP port unreachable came back,
+/// `TimedOut` when nothing came back) and the time the connect took.
+/// Fails if the connection was established.
+pub fn tcp_connect_error(
+    ns: &Netns,
+    ip: Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> Result<(ErrorKind, Duration)> {
+    let target = SocketAddr::from((ip, port));
+    let (res, elapsed) = ns.run(|| {
+        let t0 = Instant::now();
+        let r = TcpStream::connect_timeout(&target, timeout);
+        (r, t0.elapsed())
+    })?;
+    match res {
+        Ok(s) => bail!(
+            "tcp connect to {target} unexpectedly succeeded (local {:?}, after {elapsed:?})",
+            s.local_addr().ok()
+        ),
+        Err(e) => Ok((e.kind(), elapsed)),
+    }
+}
+
+/// A connected UDP socket sends `who` to `ip:port` and waits for the reply,
+/// expecting an error instead: `ConnectionRefused` when an ICMP port
+/// unreachable arrives, `WouldBlock`/`TimedOut` when nothing arrives within
+/// `timeout`. Returns the error kind and the time from send to error. Fails
+/// if a datagram came back.
+pub fn udp_connect_error(
+    ns: &Netns,
+    ip: Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> Result<(ErrorKind, Duration)> {
+    let target = SocketAddr::from((ip, port));
+    let res: io::Result<(io::Result<usize>, Vec<u8>, Duration)> = ns.run(|| {
+        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        sock.connect(target)?;
+        sock.set_read_timeout(Some(timeout))?;
+        let mut buf = vec![0u8; 2048];
+        let t0 = Instant::now();
+        let r = match sock.send(REQUEST.as_bytes()) {
+            Ok(_) => sock.recv(&mut buf),
+            Err(e) => Err(e),
+        };
+        Ok((r, buf, t0.elapsed()))
+    })?;
+    let (r, buf, elapsed) = res.with_context(|| format!("udp socket towards {target}"))?;
+    match r {
+        Ok(n) => bail!(
+            "udp to {target} unexpectedly got a reply {:?} after {elapsed:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) => Ok((e.kind(), elapsed)),
+    }
+}

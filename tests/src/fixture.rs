@@ -1,0 +1,211 @@
+//! The standard scenario of the integration tests: Service `web`
+//! (ClusterIP 10.96.0.10, 80/TCP "http" → 8080, 53/UDP "dns" → 8080), its
+//! EndpointSlice over some backends, servers on 8080 in every backend, and
+//! kproxy attached to the client-facing veth of the node.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::client::{TcpSession, UdpSession};
+use crate::kproxy::Kproxy;
+use crate::manifest::{ManifestDir, endpointslice_yaml, service_yaml};
+use crate::servers::Servers;
+use crate::topology::{Topology, backend_ip, backend_name};
+use crate::util::SuiteLock;
+
+/// ClusterIP of Service `web`.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const VIP_STR: &str = "10.96.0.10";
+/// Service port "http" (TCP).
+pub const HTTP_PORT: u16 = 80;
+/// Service port "dns" (UDP).
+pub const DNS_PORT: u16 = 53;
+/// Port the backends listen on (TCP and UDP).
+pub const TARGET_PORT: u16 = 8080;
+pub const SERVICE: &str = "web";
+pub const SERVICE_FILE: &str = "web-service.yaml";
+pub const SLICE_FILE: &str = "web-slice.yaml";
+pub const SLICE_NAME: &str = "web-abc12";
+
+/// Timeout of one client request when a reply is expected.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long to wait for `kproxy: applied`/`rejected` after a manifest change
+/// (assertions on the latency itself are made separately).
+pub const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for kproxy to exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `web` Service manifest.
+pub fn web_service_yaml() -> String {
+    service_yaml(
+        SERVICE,
+        VIP_STR,
+        &[
+            ("http", HTTP_PORT, TARGET_PORT, "TCP"),
+            ("dns", DNS_PORT, TARGET_PORT, "UDP"),
+        ],
+    )
+}
+
+/// The `web` EndpointSlice with the given endpoints `(ip, ready)`.
+pub fn web_slice_yaml_with(endpoints: &[(&str, bool)]) -> String {
+    endpointslice_yaml(
+        SLICE_NAME,
+        SERVICE,
+        endpoints,
+        &[("http", TARGET_PORT, "TCP"), ("dns", TARGET_PORT, "UDP")],
+    )
+}
+
+/// The `web` EndpointSlice with the given backends (1-based), all ready.
+pub fn web_slice_yaml(backends: &[usize]) -> String {
+    let ips: Vec<String> = backends
+        .iter()
+        .map(|i| backend_ip(*i).to_string())
+        .collect();
+    let eps: Vec<(&str, bool)> = ips.iter().map(|ip| (ip.as_str(), true)).collect();
+    web_slice_yaml_with(&eps)
+}
+
+/// Counts names: `["backend-1", "backend-2", "backend-1"]` → {backend-1: 2, backend-2: 1}.
+pub fn tally<I, S>(names: I) -> BTreeMap<String, usize>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<String>,
+{
+    let mut m = BTreeMap::new();
+    for n in names {
+        *m.entry(n.into()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Expected tally from `(backend index, count)` pairs.
+pub fn counts(pairs: &[(usize, usize)]) -> BTreeMap<String, usize> {
+    pairs.iter().map(|(i, n)| (backend_name(*i), *n)).collect()
+}
+
+/// Parses `backend-<i>` into `i`.
+pub fn backend_index(name: &str) -> Result<usize> {
+    name.strip_prefix("backend-")
+        .and_then(|i| i.parse().ok())
+        .with_context(|| format!("{name:?} is not a backend-<i> reply"))
+}
+
+/// Topology + backend servers + manifests (+ kproxy once started). Fields
+/// drop in order: kproxy (detaches), servers, manifests, namespaces, and
+/// finally the suite lock.
+pub struct Fixture {
+    kproxy: Option<Kproxy>,
+    ready_line: Option<String>,
+    pub servers: Servers,
+    pub manifests: ManifestDir,
+    pub topo: Topology,
+    _lock: SuiteLock,
+}
+
+impl Fixture {
+    /// Builds the topology with `n_backends`, starts servers on 8080 in all
+    /// of them and writes the `web` Service plus an EndpointSlice listing
+    /// `in_slice` (1-based indexes). kproxy is not started.
+    pub fn new(n_backends: usize, in_slice: &[usize]) -> Result<Fixture> {
+        let lock = SuiteLock::acquire()?;
+        let topo = Topology::new(n_backends).context("build topology")?;
+        let servers = topo.start_servers(TARGET_PORT)?;
+        let manifests = ManifestDir::new()?;
+        manifests.write(SERVICE_FILE, &web_service_yaml())?;
+        manifests.write(SLICE_FILE, &web_slice_yaml(in_slice))?;
+        Ok(Fixture {
+            kproxy: None,
+            ready_line: None,
+            servers,
+            manifests,
+            topo,
+            _lock: lock,
+        })
+    }
+
+    /// [`Fixture::new`] then [`Fixture::start_kproxy`].
+    pub fn start(n_backends: usize, in_slice: &[usize]) -> Result<Fixture> {
+        let mut f = Fixture::new(n_backends, in_slice)?;
+        f.start_kproxy()?;
+        Ok(f)
+    }
+
+    /// Starts kproxy on the node attached to the clients' veths and waits
+    /// for `kproxy: ready`; returns that line.
+    pub fn start_kproxy(&mut self) -> Result<String> {
+        self.start_kproxy_with(&[])
+    }
+
+    /// [`Fixture::start_kproxy`] with extra command-line arguments.
+    pub fn start_kproxy_with(&mut self, extra: &[&str]) -> Result<String> {
+        let ifaces = self.topo.client_ifaces_on_node();
+        let mut kp = Kproxy::start(&self.topo.node, self.manifests.path(), &ifaces, extra)?;
+        let ready = kp.wait_ready()?;
+        self.kproxy = Some(kp);
+        self.ready_line = Some(ready.clone());
+        Ok(ready)
+    }
+
+    /// The `kproxy: ready …` line of the last start. Panics if not started.
+    pub fn ready_line(&self) -> &str {
+        self.ready_line.as_deref().expect("kproxy was not started")
+    }
+
+    /// The running kproxy guard. Panics if it was not started.
+    pub fn kproxy(&mut self) -> &mut Kproxy {
+        self.kproxy.as_mut().expect("kproxy was not started")
+    }
+
+    /// Rewrites the `web` EndpointSlice to list `backends` (all ready).
+    /// Returns the instant just before the atomic rename.
+    pub fn set_slice(&self, backends: &[usize]) -> Result<Instant> {
+        self.manifests.write(SLICE_FILE, &web_slice_yaml(backends))
+    }
+
+    /// Opens `n` TCP connections to `ip:port` (all kept open until the end,
+    /// so every one has its own source port), asks each once and returns
+    /// the reply names in order.
+    pub fn tcp_round(&self, ip: Ipv4Addr, port: u16, n: usize) -> Result<Vec<String>> {
+        let mut sessions: Vec<TcpSession> = Vec::with_capacity(n);
+        let mut names = Vec::with_capacity(n);
+        for k in 0..n {
+            let mut s = self
+                .topo
+                .tcp_session(ip, port, IO_TIMEOUT)
+                .with_context(|| format!("tcp connection #{k} to {ip}:{port}"))?;
+            names.push(
+                s.ask()
+                    .with_context(|| format!("tcp ask #{k} to {ip}:{port}"))?,
+            );
+            sessions.push(s);
+        }
+        Ok(names)
+    }
+
+    /// Sends one UDP request each from `n` different sockets (all bound
+    /// until the end, so every one has its own source port) and returns
+    /// `(reply, reply source)` in order.
+    pub fn udp_round(
+        &self,
+        ip: Ipv4Addr,
+        port: u16,
+        n: usize,
+    ) -> Result<Vec<(String, SocketAddr)>> {
+        let mut sessions: Vec<UdpSession> = Vec::with_capacity(n);
+        let mut replies = Vec::with_capacity(n);
+        for k in 0..n {
+            let mut s = self.topo.udp_session(ip, port, IO_TIMEOUT)?;
+            replies.push(
+                s.ask()
+                    .with_context(|| format!("udp ask #{k} to {ip}:{port}"))?,
+            );
+            sessions.push(s);
+        }
+        Ok(replies)
+    }
+}

@@ -1,0 +1,292 @@
+//! Guard around a running `kproxy` process in the node namespace.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::Netns;
+use crate::util::{POLL_INTERVAL, env_secs};
+
+/// Environment variable naming the kproxy binary (set by the xtask).
+pub const KPROXY_BIN_ENV: &str = "KPROXY_BIN";
+/// Optional: passed as `--log-level` when set.
+pub const KPROXY_LOG_LEVEL_ENV: &str = "KPROXY_LOG_LEVEL";
+/// Optional: seconds to wait for `kproxy: ready` (default 30).
+pub const READY_TIMEOUT_ENV: &str = "KPT_READY_TIMEOUT_SECS";
+
+pub const READY: &str = "kproxy: ready";
+pub const APPLIED: &str = "kproxy: applied";
+pub const REJECTED: &str = "kproxy: rejected";
+pub const DETACHED: &str = "kproxy: detached";
+
+/// How long to wait for `kproxy: ready`: the BPF verifier runs first, and
+/// the machine may have two busy cores.
+pub fn ready_timeout() -> Duration {
+    env_secs(READY_TIMEOUT_ENV, Duration::from_secs(30))
+}
+
+/// The kproxy binary from `$KPROXY_BIN`; panics with a clear message when
+/// it is unset or does not exist.
+pub fn kproxy_bin() -> PathBuf {
+    let Some(bin) = std::env::var_os(KPROXY_BIN_ENV) else {
+        panic!(
+            "{KPROXY_BIN_ENV} is not set: point it at the kproxy binary \
+             (e.g. KPROXY_BIN=target/release/kproxy; `cargo xtask` sets it)"
+        );
+    };
+    let bin = PathBuf::from(bin);
+    let bin = if bin.is_relative() {
+        std::env::current_dir().map(|d| d.join(&bin)).unwrap_or(bin)
+    } else {
+        bin
+    };
+    if !bin.is_file() {
+        panic!(
+            "{KPROXY_BIN_ENV}={} does not name an existing file",
+            bin.display()
+        );
+    }
+    bin
+}
+
+/// One stdout line of kproxy and when the reader thread received it.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub text: String,
+    pub at: Instant,
+}
+
+/// A running `ip netns exec <node> kproxy --manifests DIR --iface IFS …`.
+///
+/// stdout is read by a thread that forwards each line to this guard (see
+/// [`Kproxy::wait_line`]) and echoes it to stderr, prefixed; stderr is
+/// inherited. Drop sends SIGTERM, then SIGKILL if it has not exited after
+/// a deadline.
+pub struct Kproxy {
+    child: Child,
+    lines: Receiver<Line>,
+    seen: Vec<String>,
+    label: String,
+    exit: Option<ExitStatus>,
+}
+
+impl Kproxy {
+    /// Starts kproxy in `node` watching `manifests`, attached to `ifaces`,
+    /// with `extra` arguments appended. Does not wait for readiness.
+    pub fn start(
+        node: &Netns,
+        manifests: &Path,
+        ifaces: &[&str],
+        extra: &[&str],
+    ) -> Result<Kproxy> {
+        let bin = kproxy_bin();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", node.name()])
+            .arg(&bin)
+            .arg("--manifests")
+            .arg(manifests)
+            .arg("--iface")
+            .arg(ifaces.join(","));
+        if let Ok(level) = std::env::var(KPROXY_LOG_LEVEL_ENV) {
+            cmd.args(["--log-level", &level]);
+        }
+        cmd.args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {} in {}", bin.display(), node.name()))?;
+        let label = format!("kproxy[{}@{}]", child.id(), node.name());
+        eprintln!("{label}: started {cmd:?}");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = channel();
+        let prefix = label.clone();
+        std::thread::Builder::new()
+            .name(format!("stdout-{}", child.id()))
+            .spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(text) = line else { break };
+                    eprintln!("{prefix} | {text}");
+                    // The receiver may be gone (guard dropped): keep draining.
+                    let _ = tx.send(Line {
+                        text,
+                        at: Instant::now(),
+                    });
+                }
+            })
+            .context("spawn stdout reader")?;
+        Ok(Kproxy {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+            label,
+            exit: None,
+        })
+    }
+
+    /// Pid of the kproxy process (`ip netns exec` execs it in place).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every stdout line consumed so far by the wait functions.
+    pub fn lines_seen(&self) -> &[String] {
+        &self.seen
+    }
+
+    /// Waits for the next stdout line starting with `prefix` and returns it.
+    /// Lines in between are consumed (and kept in [`Kproxy::lines_seen`]).
+    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Result<String> {
+        Ok(self.wait_any(&[prefix], timeout)?.text)
+    }
+
+    /// Like [`Kproxy::wait_line`], also returning when the line was read.
+    pub fn wait_line_timed(&mut self, prefix: &str, timeout: Duration) -> Result<Line> {
+        self.wait_any(&[prefix], timeout)
+    }
+
+    /// Waits for the next line starting with any of `prefixes`.
+    pub fn wait_any(&mut self, prefixes: &[&str], timeout: Duration) -> Result<Line> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(remaining) {
+                Ok(line) => {
+                    self.seen.push(line.text.clone());
+                    if prefixes.iter().any(|p| line.text.starts_with(p)) {
+                        return Ok(line);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => bail!(
+                    "{}: no line starting with {prefixes:?} within {timeout:?}; lines so far: {:#?}",
+                    self.label,
+                    self.seen
+                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.reap(Duration::from_secs(2));
+                    bail!(
+                        "{}: stdout closed (exit status {status:?}) before a line starting with \
+                         {prefixes:?}; lines so far: {:#?}",
+                        self.label,
+                        self.seen
+                    )
+                }
+            }
+        }
+    }
+
+    /// Waits for `kproxy: ready` (timeout from [`ready_timeout`]).
+    pub fn wait_ready(&mut self) -> Result<String> {
+        self.wait_line(READY, ready_timeout())
+    }
+
+    /// Waits for the next `kproxy: applied` line; fails at once on a
+    /// `kproxy: rejected` line instead.
+    pub fn wait_applied(&mut self, timeout: Duration) -> Result<Line> {
+        let line = self.wait_any(&[APPLIED, REJECTED], timeout)?;
+        if line.text.starts_with(REJECTED) {
+            bail!(
+                "{}: expected an applied change, got {:?}",
+                self.label,
+                line.text
+            );
+        }
+        Ok(line)
+    }
+
+    /// Waits for the next `kproxy: rejected` line; fails at once on a
+    /// `kproxy: applied` line instead.
+    pub fn wait_rejected(&mut self, timeout: Duration) -> Result<Line> {
+        let line = self.wait_any(&[APPLIED, REJECTED], timeout)?;
+        if line.text.starts_with(APPLIED) {
+            bail!("{}: expected a rejection, got {:?}", self.label, line.text);
+        }
+        Ok(line)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.exit.is_none() && matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the process to exit.
+    pub fn stop(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        if let Some(status) = self.exit {
+            return Ok(status);
+        }
+        self.signal(libc::SIGTERM);
+        match self.reap(timeout) {
+            Some(status) => Ok(status),
+            None => bail!("{}: still running {timeout:?} after SIGTERM", self.label),
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: plain kill(2) on our own child, which has not been reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+
+    /// Polls for exit until `timeout`; records and returns the status.
+    fn reap(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.exit.is_some() {
+            return self.exit;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    eprintln!("{}: exited with {status}", self.label);
+                    self.exit = Some(status);
+                    return self.exit;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    eprintln!("{}: try_wait: {e}", self.label);
+                    return None;
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+impl Drop for Kproxy {
+    fn drop(&mut self) {
+        if self.exit.is_some() || !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        self.signal(libc::SIGTERM);
+        if self.reap(Duration::from_secs(5)).is_none() {
+            eprintln!("{}: no exit 5 s after SIGTERM, sending SIGKILL", self.label);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Parses `key=value` fields of a kproxy status line, e.g.
+/// `kproxy: ready services=1 backends=3` → {services: "1", backends: "3"}.
+pub fn fields(line: &str) -> std::collections::BTreeMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// Numeric field `key` of a status line.
+pub fn field_u64(line: &str, key: &str) -> Result<u64> {
+    let f = fields(line);
+    let v = f
+        .get(key)
+        .with_context(|| format!("no field {key}= in {line:?}"))?;
+    v.parse()
+        .with_context(|| format!("field {key}={v:?} in {line:?} is not a number"))
+}

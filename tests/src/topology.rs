@@ -1,0 +1,366 @@
+//! The test network: client namespace(s) → node namespace (where kproxy
+//! runs and routes) → backend namespaces.
+//!
+//! ```text
+//!  client  eth0 10.0.1.2/24 ── c0 10.0.1.1/24   node   b1 10.0.11.1/24 ── eth0 10.0.11.2/24  backend1
+//!  client2 eth0 10.0.2.2/24 ── c1 10.0.2.1/24  (fwd)   b2 10.0.12.1/24 ── eth0 10.0.12.2/24  backend2
+//!                                                      …
+//! ```
+//!
+//! Veth pairs are created directly inside their namespaces, so no interface
+//! ever exists in the root namespace and names never clash between tests.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::client::{self, TcpSession, UdpSession};
+use crate::netns::Netns;
+use crate::servers::{BackendServer, Servers};
+use crate::util::poll_until;
+
+/// How long links may take to come up after creation.
+const LINK_UP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client namespace attached to the node.
+#[derive(Debug)]
+pub struct Client {
+    /// 0 for the first client.
+    pub index: usize,
+    pub ns: Netns,
+    /// Address on the client's `eth0`, e.g. 10.0.1.2.
+    pub ip: Ipv4Addr,
+    /// Address of the node side, e.g. 10.0.1.1 (the client's default gateway).
+    pub gateway: Ipv4Addr,
+    /// Name of the node-side veth, e.g. `c0`.
+    pub node_iface: String,
+}
+
+/// A backend namespace attached to the node.
+#[derive(Debug)]
+pub struct Backend {
+    /// 1-based, as in `backend-<index>`.
+    pub index: usize,
+    pub ns: Netns,
+    /// Address on the backend's `eth0`, 10.0.(10+index).2.
+    pub ip: Ipv4Addr,
+    /// Node side address, 10.0.(10+index).1.
+    pub gateway: Ipv4Addr,
+    /// Name of the node-side veth, `b<index>`.
+    pub node_iface: String,
+}
+
+impl Backend {
+    /// The name its servers answer with: `backend-<index>`.
+    pub fn name(&self) -> String {
+        backend_name(self.index)
+    }
+}
+
+/// `backend-<index>`.
+pub fn backend_name(index: usize) -> String {
+    format!("backend-{index}")
+}
+
+/// Address of backend `index` (1-based): 10.0.(10+index).2.
+pub fn backend_ip(index: usize) -> Ipv4Addr {
+    assert!(
+        (1..=200).contains(&index),
+        "backend index {index} out of range"
+    );
+    Ipv4Addr::new(10, 0, 10 + index as u8, 2)
+}
+
+/// Address of client `index` (0-based): 10.0.(1+index).2.
+pub fn client_ip(index: usize) -> Ipv4Addr {
+    assert!(index < 9, "client index {index} out of range");
+    Ipv4Addr::new(10, 0, 1 + index as u8, 2)
+}
+
+/// Client, node and backend namespaces wired with veths. Dropping it
+/// deletes all namespaces (and thereby all veths).
+#[derive(Debug)]
+pub struct Topology {
+    pub node: Netns,
+    clients: Vec<Client>,
+    backends: Vec<Backend>,
+}
+
+impl Topology {
+    /// Builds one client, the node and `n_backends` backends.
+    pub fn new(n_backends: usize) -> Result<Topology> {
+        let node = Netns::new("node")?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        let mut topo = Topology {
+            node,
+            clients: Vec::new(),
+            backends: Vec::new(),
+        };
+        topo.add_client()?;
+        for i in 1..=n_backends {
+            topo.add_backend(i)?;
+        }
+        topo.wait_links_up()?;
+        Ok(topo)
+    }
+
+    /// Adds another client namespace (10.0.(1+k).2, node side `c<k>`) and
+    /// returns it. Add clients before starting kproxy: its `--iface` list is
+    /// fixed at start.
+    pub fn add_client(&mut self) -> Result<&Client> {
+        let index = self.clients.len();
+        let role = if index == 0 {
+            "client".to_owned()
+        } else {
+            format!("client{}", index + 1)
+        };
+        let ns = Netns::new(&role)?;
+        let ip = client_ip(index);
+        let gateway = Ipv4Addr::new(10, 0, 1 + index as u8, 1);
+        let node_iface = format!("c{index}");
+        wire(&ns, ip, &self.node, &node_iface, gateway)?;
+        self.clients.push(Client {
+            index,
+            ns,
+            ip,
+            gateway,
+            node_iface,
+        });
+        if index > 0 {
+            self.wait_links_up()?;
+        }
+        Ok(self.clients.last().expect("just pushed"))
+    }
+
+    fn add_backend(&mut self, index: usize) -> Result<()> {
+        let ns = Netns::new(&format!("backend{index}"))?;
+        let ip = backend_ip(index);
+        let gateway = Ipv4Addr::new(10, 0, 10 + index as u8, 1);
+        let node_iface = format!("b{index}");
+        wire(&ns, ip, &self.node, &node_iface, gateway)?;
+        self.backends.push(Backend {
+            index,
+            ns,
+            ip,
+            gateway,
+            node_iface,
+        });
+        Ok(())
+    }
+
+    /// Waits until every veth reports carrier on both ends.
+    fn wait_links_up(&self) -> Result<()> {
+        let mut pairs: Vec<(&Netns, &str, &Netns)> = Vec::new();
+        for c in &self.clients {
+            pairs.push((&c.ns, c.node_iface.as_str(), &self.node));
+        }
+        for b in &self.backends {
+            pairs.push((&b.ns, b.node_iface.as_str(), &self.node));
+        }
+        for (ns, node_iface, node) in pairs {
+            for (n, dev) in [(ns, "eth0"), (node, node_iface)] {
+                poll_until(
+                    &format!("{dev} in {} to be up", n.name()),
+                    LINK_UP_TIMEOUT,
+                    || {
+                        let out = n.ip(&["-o", "link", "show", "dev", dev])?;
+                        Ok((out.contains("LOWER_UP") && out.contains(",UP")).then_some(()))
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The first client.
+    pub fn client(&self) -> &Client {
+        &self.clients[0]
+    }
+
+    pub fn clients(&self) -> &[Client] {
+        &self.clients
+    }
+
+    /// Backend by 1-based index.
+    pub fn backend(&self, index: usize) -> &Backend {
+        self.backends
+            .iter()
+            .find(|b| b.index == index)
+            .unwrap_or_else(|| panic!("no backend {index} in topology"))
+    }
+
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    /// Node-side name of the first client's veth: `c0`.
+    pub fn client_iface_on_node(&self) -> &str {
+        &self.clients[0].node_iface
+    }
+
+    /// Node-side veth names of all clients (what kproxy attaches to).
+    pub fn client_ifaces_on_node(&self) -> Vec<&str> {
+        self.clients.iter().map(|c| c.node_iface.as_str()).collect()
+    }
+
+    pub fn client_ip(&self) -> Ipv4Addr {
+        self.clients[0].ip
+    }
+
+    pub fn node_ns(&self) -> &str {
+        self.node.name()
+    }
+
+    pub fn client_ns(&self) -> &str {
+        self.clients[0].ns.name()
+    }
+
+    pub fn backend_ns(&self, index: usize) -> &str {
+        self.backend(index).ns.name()
+    }
+
+    /// Starts TCP and UDP servers on `port` in every backend namespace.
+    pub fn start_servers(&self, port: u16) -> Result<Servers> {
+        let mut list = Vec::new();
+        for b in &self.backends {
+            list.push(BackendServer::start(&b.ns, b.index, b.ip, port)?);
+        }
+        Ok(Servers::new(list))
+    }
+
+    // Delegations to the first client, so tests read naturally.
+
+    pub fn tcp_ask(
+        &self,
+        ip: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<(String, SocketAddr)> {
+        self.client().tcp_ask(ip, port, timeout)
+    }
+
+    pub fn tcp_session(&self, ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<TcpSession> {
+        self.client().tcp_session(ip, port, timeout)
+    }
+
+    pub fn udp_ask(
+        &self,
+        ip: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<(String, SocketAddr)> {
+        self.client().udp_ask(ip, port, timeout)
+    }
+
+    pub fn udp_session(&self, ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<UdpSession> {
+        self.client().udp_session(ip, port, timeout)
+    }
+
+    pub fn tcp_connect_error(
+        &self,
+        ip: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<(io::ErrorKind, Duration)> {
+        self.client().tcp_connect_error(ip, port, timeout)
+    }
+
+    pub fn udp_connect_error(
+        &self,
+        ip: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<(io::ErrorKind, Duration)> {
+        self.client().udp_connect_error(ip, port, timeout)
+    }
+}
+
+impl Client {
+    /// New TCP connection, sends `who\n`, returns the reply line and the
+    /// socket's peer address.
+    pub fn tcp_ask(
+        &self,
+        ip: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<(String, SocketAddr)> {
+        client::tcp_ask(&self.ns, ip, port, timeout)
+    }
+
+    /// A TCP connection that can [`TcpSession::ask`] repeatedly.
+    pub fn tcp_session(&self, ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<TcpSession> {
+        TcpSession::connect(&self.ns, ip, port, timeout)
+    }
+
+    /// Fresh unconnected UDP socket: send_to, then recv_from (reply, source).
+    pub fn udp_ask(
+        &self,
+        ip: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<(String, SocketAddr)> {
+        client::udp_ask(&self.ns, ip, port, timeout)
+    }
+
+    /// A UDP socket with a fixed local port (same 5-tuple on every ask).
+    pub fn udp_session(&self, ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<UdpSession> {
+        UdpSession::open(&self.ns, ip, port, timeout)
+    }
+
+    /// Connect that is expected to fail: its error kind and how long it took.
+    pub fn tcp_connect_error(
+        &self,
+        ip: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<(io::ErrorKind, Duration)> {
+        client::tcp_connect_error(&self.ns, ip, port, timeout)
+    }
+
+    /// Connected UDP send + recv that is expected to fail (ICMP error).
+    pub fn udp_connect_error(
+        &self,
+        ip: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<(io::ErrorKind, Duration)> {
+        client::udp_connect_error(&self.ns, ip, port, timeout)
+    }
+}
+
+/// Creates the veth pair `eth0` (in `ns`) ↔ `node_iface` (in `node`), with
+/// `ip`/24 and `gateway`/24, and a default route in `ns` via the node.
+fn wire(ns: &Netns, ip: Ipv4Addr, node: &Netns, node_iface: &str, gateway: Ipv4Addr) -> Result<()> {
+    crate::util::cmd(
+        "ip",
+        &[
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            ns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            node_iface,
+            "netns",
+            node.name(),
+        ],
+    )
+    .with_context(|| format!("create veth {} <-> {node_iface}", ns.name()))?;
+    ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    node.sysctl(&format!("net.ipv4.conf.{node_iface}.rp_filter"), "0")?;
+    node.ip(&["addr", "add", &format!("{gateway}/24"), "dev", node_iface])?;
+    node.ip(&["link", "set", node_iface, "up"])?;
+    ns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+    if ns.ip(&["route", "show", "default"])?.trim().is_empty() {
+        bail!("no default route in {}", ns.name());
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! Behaviour 9: malformed manifests are rejected and the previous state stays.
+
+use anyhow::Result;
+use kproxy_tests::Fixture;
+use kproxy_tests::fixture::{
+    APPLY_TIMEOUT, DNS_PORT, HTTP_PORT, SLICE_FILE, VIP, counts, tally, web_slice_yaml_with,
+};
+use kproxy_tests::kproxy::APPLIED;
+
+fn assert_balanced_over_1_2_3(f: &Fixture, when: &str) -> Result<()> {
+    let names = f.tcp_round(VIP, HTTP_PORT, 9)?;
+    assert_eq!(
+        tally(&names),
+        counts(&[(1, 3), (2, 3), (3, 3)]),
+        "TCP {when}: {names:?}"
+    );
+    let names: Vec<String> = f
+        .udp_round(VIP, DNS_PORT, 9)?
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(
+        tally(&names),
+        counts(&[(1, 3), (2, 3), (3, 3)]),
+        "UDP {when}: {names:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn broken_yaml_file_is_rejected_and_state_kept() -> Result<()> {
+    let mut f = Fixture::start(3, &[1, 2, 3])?;
+    assert_balanced_over_1_2_3(&f, "before")?;
+
+    f.manifests.write(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: [broken\n  namespace: default\n",
+    )?;
+    let line = f.kproxy().wait_rejected(APPLY_TIMEOUT)?;
+    assert!(
+        line.text.contains("broken.yaml"),
+        "rejection does not name the file: {}",
+        line.text
+    );
+
+    assert!(
+        f.kproxy().is_running(),
+        "kproxy exited after a bad manifest"
+    );
+    assert_balanced_over_1_2_3(&f, "after the rejection")?;
+    Ok(())
+}
+
+#[test]
+fn endpointslice_with_invalid_ip_is_rejected_and_state_kept() -> Result<()> {
+    let mut f = Fixture::start(3, &[1, 2, 3])?;
+    assert_balanced_over_1_2_3(&f, "before")?;
+
+    // Applying this would drop backend 3; it must be rejected as a whole.
+    f.manifests.write(
+        SLICE_FILE,
+        &web_slice_yaml_with(&[
+            ("10.0.11.2", true),
+            ("10.0.12.2", true),
+            ("10.0.11.300", true),
+        ]),
+    )?;
+    let line = f.kproxy().wait_rejected(APPLY_TIMEOUT)?;
+    assert!(
+        line.text.contains(SLICE_FILE),
+        "rejection does not name the file: {}",
+        line.text
+    );
+
+    assert!(
+        f.kproxy().is_running(),
+        "kproxy exited after a bad manifest"
+    );
+    assert_balanced_over_1_2_3(&f, "after the rejection")?;
+
+    // A valid change afterwards is applied again.
+    f.set_slice(&[1, 2])?;
+    f.kproxy().wait_line(APPLIED, APPLY_TIMEOUT)?;
+    let names = f.tcp_round(VIP, HTTP_PORT, 6)?;
+    assert_eq!(
+        tally(&names),
+        counts(&[(1, 3), (2, 3)]),
+        "after the fix: {names:?}"
+    );
+    Ok(())
+}
