@@ -18,7 +18,7 @@ use aya::{Ebpf, EbpfLoader};
 use proxy_common::*;
 
 use crate::model::{BackendAddr, DesiredService, DesiredState, Frontend};
-use crate::reconcile::Change;
+use crate::reconcile::{ApplyStats, Change};
 
 /// The eBPF object built by `cargo xtask build`, embedded at compile time.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KPROXY_BPF_OBJ_PATH"));
@@ -110,16 +110,6 @@ impl IdAllocator {
             self.next - 1
         })
     }
-}
-
-/// Counts of one apply.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct ApplyStats {
-    pub services_added: usize,
-    pub services_removed: usize,
-    pub backends_added: usize,
-    pub backends_removed: usize,
-    pub flows_flushed: usize,
 }
 
 pub struct Dataplane {

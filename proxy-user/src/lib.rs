@@ -5,6 +5,7 @@
 //! `reconcile::diff` → `dataplane::Dataplane::apply` → eBPF maps.
 
 pub mod dataplane;
+pub mod iptables;
 pub mod manifests;
 pub mod model;
 pub mod pktgen;

@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use proxy_common::{MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS};
 use proxy_user::dataplane::{AttachMode, Dataplane, LoadOptions};
+use proxy_user::iptables::Iptables;
 use proxy_user::manifests;
 use proxy_user::model::DesiredState;
 use proxy_user::reconcile;
@@ -29,10 +30,25 @@ struct Args {
     /// them. Followed for changes.
     #[arg(long, value_name = "PATH")]
     manifests: PathBuf,
+    /// Datapath: eBPF TC programs, or kube-proxy-style iptables rules (for
+    /// comparison).
+    #[arg(long, value_enum, default_value = "ebpf")]
+    mode: Mode,
     /// Interfaces that face clients (comma-separated): ingress translates
-    /// ClusterIP traffic, egress restores replies.
-    #[arg(long, value_name = "IF[,IF…]", value_delimiter = ',', required = true)]
+    /// ClusterIP traffic, egress restores replies. Required in eBPF mode;
+    /// iptables rules apply to the whole network namespace.
+    #[arg(
+        long,
+        value_name = "IF[,IF…]",
+        value_delimiter = ',',
+        required_if_eq("mode", "ebpf")
+    )]
     iface: Vec<String>,
+    /// iptables mode: masquerade service traffic from outside this pod CIDR
+    /// (kube-proxy's --cluster-cidr). Without it only hairpin traffic is
+    /// masqueraded.
+    #[arg(long, value_name = "CIDR")]
+    cluster_cidr: Option<proxy_user::iptables::Cidr>,
     /// How to attach the TC programs: tcx links (kernel ≥ 6.6), netlink
     /// (clsact qdisc + cls_bpf), or auto (tcx where available).
     #[arg(long, value_enum, default_value = "auto")]
@@ -55,6 +71,12 @@ struct Args {
     /// Capacity of the LRU conntrack table (two entries per flow).
     #[arg(long, default_value_t = MAX_CONNTRACK, value_parser = clap::value_parser!(u32).range(2..))]
     conntrack_size: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Ebpf,
+    Iptables,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -96,33 +118,25 @@ async fn run(args: Args) -> Result<()> {
     let mut fingerprint = manifests::fingerprint(&args.manifests);
     let initial = manifests::load(&args.manifests).context("initial manifests")?;
 
-    let opts = LoadOptions {
-        max_services: args.max_services,
-        max_slots: args.max_backends,
-        conntrack_size: args.conntrack_size,
-        bpf_log_level: args.bpf_log_level as u8,
+    let mut proxier = match args.mode {
+        Mode::Ebpf => Proxier::Ebpf(Box::new(start_ebpf(&args)?)),
+        Mode::Iptables => {
+            if !args.iface.is_empty() {
+                log::info!("iptables mode: --iface is ignored (rules cover the namespace)");
+            }
+            Proxier::Iptables(Iptables::new(args.cluster_cidr)?)
+        }
     };
-    let mut dp = Dataplane::load(&opts)?;
-    if !matches!(args.bpf_log_level, BpfLogLevel::Off) {
-        spawn_bpf_logger(&mut dp)?;
-    }
-    let mode = match args.attach {
-        AttachArg::Auto => AttachMode::auto(),
-        AttachArg::Tcx => AttachMode::Tcx,
-        AttachArg::Netlink => AttachMode::Netlink,
-    };
-    for iface in &args.iface {
-        // On error `dp` drops and detaches what was attached so far.
-        dp.attach(iface, mode)?;
-        println!("kproxy: attached {iface} mode={mode}");
-    }
 
     let mut current = DesiredState::default();
-    apply(&mut dp, &mut current, initial)?;
+    if let Err(e) = apply(&mut proxier, &mut current, initial) {
+        let _ = proxier.shutdown();
+        return Err(e);
+    }
     println!(
         "kproxy: ready services={} backends={}",
-        dp.service_count(),
-        dp.backend_count()
+        proxier.service_count(),
+        proxier.backend_count()
     );
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -157,13 +171,13 @@ async fn run(args: Args) -> Result<()> {
         if desired == current {
             continue;
         }
-        match apply(&mut dp, &mut current, desired) {
+        match apply(&mut proxier, &mut current, desired) {
             Ok(()) => {
                 generation += 1;
                 println!(
                     "kproxy: applied generation={generation} services={} backends={} took_us={}",
-                    dp.service_count(),
-                    dp.backend_count(),
+                    proxier.service_count(),
+                    proxier.backend_count(),
                     started.elapsed().as_micros()
                 );
             }
@@ -174,8 +188,10 @@ async fn run(args: Args) -> Result<()> {
         }
     }
 
-    report_counters(&dp);
-    dp.detach_all()?;
+    if let Proxier::Ebpf(dp) = &proxier {
+        report_counters(dp);
+    }
+    proxier.shutdown()?;
     println!("kproxy: detached");
     Ok(())
 }
@@ -183,19 +199,84 @@ async fn run(args: Args) -> Result<()> {
 /// Diffs `desired` against what is programmed and applies it. On error the
 /// maps hold a consistent prefix of the changes; `current` is rebuilt from
 /// what was actually programmed so the next change retries the rest.
-fn apply(dp: &mut Dataplane, current: &mut DesiredState, desired: DesiredState) -> Result<()> {
+fn apply(p: &mut Proxier, current: &mut DesiredState, desired: DesiredState) -> Result<()> {
     let changes = reconcile::diff(current, &desired);
-    match dp.apply(&changes) {
+    match p.apply(&changes) {
         Ok(stats) => {
             log::info!("applied {} changes: {stats:?}", changes.len());
             *current = desired;
             Ok(())
         }
         Err(e) => {
-            *current = dp.programmed_state();
+            *current = p.programmed_state();
             Err(e)
         }
     }
+}
+
+/// The datapath the agent drives; both take the same changes.
+enum Proxier {
+    Ebpf(Box<Dataplane>),
+    Iptables(Iptables),
+}
+
+impl Proxier {
+    fn apply(&mut self, changes: &[reconcile::Change]) -> Result<reconcile::ApplyStats> {
+        match self {
+            Proxier::Ebpf(d) => d.apply(changes),
+            Proxier::Iptables(i) => i.apply(changes),
+        }
+    }
+    fn programmed_state(&self) -> DesiredState {
+        match self {
+            Proxier::Ebpf(d) => d.programmed_state(),
+            Proxier::Iptables(i) => i.programmed_state(),
+        }
+    }
+    fn service_count(&self) -> usize {
+        match self {
+            Proxier::Ebpf(d) => d.service_count(),
+            Proxier::Iptables(i) => i.service_count(),
+        }
+    }
+    fn backend_count(&self) -> usize {
+        match self {
+            Proxier::Ebpf(d) => d.backend_count(),
+            Proxier::Iptables(i) => i.backend_count(),
+        }
+    }
+    /// Detaches the programs / removes the rules.
+    fn shutdown(&mut self) -> Result<()> {
+        match self {
+            Proxier::Ebpf(d) => d.detach_all(),
+            Proxier::Iptables(i) => i.cleanup(),
+        }
+    }
+}
+
+/// Loads the eBPF object and attaches it to every `--iface`.
+fn start_ebpf(args: &Args) -> Result<Dataplane> {
+    let opts = LoadOptions {
+        max_services: args.max_services,
+        max_slots: args.max_backends,
+        conntrack_size: args.conntrack_size,
+        bpf_log_level: args.bpf_log_level as u8,
+    };
+    let mut dp = Dataplane::load(&opts)?;
+    if !matches!(args.bpf_log_level, BpfLogLevel::Off) {
+        spawn_bpf_logger(&mut dp)?;
+    }
+    let mode = match args.attach {
+        AttachArg::Auto => AttachMode::auto(),
+        AttachArg::Tcx => AttachMode::Tcx,
+        AttachArg::Netlink => AttachMode::Netlink,
+    };
+    for iface in &args.iface {
+        // On error `dp` drops and detaches what was attached so far.
+        dp.attach(iface, mode)?;
+        println!("kproxy: attached {iface} mode={mode}");
+    }
+    Ok(dp)
 }
 
 fn report_counters(dp: &Dataplane) {

@@ -23,6 +23,16 @@ pub enum Change {
     RemoveService { frontend: Frontend },
 }
 
+/// Counts of one apply, whatever the datapath.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ApplyStats {
+    pub services_added: usize,
+    pub services_removed: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
+    pub flows_flushed: usize,
+}
+
 /// Changes that turn `old` into `new`, removals first so that freed service
 /// ids and slots can be reused by the additions of the same batch.
 pub fn diff(old: &DesiredState, new: &DesiredState) -> Vec<Change> {

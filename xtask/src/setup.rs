@@ -19,14 +19,16 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests and the demo use: `ip` (iproute2), iptables (the
 /// comparison baseline in tests), iperf3 (throughput checks), sysctl/pkill
-/// (procps), modprobe (kmod), and `nc` (netcat-openbsd), which the demo
-/// (`cargo xtask up`) tells the user to try.
+/// (procps), modprobe (kmod), `conntrack` (kproxy's iptables mode deletes
+/// stale UDP flows with it, as kube-proxy does), and `nc` (netcat-openbsd),
+/// which the demo (`cargo xtask up`) tells the user to try.
 const APT_REQUIRED: &[&str] = &[
     "iproute2",
     "iptables",
     "iperf3",
     "procps",
     "kmod",
+    "conntrack",
     "netcat-openbsd",
 ];
 /// Nice to have for debugging (`bpftool prog/map/link show`), not needed by
