@@ -10,3 +10,5 @@ pub mod manifests;
 pub mod model;
 pub mod pktgen;
 pub mod reconcile;
+pub mod source;
+pub mod watch;

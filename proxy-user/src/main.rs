@@ -9,14 +9,17 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use proxy_common::{MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS};
 use proxy_user::dataplane::{AttachMode, Dataplane, LoadOptions};
 use proxy_user::iptables::Iptables;
-use proxy_user::manifests;
 use proxy_user::model::DesiredState;
 use proxy_user::reconcile;
+use proxy_user::source::ManifestSource;
+use proxy_user::watch::{Events, Inotify};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser, Debug)]
@@ -115,8 +118,13 @@ fn main() {
 async fn run(args: Args) -> Result<()> {
     // Read the manifests before touching the kernel: a bad start changes
     // nothing.
-    let mut fingerprint = manifests::fingerprint(&args.manifests);
-    let initial = manifests::load(&args.manifests).context("initial manifests")?;
+    let load_started = Instant::now();
+    let mut source = ManifestSource::new(&args.manifests);
+    let first = source.refresh(None);
+    if let Some(e) = first.rejected.first() {
+        bail!("initial manifests: {e}");
+    }
+    let load_us = load_started.elapsed().as_micros();
 
     let mut proxier = match args.mode {
         Mode::Ebpf => Proxier::Ebpf(Box::new(start_ebpf(&args)?)),
@@ -128,60 +136,86 @@ async fn run(args: Args) -> Result<()> {
         }
     };
 
-    let mut current = DesiredState::default();
-    if let Err(e) = apply(&mut proxier, &mut current, initial) {
+    let sync_started = Instant::now();
+    if let Err(e) = proxier.apply(&first.changes) {
         let _ = proxier.shutdown();
         return Err(e);
     }
     println!(
-        "kproxy: ready services={} backends={}",
+        "kproxy: ready services={} backends={} load_us={load_us} sync_us={}",
         proxier.service_count(),
-        proxier.backend_count()
+        proxier.backend_count(),
+        sync_started.elapsed().as_micros()
     );
 
+    // inotify names changed files at once; the poll is the safety net.
+    let inotify = match Inotify::new(&args.manifests).and_then(|i| {
+        // SAFETY: the Inotify owns its fd and lives inside the AsyncFd.
+        unsafe { AsyncFd::register_with_interest(i, Interest::READABLE) }
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            log::warn!("inotify unavailable ({e}); relying on polling");
+            None
+        }
+    };
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_millis(args.poll_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut generation = 1u64;
+    // Set when an apply failed: the next round re-diffs the whole state.
+    let mut resync = false;
     loop {
-        tokio::select! {
+        let hint = tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = tick.tick() => {}
-        }
-        let fp = manifests::fingerprint(&args.manifests);
-        if fp == fingerprint {
-            continue;
-        }
-        fingerprint = fp;
-        let started = Instant::now();
-        let desired = match manifests::load(&args.manifests) {
-            Ok(d) => d,
-            Err(e) => {
-                println!(
-                    "kproxy: rejected {}: {} (previous state kept)",
-                    e.file.display(),
-                    e.message
-                );
-                log::error!("manifest rejected, previous state kept: {e}");
-                continue;
-            }
+            _ = tick.tick() => None,
+            events = next_events(inotify.as_ref()) => match events {
+                Ok(Events::Paths(p)) => Some(p),
+                Ok(Events::Rescan) => None,
+                Err(e) => {
+                    log::warn!("reading inotify events: {e}");
+                    None
+                }
+            },
         };
-        if desired == current {
+        let started = Instant::now();
+        let refresh = source.refresh(hint.as_ref());
+        for e in &refresh.rejected {
+            println!(
+                "kproxy: rejected {}: {} (previous state kept)",
+                e.file.display(),
+                e.message
+            );
+            log::error!("manifest rejected, previous state kept: {e}");
+        }
+        let changes = if resync {
+            reconcile::diff(&proxier.programmed_state(), source.state())
+        } else {
+            refresh.changes
+        };
+        if changes.is_empty() {
             continue;
         }
-        match apply(&mut proxier, &mut current, desired) {
-            Ok(()) => {
+        match proxier.apply(&changes) {
+            Ok(stats) => {
+                resync = false;
                 generation += 1;
+                log::debug!("applied {} changes: {stats:?}", changes.len());
                 println!(
-                    "kproxy: applied generation={generation} services={} backends={} took_us={}",
+                    "kproxy: applied generation={generation} services={} backends={} changes={} took_us={}",
                     proxier.service_count(),
                     proxier.backend_count(),
+                    changes.len(),
                     started.elapsed().as_micros()
                 );
             }
             Err(e) => {
+                // The datapath holds a consistent prefix of the changes;
+                // the next round re-diffs against what it really holds.
+                resync = true;
                 println!("kproxy: error applying changes: {e:#}");
                 log::error!("applying changes failed: {e:#}");
             }
@@ -196,20 +230,19 @@ async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Diffs `desired` against what is programmed and applies it. On error the
-/// maps hold a consistent prefix of the changes; `current` is rebuilt from
-/// what was actually programmed so the next change retries the rest.
-fn apply(p: &mut Proxier, current: &mut DesiredState, desired: DesiredState) -> Result<()> {
-    let changes = reconcile::diff(current, &desired);
-    match p.apply(&changes) {
-        Ok(stats) => {
-            log::info!("applied {} changes: {stats:?}", changes.len());
-            *current = desired;
-            Ok(())
-        }
-        Err(e) => {
-            *current = p.programmed_state();
-            Err(e)
+/// The next batch of inotify events, or never when there is no inotify.
+async fn next_events(fd: Option<&AsyncFd<Inotify>>) -> std::io::Result<Events> {
+    let Some(fd) = fd else {
+        return std::future::pending().await;
+    };
+    loop {
+        let mut guard = fd.readable().await?;
+        match guard.get_inner().read() {
+            Ok(Events::Paths(p)) if p.is_empty() => guard.clear_ready(),
+            other => {
+                guard.clear_ready();
+                return other;
+            }
         }
     }
 }

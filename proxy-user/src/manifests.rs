@@ -7,7 +7,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -191,26 +190,6 @@ fn to_state(objects: Objects) -> Result<DesiredState, LoadError> {
             message: e.to_string(),
         }
     })
-}
-
-/// Cheap change detection for polling: (path, length, mtime, inode) of
-/// every manifest file. Atomic renames change the inode, in-place writes the
-/// mtime or length.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Fingerprint(Vec<(PathBuf, u64, Option<SystemTime>, u64)>);
-
-pub fn fingerprint(path: &Path) -> Fingerprint {
-    use std::os::unix::fs::MetadataExt;
-    let files = manifest_files(path).unwrap_or_default();
-    Fingerprint(
-        files
-            .into_iter()
-            .filter_map(|f| {
-                let m = std::fs::metadata(&f).ok()?;
-                Some((f, m.len(), m.modified().ok(), m.ino()))
-            })
-            .collect(),
-    )
 }
 
 #[cfg(test)]

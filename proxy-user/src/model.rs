@@ -125,22 +125,24 @@ fn port_u16(v: i32, what: &str) -> Result<u16, String> {
 }
 
 /// One Service port after validation.
-struct SvcPort {
-    name: String,
-    port: u16,
-    proto: Proto,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SvcPort {
+    pub name: String,
+    pub port: u16,
+    pub proto: Proto,
 }
 
 /// Validated view of a Service: namespace, name, ClusterIP (None for
 /// headless or non-ClusterIP services we do not program) and ports.
-struct SvcView {
-    ns: String,
-    name: String,
-    cluster_ip: Option<Ipv4Addr>,
-    ports: Vec<SvcPort>,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SvcView {
+    pub ns: String,
+    pub name: String,
+    pub cluster_ip: Option<Ipv4Addr>,
+    pub ports: Vec<SvcPort>,
 }
 
-fn view_service(svc: &Service) -> Result<SvcView, ObjectError> {
+pub fn view_service(svc: &Service) -> Result<SvcView, ObjectError> {
     let (ns, name) = ns_name(&svc.metadata);
     let err = |message: String| ObjectError {
         object: format!("Service {ns}/{name}"),
@@ -190,14 +192,18 @@ fn view_service(svc: &Service) -> Result<SvcView, ObjectError> {
 }
 
 /// Ready endpoints of one slice, per (port name, protocol).
-struct SliceView {
-    ns: String,
-    service: String,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceView {
+    pub ns: String,
+    /// The slice's own name.
+    pub name: String,
+    /// The service it belongs to (`kubernetes.io/service-name`).
+    pub service: String,
     /// (port name, proto) → backends
-    ports: BTreeMap<(String, Proto), BTreeSet<BackendAddr>>,
+    pub ports: BTreeMap<(String, Proto), BTreeSet<BackendAddr>>,
 }
 
-fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectError> {
+pub fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectError> {
     let (ns, name) = ns_name(&slice.metadata);
     let err = |message: String| ObjectError {
         object: format!("EndpointSlice {ns}/{name}"),
@@ -261,7 +267,46 @@ fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectError> {
             .or_default();
         set.extend(ready.iter().map(|&ip| BackendAddr { ip, port }));
     }
-    Ok(Some(SliceView { ns, service, ports }))
+    Ok(Some(SliceView {
+        ns,
+        name,
+        service,
+        ports,
+    }))
+}
+
+/// The frontends of one service and their ready backends, from the
+/// slices that belong to it.
+pub fn frontends<'a>(
+    svc: &SvcView,
+    slices: impl Iterator<Item = &'a SliceView> + Clone,
+) -> Vec<(Frontend, DesiredService)> {
+    let Some(ip) = svc.cluster_ip else {
+        return Vec::new();
+    };
+    svc.ports
+        .iter()
+        .map(|p| {
+            let fe = Frontend {
+                ip,
+                port: p.port,
+                proto: p.proto,
+            };
+            let key = (p.name.clone(), p.proto);
+            let backends: BTreeSet<BackendAddr> = slices
+                .clone()
+                .filter_map(|v| v.ports.get(&key))
+                .flatten()
+                .copied()
+                .collect();
+            let name = if p.name.is_empty() {
+                format!("{}/{}", svc.ns, svc.name)
+            } else {
+                format!("{}/{}:{}", svc.ns, svc.name, p.name)
+            };
+            (fe, DesiredService { name, backends })
+        })
+        .collect()
 }
 
 /// Builds the desired state. Every object is validated; the first invalid
@@ -282,33 +327,18 @@ pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Result<DesiredSt
     }
     let mut state = DesiredState::default();
     for svc in svcs {
-        let Some(ip) = svc.cluster_ip else { continue };
-        let slices = by_service.get(&(svc.ns.clone(), svc.name.clone()));
-        for p in &svc.ports {
-            let fe = Frontend {
-                ip,
-                port: p.port,
-                proto: p.proto,
-            };
-            let backends: BTreeSet<BackendAddr> = slices
-                .into_iter()
-                .flatten()
-                .filter_map(|v| v.ports.get(&(p.name.clone(), p.proto)))
-                .flatten()
-                .copied()
-                .collect();
-            let name = if p.name.is_empty() {
-                format!("{}/{}", svc.ns, svc.name)
-            } else {
-                format!("{}/{}:{}", svc.ns, svc.name, p.name)
-            };
+        let slices = by_service
+            .get(&(svc.ns.clone(), svc.name.clone()))
+            .map(|v| v.as_slice())
+            .unwrap_or_default();
+        for (fe, desired) in frontends(&svc, slices.iter()) {
             if let Some(prev) = state.services.get(&fe) {
                 return Err(ObjectError {
                     object: format!("Service {}/{}", svc.ns, svc.name),
                     message: format!("frontend {fe} is already used by {}", prev.name),
                 });
             }
-            state.services.insert(fe, DesiredService { name, backends });
+            state.services.insert(fe, desired);
         }
     }
     Ok(state)
