@@ -34,6 +34,11 @@
 //! readers (at worst one backend is briefly listed twice).
 #![no_std]
 
+/// Version of the map layout below. Bump it whenever a key or value type
+/// changes meaning (sizes are checked separately): the agent refuses to reuse
+/// pinned maps of another version and recreates them.
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Default capacity of `SERVICES` (frontends) and of the per-service arrays.
 pub const MAX_SERVICES: u32 = 131_072;
 /// Default capacity of `SLOTS` (backend slots over all services).

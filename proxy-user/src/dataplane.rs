@@ -7,17 +7,19 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
-use aya::programs::tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::*;
 
-use crate::model::{BackendAddr, DesiredService, DesiredState, Frontend};
+use crate::model::{BackendAddr, DesiredService, DesiredState, Frontend, Proto};
 use crate::reconcile::{ApplyStats, Change};
 
 /// The eBPF object built by `cargo xtask build`, embedded at compile time.
@@ -34,6 +36,10 @@ pub struct LoadOptions {
     pub conntrack_size: u32,
     /// aya-log level in the kernel: 0 = off … 5 = trace.
     pub bpf_log_level: u8,
+    /// Pin maps and tcx links under this bpffs directory, so that the
+    /// datapath outlives the agent (crash, `kill -9`, upgrade) and the next
+    /// agent adopts it. `None`: nothing is pinned.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -43,6 +49,7 @@ impl Default for LoadOptions {
             max_slots: MAX_SLOTS,
             conntrack_size: MAX_CONNTRACK,
             bpf_log_level: 0,
+            pin_dir: None,
         }
     }
 }
@@ -80,6 +87,8 @@ struct Attachment {
     mode: AttachMode,
     ingress: SchedClassifierLinkId,
     egress: SchedClassifierLinkId,
+    /// Pin files of the tcx links (pinned mode).
+    pins: Vec<PathBuf>,
     /// We created the clsact qdisc (netlink mode) and remove it on detach.
     added_qdisc: bool,
 }
@@ -124,6 +133,124 @@ pub struct Dataplane {
     ids: IdAllocator,
     attachments: Vec<Attachment>,
     nr_cpus: usize,
+    /// `<pin_dir>/<layout tag>` when pinning.
+    pin_root: Option<PathBuf>,
+    /// Leave links and pinned maps in place on drop (graceful handover).
+    keep_on_exit: bool,
+}
+
+/// Maps pinned in pinned mode. `AYA_LOGS` is per agent and not pinned.
+const PINNED_MAPS: [&str; 7] = [
+    "SERVICES",
+    "SLOTS",
+    "RR_CURSOR",
+    "CONNTRACK",
+    "FRAGS",
+    "SVC_COUNTERS",
+    "GLOBAL_COUNTERS",
+];
+
+/// Names the pinned layout: the layout version, the size of every key and
+/// value, and the table capacities. Pinned maps of another tag are never
+/// reused (their bytes would be misread); they are removed with a log line.
+pub fn layout_tag(opts: &LoadOptions) -> String {
+    use std::mem::size_of;
+    let sizes = [
+        size_of::<SvcKey>(),
+        size_of::<SvcValue>(),
+        size_of::<SlotKey>(),
+        size_of::<Backend>(),
+        size_of::<CtKey>(),
+        size_of::<CtValue>(),
+        size_of::<FragKey>(),
+        size_of::<Counters>(),
+    ]
+    .map(|s| s.to_string())
+    // bpffs refuses '.' in the names of pinned objects.
+    .join("_");
+    format!(
+        "v{LAYOUT_VERSION}-{sizes}-s{}-b{}-c{}",
+        opts.max_services, opts.max_slots, opts.conntrack_size
+    )
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+fn mount_bpffs(at: &Path) -> Result<()> {
+    let target = std::ffi::CString::new(at.as_os_str().as_encoded_bytes())?;
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "mounting a bpffs at {} failed: {}",
+            at.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    log::info!("mounted bpffs at {}", at.display());
+    Ok(())
+}
+
+/// Makes sure `pin_dir` exists on a bpffs. The standard mount point
+/// `/sys/fs/bpf` is mounted when it is not (e.g. after `ip netns exec`
+/// remounted /sys); any other directory gets a bpffs of its own.
+fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    if pin_dir.is_dir() {
+        if !is_bpffs(pin_dir) {
+            mount_bpffs(pin_dir)?;
+        }
+        return Ok(());
+    }
+    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    if parent == Path::new("/sys/fs/bpf") && parent.is_dir() && !is_bpffs(parent) {
+        mount_bpffs(parent)?;
+    }
+    if is_bpffs(parent) {
+        std::fs::create_dir(pin_dir)
+            .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+        return Ok(());
+    }
+    std::fs::create_dir_all(pin_dir)
+        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+    mount_bpffs(pin_dir)
+}
+
+/// Makes `<pin_dir>/<tag>` on a bpffs (mounting one at `pin_dir` if
+/// needed), root-only, and removes pinned layouts of other tags.
+fn prepare_pin_root(pin_dir: &Path, tag: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    ensure_bpffs(pin_dir)?;
+    std::fs::set_permissions(pin_dir, std::fs::Permissions::from_mode(0o700))?;
+    for entry in std::fs::read_dir(pin_dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name != tag && name.starts_with('v') && entry.path().is_dir() {
+            log::warn!(
+                "pinned datapath layout {name} differs from this agent's {tag}: removing it and \
+                 starting with fresh maps (existing flows lose their conntrack entries)"
+            );
+            std::fs::remove_dir_all(entry.path())
+                .with_context(|| format!("removing old pinned layout {name}"))?;
+        }
+    }
+    let root = pin_dir.join(tag);
+    std::fs::create_dir_all(root.join("links"))?;
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
+    Ok(root)
 }
 
 fn take<T>(bpf: &mut Ebpf, name: &str) -> Result<T>
@@ -165,13 +292,27 @@ impl Dataplane {
     }
 
     pub fn load_object(object: &[u8], opts: &LoadOptions) -> Result<Self> {
-        let mut bpf = EbpfLoader::new()
+        let pin_root = match &opts.pin_dir {
+            Some(dir) => Some(prepare_pin_root(dir, &layout_tag(opts))?),
+            None => None,
+        };
+        let pin_paths: Vec<(&str, PathBuf)> = match &pin_root {
+            Some(root) => PINNED_MAPS.iter().map(|m| (*m, root.join(m))).collect(),
+            None => Vec::new(),
+        };
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(aya_log::LEVEL, &opts.bpf_log_level, true)
             .map_max_entries("SERVICES", opts.max_services)
             .map_max_entries("RR_CURSOR", opts.max_services)
             .map_max_entries("SVC_COUNTERS", opts.max_services)
             .map_max_entries("SLOTS", opts.max_slots)
-            .map_max_entries("CONNTRACK", opts.conntrack_size)
+            .map_max_entries("CONNTRACK", opts.conntrack_size);
+        for (name, path) in &pin_paths {
+            // Reuses the pinned map if it exists, else creates and pins it.
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut bpf = loader
             .load(object)
             .context("loading the eBPF object (are you root, with BPF enabled?)")?;
         for name in [INGRESS_PROG, EGRESS_PROG] {
@@ -199,7 +340,130 @@ impl Dataplane {
             },
             attachments: Vec::new(),
             nr_cpus,
+            pin_root,
+            keep_on_exit: false,
         })
+        .and_then(|mut dp| {
+            if dp.pin_root.is_some() {
+                dp.adopt()?;
+            }
+            Ok(dp)
+        })
+    }
+
+    /// Rebuilds the agent's mirror from pinned maps left by a previous agent,
+    /// dropping anything inconsistent (a service whose slots are incomplete,
+    /// slots of no service or past a service's count). Conntrack is kept:
+    /// established flows stay on their backends.
+    fn adopt(&mut self) -> Result<()> {
+        let mut services = Vec::new();
+        for entry in self.services.iter() {
+            match entry {
+                Ok(kv) => services.push(kv),
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut live: HashSet<(u32, u32)> = HashSet::new();
+        let mut used_ids = HashSet::new();
+        let mut dropped = 0usize;
+        for (key, val) in services {
+            let fe = Frontend {
+                ip: Ipv4Addr::from(key.addr.to_ne_bytes()),
+                port: u16::from_be(key.port),
+                proto: match key.proto {
+                    IPPROTO_TCP => Proto::Tcp,
+                    IPPROTO_UDP => Proto::Udp,
+                    _ => {
+                        self.services.remove(&key).or_else(ignore_missing)?;
+                        dropped += 1;
+                        continue;
+                    }
+                },
+            };
+            let mut slots = Vec::with_capacity(val.count as usize);
+            for slot in 0..val.count {
+                match self.slots.get(
+                    &SlotKey {
+                        svc_id: val.id,
+                        slot,
+                    },
+                    0,
+                ) {
+                    Ok(b) => slots.push(BackendAddr {
+                        ip: Ipv4Addr::from(b.addr.to_ne_bytes()),
+                        port: u16::from_be(b.port),
+                    }),
+                    Err(_) => break,
+                }
+            }
+            if slots.len() != val.count as usize
+                || val.id >= self.ids.max
+                || !used_ids.insert(val.id)
+            {
+                // Half-written or clashing: remove; the reconcile re-adds it.
+                self.services.remove(&key).or_else(ignore_missing)?;
+                dropped += 1;
+                continue;
+            }
+            for slot in 0..val.count {
+                live.insert((val.id, slot));
+            }
+            self.programmed.insert(
+                fe,
+                Programmed {
+                    id: val.id,
+                    name: format!("{fe} (adopted)"),
+                    slots,
+                },
+            );
+        }
+        let orphans: Vec<SlotKey> = self
+            .slots
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !live.contains(&(k.svc_id, k.slot)))
+            .collect();
+        for k in &orphans {
+            self.slots.remove(k).or_else(ignore_missing)?;
+        }
+        let max_id = used_ids.iter().copied().max().map_or(0, |m| m + 1);
+        self.ids.next = max_id;
+        self.ids.free = (0..max_id)
+            .filter(|i| !used_ids.contains(i))
+            .rev()
+            .collect();
+        if !self.programmed.is_empty() || dropped > 0 || !orphans.is_empty() {
+            log::info!(
+                "adopted pinned datapath: {} frontends, {} backends, {} conntrack entries; \
+                 dropped {dropped} inconsistent frontends and {} orphaned slots",
+                self.programmed.len(),
+                self.backend_count(),
+                self.conntrack_entries(),
+                orphans.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Takes service names from the desired state (adopted entries only know
+    /// their frontend).
+    pub fn sync_names(&mut self, desired: &DesiredState) {
+        for (fe, p) in self.programmed.iter_mut() {
+            if let Some(d) = desired.services.get(fe) {
+                p.name.clone_from(&d.name);
+            }
+        }
+    }
+
+    /// Leave the datapath running (pinned) when this agent exits, for the
+    /// next agent to adopt.
+    pub fn keep_on_exit(&mut self, keep: bool) {
+        self.keep_on_exit = keep;
+    }
+
+    pub fn pin_root(&self) -> Option<&Path> {
+        self.pin_root.as_deref()
     }
 
     /// The loaded eBPF object, for BPF_PROG_TEST_RUN and the aya-log reader.
@@ -228,6 +492,13 @@ impl Dataplane {
         check_iface(iface)?;
         let mut added_qdisc = false;
         if mode == AttachMode::Netlink {
+            // Filters of a previous agent (crash) would run twice.
+            for (kind, name) in [
+                (TcAttachType::Ingress, INGRESS_PROG),
+                (TcAttachType::Egress, EGRESS_PROG),
+            ] {
+                let _ = aya::programs::tc::qdisc_detach_program(iface, kind, name);
+            }
             match aya::programs::tc::qdisc_add_clsact(iface) {
                 Ok(()) => added_qdisc = true,
                 Err(aya::programs::tc::TcError::AlreadyAttached) => {}
@@ -239,18 +510,35 @@ impl Dataplane {
             AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
             AttachMode::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
         };
+        let pin = |dir: &str| {
+            self.pin_root
+                .as_ref()
+                .filter(|_| mode == AttachMode::Tcx)
+                .map(|r| r.join("links").join(format!("{iface}_{dir}")))
+        };
+        let (in_pin, eg_pin) = (pin("ingress"), pin("egress"));
         let ingress = self
-            .program_mut(INGRESS_PROG)?
-            .attach_with_options(iface, TcAttachType::Ingress, options(mode))
+            .hook(
+                INGRESS_PROG,
+                iface,
+                TcAttachType::Ingress,
+                options(mode),
+                in_pin.as_deref(),
+            )
             .with_context(|| format!("attaching {INGRESS_PROG} to {iface} ({mode})"))?;
-        let egress = match self.program_mut(EGRESS_PROG)?.attach_with_options(
+        let egress = match self.hook(
+            EGRESS_PROG,
             iface,
             TcAttachType::Egress,
             options(mode),
+            eg_pin.as_deref(),
         ) {
             Ok(l) => l,
             Err(e) => {
                 let _ = self.program_mut(INGRESS_PROG)?.detach(ingress);
+                if let Some(p) = &in_pin {
+                    let _ = std::fs::remove_file(p);
+                }
                 return Err(e).context(format!("attaching {EGRESS_PROG} to {iface} ({mode})"));
             }
         };
@@ -259,9 +547,38 @@ impl Dataplane {
             mode,
             ingress,
             egress,
+            pins: in_pin.into_iter().chain(eg_pin).collect(),
             added_qdisc,
         });
         Ok(())
+    }
+
+    /// Attaches one program. With a pin path (tcx): a link pinned by a
+    /// previous agent is taken over atomically (`bpf_link_update`, no gap
+    /// for packets); otherwise a new link is created and pinned.
+    fn hook(
+        &mut self,
+        prog: &str,
+        iface: &str,
+        kind: TcAttachType,
+        options: TcAttachOptions,
+        pin: Option<&Path>,
+    ) -> Result<SchedClassifierLinkId> {
+        let p = self.program_mut(prog)?;
+        let Some(pin) = pin else {
+            return Ok(p.attach_with_options(iface, kind, options)?);
+        };
+        if let Ok(old) = PinnedLink::from_pin(pin) {
+            let link = SchedClassifierLink::try_from(FdLink::from(old))?;
+            log::info!("taking over pinned link {}", pin.display());
+            return Ok(p.attach_to_link(link)?);
+        }
+        let id = p.attach_with_options(iface, kind, options)?;
+        let fd = FdLink::try_from(p.take_link(id)?)?;
+        let pinned = fd
+            .pin(pin)
+            .with_context(|| format!("pinning link at {}", pin.display()))?;
+        Ok(p.attach_to_link(SchedClassifierLink::try_from(FdLink::from(pinned))?)?)
     }
 
     /// Detaches from every interface; leaves no links, filters or qdiscs of
@@ -275,6 +592,9 @@ impl Dataplane {
             let r2 = self
                 .program_mut(EGRESS_PROG)
                 .and_then(|p| Ok(p.detach(a.egress)?));
+            for pin in &a.pins {
+                let _ = std::fs::remove_file(pin);
+            }
             let r3 = if a.added_qdisc {
                 remove_clsact(&a.iface)
             } else {
@@ -284,6 +604,16 @@ impl Dataplane {
                 if let Err(e) = r {
                     first_err.get_or_insert(e.context(format!("detaching from {}", a.iface)));
                 }
+            }
+        }
+        // A clean stop leaves nothing pinned either.
+        if let Some(root) = self.pin_root.take() {
+            if let Err(e) = std::fs::remove_dir_all(&root) {
+                first_err.get_or_insert(anyhow!("removing pinned maps {}: {e}", root.display()));
+            }
+            // The pin directory itself, if nothing else lives there.
+            if let Some(dir) = root.parent() {
+                let _ = std::fs::remove_dir(dir);
             }
         }
         first_err.map_or(Ok(()), Err)
@@ -553,6 +883,9 @@ fn slot_table_hint(fe: &Frontend) -> String {
 
 impl Drop for Dataplane {
     fn drop(&mut self) {
+        if self.keep_on_exit {
+            return;
+        }
         if let Err(e) = self.detach_all() {
             log::warn!("detach on drop: {e:#}");
         }

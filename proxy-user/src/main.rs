@@ -71,6 +71,18 @@ struct Args {
     /// Capacity of the backend-slot table (sum of backends over frontends).
     #[arg(long, default_value_t = MAX_SLOTS, value_parser = clap::value_parser!(u32).range(1..))]
     max_backends: u32,
+    /// bpffs directory for pinned maps and tcx links (mounted if needed,
+    /// root-only). A restarted agent — also after `kill -9` — adopts what it
+    /// finds there, so established flows keep working through the restart.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/kproxy")]
+    pin_dir: PathBuf,
+    /// Pin nothing: the datapath lives and dies with this process.
+    #[arg(long)]
+    no_pin: bool,
+    /// On SIGINT/SIGTERM leave the datapath attached and pinned for the next
+    /// agent (graceful restart/upgrade) instead of removing everything.
+    #[arg(long)]
+    keep_datapath_on_exit: bool,
     /// Capacity of the LRU conntrack table (two entries per flow).
     #[arg(long, default_value_t = MAX_CONNTRACK, value_parser = clap::value_parser!(u32).range(2..))]
     conntrack_size: u32,
@@ -137,9 +149,16 @@ async fn run(args: Args) -> Result<()> {
     };
 
     let sync_started = Instant::now();
-    if let Err(e) = proxier.apply(&first.changes) {
+    // Against what the datapath already holds: nothing on a fresh start, the
+    // adopted tables after a restart (then only the difference is written
+    // and conntrack survives).
+    let initial = reconcile::diff(&proxier.programmed_state(), source.state());
+    if let Err(e) = proxier.apply(&initial) {
         let _ = proxier.shutdown();
         return Err(e);
+    }
+    if let Proxier::Ebpf(dp) = &mut proxier {
+        dp.sync_names(source.state());
     }
     println!(
         "kproxy: ready services={} backends={} load_us={load_us} sync_us={}",
@@ -225,6 +244,13 @@ async fn run(args: Args) -> Result<()> {
     if let Proxier::Ebpf(dp) = &proxier {
         report_counters(dp);
     }
+    if args.keep_datapath_on_exit && args.mode == Mode::Ebpf && !args.no_pin {
+        println!(
+            "kproxy: exiting, datapath left attached and pinned under {}",
+            args.pin_dir.display()
+        );
+        return Ok(());
+    }
     proxier.shutdown()?;
     println!("kproxy: detached");
     Ok(())
@@ -294,8 +320,10 @@ fn start_ebpf(args: &Args) -> Result<Dataplane> {
         max_slots: args.max_backends,
         conntrack_size: args.conntrack_size,
         bpf_log_level: args.bpf_log_level as u8,
+        pin_dir: (!args.no_pin).then(|| args.pin_dir.clone()),
     };
     let mut dp = Dataplane::load(&opts)?;
+    dp.keep_on_exit(args.keep_datapath_on_exit);
     if !matches!(args.bpf_log_level, BpfLogLevel::Off) {
         spawn_bpf_logger(&mut dp)?;
     }

@@ -28,6 +28,7 @@ fn dataplane() -> Dataplane {
         max_slots: 256,
         conntrack_size: 1024,
         bpf_log_level: 0,
+        pin_dir: None,
     })
     .expect("load eBPF object (tests must run as root)");
     let mut state = DesiredState::default();

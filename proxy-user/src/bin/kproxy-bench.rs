@@ -152,6 +152,7 @@ fn measure(n: u32, opts: &Opts) -> Result<Row> {
         max_slots: ((n + 16) * 3).max(4096),
         conntrack_size: 2 * opts.single_runs + 1024,
         bpf_log_level: 0,
+        pin_dir: None,
     };
     let mut dp = Dataplane::load(&load)?;
     let desired = state(n);
