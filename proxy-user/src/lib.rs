@@ -7,6 +7,7 @@
 pub mod dataplane;
 pub mod iptables;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
 pub mod pktgen;
 pub mod reconcile;

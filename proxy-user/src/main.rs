@@ -14,6 +14,7 @@ use clap::{Parser, ValueEnum};
 use proxy_common::{MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS};
 use proxy_user::dataplane::{AttachMode, Dataplane, LoadOptions};
 use proxy_user::iptables::Iptables;
+use proxy_user::metrics::{self, Metrics, ScrapeRequest, Snapshot};
 use proxy_user::model::DesiredState;
 use proxy_user::reconcile;
 use proxy_user::source::ManifestSource;
@@ -83,6 +84,10 @@ struct Args {
     /// agent (graceful restart/upgrade) instead of removing everything.
     #[arg(long)]
     keep_datapath_on_exit: bool,
+    /// Address for /metrics (Prometheus), /healthz and /readyz; `off` to
+    /// disable.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
+    metrics_addr: String,
     /// Capacity of the LRU conntrack table (two entries per flow).
     #[arg(long, default_value_t = MAX_CONNTRACK, value_parser = clap::value_parser!(u32).range(2..))]
     conntrack_size: u32,
@@ -148,6 +153,17 @@ async fn run(args: Args) -> Result<()> {
         }
     };
 
+    let metrics = Metrics::new();
+    let (scrape_tx, mut scrape_rx) = tokio::sync::mpsc::channel::<ScrapeRequest>(4);
+    if args.metrics_addr != "off" {
+        let addr: std::net::SocketAddr = args
+            .metrics_addr
+            .parse()
+            .with_context(|| format!("--metrics-addr {:?} is not HOST:PORT", args.metrics_addr))?;
+        let bound = metrics::serve(addr, metrics.ready.clone(), scrape_tx).await?;
+        println!("kproxy: metrics on http://{bound}/metrics");
+    }
+
     let sync_started = Instant::now();
     // Against what the datapath already holds: nothing on a fresh start, the
     // adopted tables after a restart (then only the difference is written
@@ -160,6 +176,14 @@ async fn run(args: Args) -> Result<()> {
     if let Proxier::Ebpf(dp) = &mut proxier {
         dp.sync_names(source.state());
     }
+    metrics
+        .sync_duration
+        .observe(sync_started.elapsed().as_secs_f64());
+    metrics.services.set(proxier.service_count() as i64);
+    metrics.backends.set(proxier.backend_count() as i64);
+    metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     println!(
         "kproxy: ready services={} backends={} load_us={load_us} sync_us={}",
         proxier.service_count(),
@@ -191,6 +215,14 @@ async fn run(args: Args) -> Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = tick.tick() => None,
+            Some(reply) = scrape_rx.recv() => {
+                let snap = match &proxier {
+                    Proxier::Ebpf(dp) => snapshot(dp),
+                    Proxier::Iptables(_) => None,
+                };
+                let _ = reply.send(metrics.render(snap.as_ref()));
+                continue;
+            }
             events = next_events(inotify.as_ref()) => match events {
                 Ok(Events::Paths(p)) => Some(p),
                 Ok(Events::Rescan) => None,
@@ -209,6 +241,7 @@ async fn run(args: Args) -> Result<()> {
                 e.message
             );
             log::error!("manifest rejected, previous state kept: {e}");
+            metrics.manifests_rejected.inc();
         }
         let changes = if resync {
             reconcile::diff(&proxier.programmed_state(), source.state())
@@ -220,6 +253,11 @@ async fn run(args: Args) -> Result<()> {
         }
         match proxier.apply(&changes) {
             Ok(stats) => {
+                metrics
+                    .sync_duration
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.services.set(proxier.service_count() as i64);
+                metrics.backends.set(proxier.backend_count() as i64);
                 resync = false;
                 generation += 1;
                 log::debug!("applied {} changes: {stats:?}", changes.len());
@@ -235,6 +273,7 @@ async fn run(args: Args) -> Result<()> {
                 // The datapath holds a consistent prefix of the changes;
                 // the next round re-diffs against what it really holds.
                 resync = true;
+                metrics.sync_errors.inc();
                 println!("kproxy: error applying changes: {e:#}");
                 log::error!("applying changes failed: {e:#}");
             }
@@ -338,6 +377,21 @@ fn start_ebpf(args: &Args) -> Result<Dataplane> {
         println!("kproxy: attached {iface} mode={mode}");
     }
     Ok(dp)
+}
+
+/// Datapath counters for a scrape.
+fn snapshot(dp: &Dataplane) -> Option<Snapshot> {
+    match (dp.global_counters(), dp.service_counters()) {
+        (Ok(global), Ok(per_service)) => Some(Snapshot {
+            global,
+            conntrack_entries: dp.conntrack_entries(),
+            per_service,
+        }),
+        (Err(e), _) | (_, Err(e)) => {
+            log::warn!("reading counters for /metrics: {e:#}");
+            None
+        }
+    }
 }
 
 fn report_counters(dp: &Dataplane) {
