@@ -22,6 +22,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::model::Frontend;
 
+/// Picks one field of a service's counters.
+type CounterField = fn(&Counters) -> u64;
+
 /// Datapath counters read at scrape time (eBPF mode).
 pub struct Snapshot {
     pub global: Counters,
@@ -117,7 +120,7 @@ impl Metrics {
             let ct = Gauge::<i64>::default();
             ct.set(s.conntrack_entries as i64);
             reg.register("conntrack_entries", "Conntrack entries (two per flow)", ct);
-            let fams: [(&str, &str, fn(&Counters) -> u64); 5] = [
+            let fams: [(&str, &str, CounterField); 5] = [
                 ("service_packets", "Packets of a service", |c| c.packets),
                 ("service_bytes", "Bytes of a service", |c| c.bytes),
                 ("service_new_flows", "New flows of a service", |c| {
