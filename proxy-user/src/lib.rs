@@ -6,6 +6,7 @@
 
 pub mod dataplane;
 pub mod iptables;
+pub mod kube_source;
 pub mod manifests;
 pub mod metrics;
 pub mod model;

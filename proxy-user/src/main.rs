@@ -14,6 +14,7 @@ use clap::{Parser, ValueEnum};
 use proxy_common::{MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS};
 use proxy_user::dataplane::{AttachMode, Dataplane, LoadOptions};
 use proxy_user::iptables::Iptables;
+use proxy_user::kube_source::{self, ApiEvent, ApiState};
 use proxy_user::metrics::{self, Metrics, ScrapeRequest, Snapshot};
 use proxy_user::model::DesiredState;
 use proxy_user::reconcile;
@@ -32,8 +33,24 @@ use tokio::signal::unix::{SignalKind, signal};
 struct Args {
     /// Service and EndpointSlice manifests: a YAML/JSON file or a directory of
     /// them. Followed for changes.
-    #[arg(long, value_name = "PATH")]
-    manifests: PathBuf,
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present_any = ["kubeconfig", "in_cluster"],
+        conflicts_with_all = ["kubeconfig", "in_cluster"]
+    )]
+    manifests: Option<PathBuf>,
+    /// Watch Services and EndpointSlices of the Kubernetes API described by
+    /// this kubeconfig (kcontrol apiserver or any cluster).
+    #[arg(long, value_name = "FILE", conflicts_with = "in_cluster")]
+    kubeconfig: Option<PathBuf>,
+    /// Watch the Kubernetes API with the pod's service account (in-cluster
+    /// configuration, or $KUBECONFIG).
+    #[arg(long)]
+    in_cluster: bool,
+    /// Name of the node this agent runs on (for node-local policies).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
     /// Datapath: eBPF TC programs, or kube-proxy-style iptables rules (for
     /// comparison).
     #[arg(long, value_enum, default_value = "ebpf")]
@@ -136,10 +153,37 @@ async fn run(args: Args) -> Result<()> {
     // Read the manifests before touching the kernel: a bad start changes
     // nothing.
     let load_started = Instant::now();
-    let mut source = ManifestSource::new(&args.manifests);
-    let first = source.refresh(None);
-    if let Some(e) = first.rejected.first() {
-        bail!("initial manifests: {e}");
+    let mut api = None;
+    let mut source = match &args.manifests {
+        Some(path) => {
+            let mut source = ManifestSource::new(path);
+            let first = source.refresh(None);
+            if let Some(e) = first.rejected.first() {
+                bail!("initial manifests: {e}");
+            }
+            source
+        }
+        None => {
+            // The API source: wait for the first complete list of both
+            // kinds, so the datapath starts from the whole picture.
+            let client = kube_source::client(args.kubeconfig.as_deref()).await?;
+            let mut events = kube_source::spawn_watchers(client);
+            let mut state = ApiState::default();
+            let mut source = ManifestSource::new("api");
+            while !state.synced() {
+                let Some(ev) = events.recv().await else {
+                    bail!("Kubernetes API watchers stopped");
+                };
+                for e in state.handle(&mut source, ev).rejected {
+                    println!("kproxy: rejected {}: {}", e.file.display(), e.message);
+                }
+            }
+            api = Some((events, state));
+            source
+        }
+    };
+    if let Some(node) = &args.node_name {
+        log::info!("running on node {node}");
     }
     let load_us = load_started.elapsed().as_micros();
 
@@ -192,14 +236,23 @@ async fn run(args: Args) -> Result<()> {
     );
 
     // inotify names changed files at once; the poll is the safety net.
-    let inotify = match Inotify::new(&args.manifests).and_then(|i| {
-        // SAFETY: the Inotify owns its fd and lives inside the AsyncFd.
-        unsafe { AsyncFd::register_with_interest(i, Interest::READABLE) }
-            .map_err(|e| std::io::Error::other(e.to_string()))
-    }) {
+    let inotify = match args
+        .manifests
+        .as_deref()
+        .map_or(
+            Err(std::io::Error::other("no manifests to watch")),
+            Inotify::new,
+        )
+        .and_then(|i| {
+            // SAFETY: the Inotify owns its fd and lives inside the AsyncFd.
+            unsafe { AsyncFd::register_with_interest(i, Interest::READABLE) }
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        }) {
         Ok(fd) => Some(fd),
         Err(e) => {
-            log::warn!("inotify unavailable ({e}); relying on polling");
+            if args.manifests.is_some() {
+                log::warn!("inotify unavailable ({e}); relying on polling");
+            }
             None
         }
     };
@@ -211,10 +264,11 @@ async fn run(args: Args) -> Result<()> {
     // Set when an apply failed: the next round re-diffs the whole state.
     let mut resync = false;
     loop {
-        let hint = tokio::select! {
+        let input = tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = tick.tick() => None,
+            _ = tick.tick(), if args.manifests.is_some() => Input::Files(None),
+            Some(ev) = next_api_event(api.as_mut()) => Input::Api(ev),
             Some(reply) = scrape_rx.recv() => {
                 let snap = match &proxier {
                     Proxier::Ebpf(dp) => snapshot(dp),
@@ -224,16 +278,22 @@ async fn run(args: Args) -> Result<()> {
                 continue;
             }
             events = next_events(inotify.as_ref()) => match events {
-                Ok(Events::Paths(p)) => Some(p),
-                Ok(Events::Rescan) => None,
+                Ok(Events::Paths(p)) => Input::Files(Some(p)),
+                Ok(Events::Rescan) => Input::Files(None),
                 Err(e) => {
                     log::warn!("reading inotify events: {e}");
-                    None
+                    Input::Files(None)
                 }
             },
         };
         let started = Instant::now();
-        let refresh = source.refresh(hint.as_ref());
+        let refresh = match input {
+            Input::Files(hint) => source.refresh(hint.as_ref()),
+            Input::Api(ev) => match api.as_mut() {
+                Some((_, state)) => state.handle(&mut source, ev),
+                None => continue,
+            },
+        };
         for e in &refresh.rejected {
             println!(
                 "kproxy: rejected {}: {} (previous state kept)",
@@ -293,6 +353,24 @@ async fn run(args: Args) -> Result<()> {
     proxier.shutdown()?;
     println!("kproxy: detached");
     Ok(())
+}
+
+/// What woke the agent loop up.
+enum Input {
+    /// Manifest files changed (these, or any when `None`).
+    Files(Option<std::collections::BTreeSet<PathBuf>>),
+    /// A Kubernetes API watch event.
+    Api(ApiEvent),
+}
+
+/// The next Kubernetes API event, or never without the API source.
+async fn next_api_event(
+    api: Option<&mut (tokio::sync::mpsc::Receiver<ApiEvent>, ApiState)>,
+) -> Option<ApiEvent> {
+    match api {
+        Some((rx, _)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The next batch of inotify events, or never when there is no inotify.

@@ -164,6 +164,13 @@ impl ManifestSource {
                 }
             }
         }
+        out.changes = self.changes_since(before);
+        out
+    }
+
+    /// Changes that turn the `before` values of the touched frontends into
+    /// their current ones, removals first.
+    fn changes_since(&self, before: BTreeMap<Frontend, Option<DesiredService>>) -> Vec<Change> {
         let mut removes = Vec::new();
         let mut others = Vec::new();
         for (fe, old) in before {
@@ -195,8 +202,36 @@ impl ManifestSource {
             }
         }
         removes.extend(others);
-        out.changes = removes;
+        removes
+    }
+
+    /// Sets the objects of one origin other than a manifest file — e.g. one
+    /// object watched from the Kubernetes API (`api/Service/ns/name`) — and
+    /// returns the changes. A rejected object keeps the origin's previous
+    /// content, exactly like a rejected file.
+    pub fn set_origin(
+        &mut self,
+        origin: &Path,
+        services: &[k8s_openapi::api::core::v1::Service],
+        slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+    ) -> Refresh {
+        let mut out = Refresh::default();
+        let mut before = BTreeMap::new();
+        match entry_from_objects(origin, services.iter(), slices.iter()) {
+            Ok(entry) => {
+                if let Err(e) = self.replace_file(origin, entry, &mut before) {
+                    out.rejected.push(e);
+                }
+            }
+            Err(e) => out.rejected.push(e),
+        }
+        out.changes = self.changes_since(before);
         out
+    }
+
+    /// Origins (files or API objects) that currently contribute objects.
+    pub fn origins(&self) -> Vec<PathBuf> {
+        self.files.keys().cloned().collect()
     }
 
     fn is_manifest(&self, p: &Path) -> bool {
@@ -358,15 +393,28 @@ fn read_file(file: &Path) -> Result<FileEntry, LoadError> {
     })?;
     let mut objects = Objects::default();
     manifests::parse_text(file, &text, &mut objects)?;
+    entry_from_objects(
+        file,
+        objects.services.iter().map(|(_, s)| s),
+        objects.slices.iter().map(|(_, s)| s),
+    )
+}
+
+/// Validates objects into views; the first invalid one rejects them all.
+fn entry_from_objects<'a>(
+    file: &Path,
+    services: impl Iterator<Item = &'a k8s_openapi::api::core::v1::Service>,
+    slices: impl Iterator<Item = &'a k8s_openapi::api::discovery::v1::EndpointSlice>,
+) -> Result<FileEntry, LoadError> {
     let err = |e: model::ObjectError| LoadError {
         file: file.to_path_buf(),
         message: e.to_string(),
     };
     let mut entry = FileEntry::default();
-    for (_, s) in &objects.services {
+    for s in services {
         entry.services.push(model::view_service(s).map_err(err)?);
     }
-    for (_, s) in &objects.slices {
+    for s in slices {
         if let Some(v) = model::view_slice(s).map_err(err)? {
             entry.slices.push(v);
         }

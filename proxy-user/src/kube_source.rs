@@ -1,0 +1,169 @@
+//! The Kubernetes API source: Services and EndpointSlices from any
+//! apiserver (kcontrol or a real cluster) through kube-rs runtime watchers.
+//!
+//! Each watched object is one origin of the same [`ManifestSource`] the
+//! manifests mode uses (`api/Service/<ns>/<name>`,
+//! `api/EndpointSlice/<ns>/<name>`), so both modes share one desired-state
+//! model and one diff-and-apply path. The watchers re-list after the
+//! apiserver comes back; a re-list only upserts what it sees and, when it is
+//! complete, removes what it did not see — working state is never flushed.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Config, ResourceExt};
+use tokio::sync::mpsc;
+
+use crate::source::{ManifestSource, Refresh};
+
+/// An event from one of the two watchers.
+pub enum ApiEvent {
+    Service(Event<Service>),
+    Slice(Event<EndpointSlice>),
+    /// A watcher error (it retries with backoff).
+    Error(String),
+}
+
+/// Builds a client from a kubeconfig file, or in-cluster / $KUBECONFIG
+/// inference when `kubeconfig` is `None`.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => Config::infer()
+            .await
+            .context("no kubeconfig given and no in-cluster configuration found")?,
+    };
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Starts both watchers; events arrive on the returned channel.
+pub fn spawn_watchers(client: Client) -> mpsc::Receiver<ApiEvent> {
+    let (tx, rx) = mpsc::channel(1024);
+    let svc_tx = tx.clone();
+    let services: Api<Service> = Api::all(client.clone());
+    tokio::spawn(async move {
+        let mut s = watcher::watcher(services, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        while let Some(ev) = s.next().await {
+            let msg = match ev {
+                Ok(ev) => ApiEvent::Service(ev),
+                Err(e) => ApiEvent::Error(format!("Service watch: {e}")),
+            };
+            if svc_tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    let slices: Api<EndpointSlice> = Api::all(client);
+    tokio::spawn(async move {
+        let mut s = watcher::watcher(slices, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        while let Some(ev) = s.next().await {
+            let msg = match ev {
+                Ok(ev) => ApiEvent::Slice(ev),
+                Err(e) => ApiEvent::Error(format!("EndpointSlice watch: {e}")),
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn origin(kind: &str, ns: Option<String>, name: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "api/{kind}/{}/{name}",
+        ns.unwrap_or_else(|| "default".into())
+    ))
+}
+
+/// Folds watcher events into the source. Tracks re-lists per kind.
+#[derive(Default)]
+pub struct ApiState {
+    svc_relist: Option<BTreeSet<PathBuf>>,
+    slice_relist: Option<BTreeSet<PathBuf>>,
+    /// Both watchers finished their first list.
+    services_listed: bool,
+    slices_listed: bool,
+}
+
+impl ApiState {
+    pub fn synced(&self) -> bool {
+        self.services_listed && self.slices_listed
+    }
+
+    pub fn handle(&mut self, source: &mut ManifestSource, ev: ApiEvent) -> Refresh {
+        match ev {
+            ApiEvent::Service(ev) => {
+                let (relist, listed) = (&mut self.svc_relist, &mut self.services_listed);
+                fold(source, ev, "Service", relist, listed, |s, o| {
+                    s.set_origin(o.0, std::slice::from_ref(o.1), &[])
+                })
+            }
+            ApiEvent::Slice(ev) => {
+                let (relist, listed) = (&mut self.slice_relist, &mut self.slices_listed);
+                fold(source, ev, "EndpointSlice", relist, listed, |s, o| {
+                    s.set_origin(o.0, &[], std::slice::from_ref(o.1))
+                })
+            }
+            ApiEvent::Error(e) => {
+                log::warn!("{e} (retrying)");
+                Refresh::default()
+            }
+        }
+    }
+}
+
+fn fold<K: kube::Resource + Clone>(
+    source: &mut ManifestSource,
+    ev: Event<K>,
+    kind: &str,
+    relist: &mut Option<BTreeSet<PathBuf>>,
+    listed: &mut bool,
+    set: impl Fn(&mut ManifestSource, (&Path, &K)) -> Refresh,
+) -> Refresh {
+    let key = |o: &K| origin(kind, o.namespace(), &o.name_any());
+    match ev {
+        Event::Apply(o) => set(source, (&key(&o), &o)),
+        Event::InitApply(o) => {
+            let k = key(&o);
+            relist.get_or_insert_with(BTreeSet::new).insert(k.clone());
+            set(source, (&k, &o))
+        }
+        Event::Delete(o) => source.set_origin(&key(&o), &[], &[]),
+        Event::Init => {
+            *relist = Some(BTreeSet::new());
+            Refresh::default()
+        }
+        Event::InitDone => {
+            *listed = true;
+            // Objects that disappeared while we were not watching.
+            let seen = relist.take().unwrap_or_default();
+            let prefix = format!("api/{kind}/");
+            let mut out = Refresh::default();
+            for o in source.origins() {
+                if o.to_string_lossy().starts_with(&prefix) && !seen.contains(&o) {
+                    let r = source.set_origin(&o, &[], &[]);
+                    out.changes.extend(r.changes);
+                    out.rejected.extend(r.rejected);
+                }
+            }
+            out
+        }
+    }
+}
