@@ -473,17 +473,24 @@ fn delete_udp_flows(fe: &Frontend, backend: Option<&BackendAddr>) -> usize {
         ]);
     }
     match cmd.output() {
-        // "N flow entries have been deleted" on stderr; exit 1 when none.
-        Ok(out) => String::from_utf8_lossy(&out.stderr)
-            .split_whitespace()
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0),
+        // Exit 1 when none.
+        Ok(out) => deleted_count(&String::from_utf8_lossy(&out.stderr)),
         Err(e) => {
             log::warn!("conntrack not available, stale UDP flows stay: {e}");
             0
         }
     }
+}
+
+/// The N of conntrack's "conntrack v1.4.7 (conntrack-tools): N flow entries
+/// have been deleted." (stderr).
+fn deleted_count(stderr: &str) -> usize {
+    let words: Vec<&str> = stderr.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[1] == "flow")
+        .and_then(|w| w[0].parse().ok())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -496,6 +503,23 @@ mod tests {
             port: 80,
             proto: Proto::Tcp,
         }
+    }
+
+    #[test]
+    fn conntrack_deletion_count_is_parsed() {
+        assert_eq!(
+            deleted_count(
+                "conntrack v1.4.7 (conntrack-tools): 2 flow entries have been deleted.\n"
+            ),
+            2
+        );
+        assert_eq!(
+            deleted_count(
+                "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted.\n"
+            ),
+            0
+        );
+        assert_eq!(deleted_count(""), 0);
     }
 
     #[test]

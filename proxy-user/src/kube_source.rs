@@ -24,8 +24,9 @@ use crate::source::{ManifestSource, Refresh};
 
 /// An event from one of the two watchers.
 pub enum ApiEvent {
-    Service(Event<Service>),
-    Slice(Event<EndpointSlice>),
+    // Boxed: the two object types differ a lot in size.
+    Service(Box<Event<Service>>),
+    Slice(Box<Event<EndpointSlice>>),
     /// A watcher error (it retries with backoff).
     Error(String),
 }
@@ -59,7 +60,7 @@ pub fn spawn_watchers(client: Client) -> mpsc::Receiver<ApiEvent> {
             .boxed();
         while let Some(ev) = s.next().await {
             let msg = match ev {
-                Ok(ev) => ApiEvent::Service(ev),
+                Ok(ev) => ApiEvent::Service(Box::new(ev)),
                 Err(e) => ApiEvent::Error(format!("Service watch: {e}")),
             };
             if svc_tx.send(msg).await.is_err() {
@@ -74,7 +75,7 @@ pub fn spawn_watchers(client: Client) -> mpsc::Receiver<ApiEvent> {
             .boxed();
         while let Some(ev) = s.next().await {
             let msg = match ev {
-                Ok(ev) => ApiEvent::Slice(ev),
+                Ok(ev) => ApiEvent::Slice(Box::new(ev)),
                 Err(e) => ApiEvent::Error(format!("EndpointSlice watch: {e}")),
             };
             if tx.send(msg).await.is_err() {
@@ -111,13 +112,13 @@ impl ApiState {
         match ev {
             ApiEvent::Service(ev) => {
                 let (relist, listed) = (&mut self.svc_relist, &mut self.services_listed);
-                fold(source, ev, "Service", relist, listed, |s, o| {
+                fold(source, *ev, "Service", relist, listed, |s, o| {
                     s.set_origin(o.0, std::slice::from_ref(o.1), &[])
                 })
             }
             ApiEvent::Slice(ev) => {
                 let (relist, listed) = (&mut self.slice_relist, &mut self.slices_listed);
-                fold(source, ev, "EndpointSlice", relist, listed, |s, o| {
+                fold(source, *ev, "EndpointSlice", relist, listed, |s, o| {
                     s.set_origin(o.0, &[], std::slice::from_ref(o.1))
                 })
             }

@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use crate::client::{TcpSession, UdpSession};
 use crate::kproxy::Kproxy;
 use crate::manifest::{ManifestDir, endpointslice_yaml, service_yaml};
+use crate::mode::{Mode, mode};
 use crate::servers::Servers;
 use crate::topology::{Topology, backend_ip, backend_name};
 use crate::util::SuiteLock;
@@ -86,6 +87,132 @@ where
 /// Expected tally from `(backend index, count)` pairs.
 pub fn counts(pairs: &[(usize, usize)]) -> BTreeMap<String, usize> {
     pairs.iter().map(|(i, n)| (backend_name(*i), *n)).collect()
+}
+
+/// How new flows spread in iptables mode, where each one picks its backend
+/// at random (`statistic --mode random`, probability 1/k for each of k
+/// backends): a spread check opens `flows` flows and requires at least
+/// `min_each` of them on every backend.
+///
+/// The thresholds keep the chance that a correct datapath fails a check
+/// below 1e-9: a backend's count is X ~ Binomial(flows, 1/k), and by the
+/// union bound over the k backends P(fail) ≤ k·P(X < min_each).
+/// [`RandomSpread::false_failure_bound`] computes it (a harness test checks
+/// the table). A few checks per suite run put a false failure of the whole
+/// suite around 1e-8. (60 flows with at least 8 each, for comparison, would
+/// fail a correct datapath once in about 3,000 checks: 3.3e-4.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RandomSpread {
+    pub backends: usize,
+    pub flows: usize,
+    pub min_each: usize,
+}
+
+/// 40 flows per backend; at least a quarter to a third of the fair share each.
+pub const RANDOM_SPREADS: [RandomSpread; 3] = [
+    // X ~ Bin(80, 1/2): P(X ≤ 13) = 3.2e-10, × 2 backends = 6.4e-10.
+    RandomSpread {
+        backends: 2,
+        flows: 80,
+        min_each: 14,
+    },
+    // X ~ Bin(120, 1/3): P(X ≤ 10) = 1.0e-10, × 3 backends = 3.1e-10.
+    RandomSpread {
+        backends: 3,
+        flows: 120,
+        min_each: 11,
+    },
+    // X ~ Bin(160, 1/4): P(X ≤ 9) = 9.5e-11, × 4 backends = 3.8e-10.
+    RandomSpread {
+        backends: 4,
+        flows: 160,
+        min_each: 10,
+    },
+];
+
+impl RandomSpread {
+    /// The check for `k` backends; panics for a count without one.
+    pub fn for_backends(k: usize) -> RandomSpread {
+        RANDOM_SPREADS
+            .iter()
+            .copied()
+            .find(|s| s.backends == k)
+            .unwrap_or_else(|| panic!("no random spread check for {k} backends"))
+    }
+
+    /// k·P(X < min_each) for X ~ Binomial(flows, 1/k): an upper bound of the
+    /// probability that a correct random choice fails the check.
+    pub fn false_failure_bound(&self) -> f64 {
+        let (n, p) = (self.flows, 1.0 / self.backends as f64);
+        // P(X = i), from P(X = 0) = (1-p)^n by the ratio of successive terms.
+        let mut pmf = (1.0 - p).powi(n as i32);
+        let mut tail = 0.0;
+        for i in 0..self.min_each {
+            tail += pmf;
+            pmf *= (n - i) as f64 / (i + 1) as f64 * p / (1.0 - p);
+        }
+        self.backends as f64 * tail
+    }
+}
+
+/// How many new flows a test opens to check that they spread over
+/// `backends` backends: `ebpf_flows` with exact round-robin (a multiple of
+/// `backends`), [`RandomSpread::flows`] in iptables mode.
+pub fn spread_flows(backends: usize, ebpf_flows: usize) -> usize {
+    match mode() {
+        Mode::Ebpf => ebpf_flows,
+        Mode::Iptables => RandomSpread::for_backends(backends).flows,
+    }
+}
+
+/// Asserts that the new flows answered by `names` spread over exactly
+/// `backends` (1-based indexes). eBPF mode (exact round-robin): every
+/// backend got the same number of flows. iptables mode (random choice): no
+/// flow reached another backend and every backend got at least
+/// [`RandomSpread::min_each`] of the [`RandomSpread::flows`].
+pub fn assert_spread(names: &[String], backends: &[usize], what: &str) {
+    let k = backends.len();
+    match mode() {
+        Mode::Ebpf => {
+            assert_eq!(
+                names.len() % k,
+                0,
+                "{what}: {} flows cannot spread evenly over {k} backends",
+                names.len()
+            );
+            let each = names.len() / k;
+            let expected: Vec<(usize, usize)> = backends.iter().map(|b| (*b, each)).collect();
+            assert_eq!(tally(names), counts(&expected), "{what}: {names:?}");
+        }
+        Mode::Iptables => {
+            let spread = RandomSpread::for_backends(k);
+            assert_eq!(
+                names.len(),
+                spread.flows,
+                "{what}: a random spread check over {k} backends needs {} flows",
+                spread.flows
+            );
+            let got = tally(names);
+            let allowed: Vec<String> = backends.iter().map(|b| backend_name(*b)).collect();
+            for (name, n) in &got {
+                assert!(
+                    allowed.contains(name),
+                    "{what}: {n} flows reached {name}, not one of {allowed:?}: {got:?}"
+                );
+            }
+            for name in &allowed {
+                let n = got.get(name).copied().unwrap_or(0);
+                assert!(
+                    n >= spread.min_each,
+                    "{what}: {name} got {n} of {} random flows, expected at least {} \
+                     (a correct datapath fails this with probability < {:.1e}): {got:?}",
+                    spread.flows,
+                    spread.min_each,
+                    spread.false_failure_bound()
+                );
+            }
+        }
+    }
 }
 
 /// Parses `backend-<i>` into `i`.

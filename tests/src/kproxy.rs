@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::mode::{Mode, mode};
 use crate::netns::Netns;
 use crate::util::{POLL_INTERVAL, env_secs};
 
@@ -60,7 +61,9 @@ pub struct Line {
     pub at: Instant,
 }
 
-/// A running `ip netns exec <node> kproxy --manifests DIR --iface IFS …`.
+/// A running `ip netns exec <node> kproxy --manifests DIR --iface IFS …`
+/// (eBPF mode) or `… kproxy --mode iptables --manifests DIR …` (iptables
+/// mode, see [`crate::mode()`]).
 ///
 /// stdout is read by a thread that forwards each line to this guard (see
 /// [`Kproxy::wait_line`]) and echoes it to stderr, prefixed; stderr is
@@ -75,22 +78,44 @@ pub struct Kproxy {
 }
 
 impl Kproxy {
-    /// Starts kproxy in `node` watching `manifests`, attached to `ifaces`,
-    /// with `extra` arguments appended. Does not wait for readiness.
+    /// Starts kproxy in `node` watching `manifests`, with `extra` arguments
+    /// appended, in the datapath mode of the suite ([`crate::mode()`]):
+    /// eBPF attached to `ifaces`, or `--mode iptables` (whose rules cover the
+    /// whole namespace, so `ifaces` is not passed). Does not wait for
+    /// readiness.
     pub fn start(
         node: &Netns,
         manifests: &Path,
         ifaces: &[&str],
         extra: &[&str],
     ) -> Result<Kproxy> {
+        Kproxy::start_with_mode(node, manifests, ifaces, extra, mode())
+    }
+
+    /// [`Kproxy::start`] in an explicit datapath `mode` instead of the
+    /// suite's (for programs that run both modes, e.g. the benchmark).
+    pub fn start_with_mode(
+        node: &Netns,
+        manifests: &Path,
+        ifaces: &[&str],
+        extra: &[&str],
+        mode: Mode,
+    ) -> Result<Kproxy> {
         let bin = kproxy_bin();
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", node.name()])
-            .arg(&bin)
-            .arg("--manifests")
-            .arg(manifests)
-            .arg("--iface")
-            .arg(ifaces.join(","));
+        cmd.args(["netns", "exec", node.name()]).arg(&bin);
+        match mode {
+            // kproxy's default mode: no `--mode`.
+            Mode::Ebpf => cmd
+                .arg("--manifests")
+                .arg(manifests)
+                .arg("--iface")
+                .arg(ifaces.join(",")),
+            Mode::Iptables => cmd
+                .args(["--mode", Mode::Iptables.as_str()])
+                .arg("--manifests")
+                .arg(manifests),
+        };
         if let Ok(level) = std::env::var(KPROXY_LOG_LEVEL_ENV) {
             cmd.args(["--log-level", &level]);
         }

@@ -8,16 +8,20 @@
 //! - [`manifest`]: Service/EndpointSlice YAML and an atomically written
 //!   manifest directory;
 //! - [`kproxy`]: the kproxy process guard;
+//! - [`mode`]: the datapath under test (`KPROXY_MODE`: eBPF or iptables);
 //! - [`fixture`]: the standard `web` scenario used by the tests;
-//! - [`bpf`]: what is attached to an interface (tc, tcx links).
+//! - [`bpf`]: what is attached to an interface (tc, tcx links);
+//! - [`iptables`]: kproxy's `KUBE-` rules in a namespace (iptables mode).
 //!
 //! Everything here needs root. See README.md for the rules of the suite.
 
 pub mod bpf;
 pub mod client;
 pub mod fixture;
+pub mod iptables;
 pub mod kproxy;
 pub mod manifest;
+pub mod mode;
 pub mod netns;
 pub mod servers;
 pub mod topology;
@@ -27,6 +31,7 @@ pub use client::{TcpSession, UdpSession, tcp_ask, tcp_connect_error, udp_ask, ud
 pub use fixture::Fixture;
 pub use kproxy::Kproxy;
 pub use manifest::{ManifestDir, endpointslice_yaml, multi_doc, service_yaml};
+pub use mode::{Mode, mode};
 pub use netns::{Netns, run_in};
 pub use servers::{BackendServer, Servers};
 pub use topology::{Backend, Client, Topology, backend_ip, backend_name};

@@ -9,6 +9,22 @@
 //!
 //! Veth pairs are created directly inside their namespaces, so no interface
 //! ever exists in the root namespace and names never clash between tests.
+//!
+//! In iptables mode the node is prepared for kube-proxy's REJECT rules (for
+//! services without endpoints), which eBPF mode does not need (its TC
+//! program answers before routing, with an ICMP error it builds itself) and
+//! does not get:
+//! - a route for the service CIDR (10.96.0.0/12) into a device that drops
+//!   everything, `svc0`, as a real node has a default route: the REJECT
+//!   sits in the filter FORWARD path, which a packet only reaches once
+//!   routing found a route for it (in eBPF mode, ClusterIP traffic without
+//!   kproxy keeps failing routing);
+//! - no kernel rate limit on ICMP destination-unreachable messages
+//!   (`net.ipv4.icmp_ratemask` without bit 3, as OpenShift's SDN sets on its
+//!   nodes for the same reason): the REJECT target's ICMP errors are sent by
+//!   the kernel, which by default allows a client 6 of them in a burst and
+//!   then one per second (`icmp_ratelimit`), so the 7th quick refusal would
+//!   come only with the SYN retransmission a second later.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -17,12 +33,18 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use crate::client::{self, TcpSession, UdpSession};
+use crate::mode::{Mode, mode};
 use crate::netns::Netns;
 use crate::servers::{BackendServer, Servers};
 use crate::util::poll_until;
 
 /// How long links may take to come up after creation.
 const LINK_UP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The service CIDR the tests' ClusterIPs live in (kubeadm's default).
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// Node-side device the service CIDR is routed into in iptables mode.
+pub const SERVICE_CIDR_IFACE: &str = "svc0";
 
 /// A client namespace attached to the node.
 #[derive(Debug)]
@@ -91,6 +113,16 @@ pub struct Topology {
 impl Topology {
     /// Builds one client, the node and `n_backends` backends.
     pub fn new(n_backends: usize) -> Result<Topology> {
+        Topology::new_for(n_backends, mode())
+    }
+
+    /// [`Topology::new`] for an explicit datapath `mode` instead of the
+    /// suite's: only iptables mode gets the service CIDR route (and
+    /// unlimited ICMP destination-unreachable messages). eBPF mode
+    /// works on that topology too (its programs translate before routing),
+    /// so a program comparing both modes on one topology builds it for
+    /// [`Mode::Iptables`].
+    pub fn new_for(n_backends: usize, mode: Mode) -> Result<Topology> {
         let node = Netns::new("node")?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
         node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
@@ -103,6 +135,10 @@ impl Topology {
         topo.add_client()?;
         for i in 1..=n_backends {
             topo.add_backend(i)?;
+        }
+        if mode == Mode::Iptables {
+            route_service_cidr(&topo.node)?;
+            unlimit_icmp_unreachable(&topo.node)?;
         }
         topo.wait_links_up()?;
         Ok(topo)
@@ -330,6 +366,48 @@ impl Client {
     ) -> Result<(io::ErrorKind, Duration)> {
         client::udp_connect_error(&self.ns, ip, port, timeout)
     }
+}
+
+/// Routes [`SERVICE_CIDR`] in `node` into [`SERVICE_CIDR_IFACE`], a device
+/// without ARP that drops what it is given: a `dummy` device, or an `ifb`
+/// one (which drops every packet not redirected to it by tc) on kernels
+/// built without the dummy driver.
+fn route_service_cidr(node: &Netns) -> Result<()> {
+    let mut errors = Vec::new();
+    let mut created = false;
+    for kind in ["dummy", "ifb"] {
+        match node.ip(&["link", "add", SERVICE_CIDR_IFACE, "type", kind]) {
+            Ok(_) => {
+                created = true;
+                break;
+            }
+            Err(e) => errors.push(format!("{kind}: {e:#}")),
+        }
+    }
+    if !created {
+        bail!(
+            "cannot create {SERVICE_CIDR_IFACE} in {} for the service CIDR route: {}",
+            node.name(),
+            errors.join("; ")
+        );
+    }
+    node.ip(&["link", "set", SERVICE_CIDR_IFACE, "up"])?;
+    node.ip(&["route", "add", SERVICE_CIDR, "dev", SERVICE_CIDR_IFACE])?;
+    Ok(())
+}
+
+/// Bit of ICMP type 3 (destination unreachable) in `net.ipv4.icmp_ratemask`.
+pub const ICMP_RATEMASK_DEST_UNREACH: u32 = 1 << 3;
+
+/// Clears the destination-unreachable bit of `net.ipv4.icmp_ratemask` in
+/// `node`, so that REJECT's ICMP errors are not rate-limited per client.
+fn unlimit_icmp_unreachable(node: &Netns) -> Result<()> {
+    let key = "net.ipv4.icmp_ratemask";
+    let mask: u32 = node
+        .sysctl_get(key)?
+        .parse()
+        .with_context(|| format!("{key} in {}", node.name()))?;
+    node.sysctl(key, &(mask & !ICMP_RATEMASK_DEST_UNREACH).to_string())
 }
 
 /// Creates the veth pair `eth0` (in `ns`) ↔ `node_iface` (in `node`), with

@@ -1,5 +1,7 @@
 //! Behaviour 8: after SIGTERM kproxy exits 0, prints `kproxy: detached` and
-//! leaves nothing attached; the ClusterIP stops working, direct traffic not.
+//! leaves nothing behind (eBPF mode: nothing attached, no tc state, links,
+//! programs or pins; iptables mode: no `KUBE-` chain or rule); the ClusterIP
+//! stops working, direct traffic not.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -11,7 +13,7 @@ use kproxy_tests::fixture::{
     DNS_PORT, HTTP_PORT, IO_TIMEOUT, STOP_TIMEOUT, TARGET_PORT, VIP, backend_index,
 };
 use kproxy_tests::kproxy::DETACHED;
-use kproxy_tests::{Fixture, backend_ip, poll_until};
+use kproxy_tests::{Fixture, Mode, backend_ip, iptables, mode, poll_until};
 
 /// Files and directories under /sys/fs/bpf (pins), recursively.
 fn bpffs_entries() -> BTreeSet<String> {
@@ -32,16 +34,91 @@ fn bpffs_entries() -> BTreeSet<String> {
     out
 }
 
-/// Default attachment (tcx links on this kernel).
+/// Default attachment (tcx links on this kernel); in iptables mode, the
+/// rules.
 #[test]
 fn sigterm_detaches_everything() -> Result<()> {
-    check_detach(&[], false)
+    match mode() {
+        Mode::Ebpf => check_detach(&[], false),
+        Mode::Iptables => check_rules_removed(),
+    }
 }
 
 /// `--attach netlink`: clsact qdisc + cls_bpf filters, which must be removed.
+/// eBPF only: iptables mode attaches nothing.
 #[test]
 fn sigterm_detaches_everything_netlink_mode() -> Result<()> {
+    if mode() != Mode::Ebpf {
+        eprintln!(
+            "NOTE: --attach netlink is an eBPF mode option; nothing to check in {} mode",
+            mode()
+        );
+        return Ok(());
+    }
     check_detach(&["--attach", "netlink"], true)
+}
+
+/// iptables mode: kproxy programs `KUBE-` chains and their hooks while it
+/// runs and removes every one of them on SIGTERM.
+fn check_rules_removed() -> Result<()> {
+    let mut f = Fixture::new(3, &[1, 2, 3])?;
+    let iface = f.topo.client_iface_on_node().to_owned();
+    let before = iptables::kube_rules(&f.topo.node)?;
+    assert!(
+        before.is_empty(),
+        "fresh node namespace already has KUBE- rules: {before:#?}"
+    );
+
+    f.start_kproxy()?;
+    backend_index(&f.topo.tcp_ask(VIP, HTTP_PORT, IO_TIMEOUT)?.0)?;
+    // Kept bound until the end: the node's conntrack entry of this flow
+    // outlives kproxy (as with kube-proxy), and the UDP probe after the stop
+    // must not get the same source port by chance.
+    let mut udp = f.topo.udp_session(VIP, DNS_PORT, IO_TIMEOUT)?;
+    backend_index(&udp.ask()?.0)?;
+
+    // What kproxy programmed while running: the dispatch chain, hooked
+    // from the built-in chains, and DNAT chains.
+    let running = iptables::kube_rules(&f.topo.node)?;
+    eprintln!("while running: {running:#?}");
+    for expected in [
+        "nat: -A PREROUTING",
+        "nat: -A OUTPUT",
+        "filter: -A FORWARD",
+        "nat: -A KUBE-SERVICES",
+    ] {
+        assert!(
+            running
+                .iter()
+                .any(|l| l.starts_with(expected) && l.contains("KUBE-")),
+            "no {expected:?} rule of kproxy while running: {running:#?}"
+        );
+    }
+    assert!(
+        running.iter().any(|l| l.contains("-j DNAT")),
+        "no DNAT rule while running: {running:#?}"
+    );
+
+    let status = f.kproxy().stop(STOP_TIMEOUT)?;
+    assert_eq!(status.code(), Some(0), "kproxy exit status {status}");
+    f.kproxy().wait_line(DETACHED, Duration::from_secs(2))?;
+
+    let dump = iptables::save(&f.topo.node)?;
+    let left = iptables::kube_lines(&dump);
+    assert!(
+        left.is_empty(),
+        "KUBE- chains or rules left after SIGTERM: {left:#?}\n{dump}"
+    );
+    // Nor did iptables mode attach anything to the interfaces.
+    let tc = tc_state(&f.topo.node, &iface)?;
+    assert!(
+        !tc.has_clsact() && !tc.has_filters(),
+        "tc state on {iface}: {tc:?}"
+    );
+
+    assert_cluster_ip_dead_direct_alive(&f)?;
+    drop(udp);
+    Ok(())
 }
 
 /// Runs kproxy with `extra` arguments, checks that something is attached
@@ -168,7 +245,12 @@ fn check_detach(extra: &[&str], expect_tc: bool) -> Result<()> {
         "pins left in /sys/fs/bpf: {new_pins:?}"
     );
 
-    // The ClusterIP no longer reaches any backend; direct traffic still works.
+    assert_cluster_ip_dead_direct_alive(&f)
+}
+
+/// After kproxy stopped: the ClusterIP no longer reaches any backend; direct
+/// traffic still works.
+fn assert_cluster_ip_dead_direct_alive(f: &Fixture) -> Result<()> {
     let tcp_before = f.servers.total_tcp_accepted();
     let udp_before = f.servers.total_udp_requests();
     let (kind, _) = f

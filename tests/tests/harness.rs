@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use anyhow::Result;
 use kproxy_tests::fixture::{
-    DNS_PORT, HTTP_PORT, TARGET_PORT, VIP, web_service_yaml, web_slice_yaml_with,
+    DNS_PORT, HTTP_PORT, RANDOM_SPREADS, TARGET_PORT, VIP, web_service_yaml, web_slice_yaml_with,
 };
+use kproxy_tests::topology::{ICMP_RATEMASK_DEST_UNREACH, SERVICE_CIDR, SERVICE_CIDR_IFACE};
 use kproxy_tests::{
-    ManifestDir, Netns, SuiteLock, Topology, backend_ip, endpointslice_yaml, service_yaml,
+    ManifestDir, Mode, Netns, SuiteLock, Topology, backend_ip, endpointslice_yaml, mode,
+    service_yaml,
 };
 use serde_yaml::Value;
 
@@ -36,6 +38,20 @@ fn topology_direct_traffic() -> Result<()> {
     assert_eq!(topo.client_ip().to_string(), "10.0.1.2");
     assert_eq!(topo.node.sysctl_get("net.ipv4.ip_forward")?, "1");
     assert_eq!(topo.node.sysctl_get("net.ipv4.conf.c0.rp_filter")?, "0");
+    // In iptables mode only: the service CIDR is routed (into a device that
+    // drops) and ICMP destination-unreachable messages are not rate-limited.
+    let route = topo.node.ip(&["route", "show", SERVICE_CIDR])?;
+    let ratemask: u32 = topo.node.sysctl_get("net.ipv4.icmp_ratemask")?.parse()?;
+    match mode() {
+        Mode::Ebpf => {
+            assert!(route.trim().is_empty(), "{route}");
+            assert_ne!(ratemask & ICMP_RATEMASK_DEST_UNREACH, 0, "{ratemask}");
+        }
+        Mode::Iptables => {
+            assert!(route.contains(SERVICE_CIDR_IFACE), "{route}");
+            assert_eq!(ratemask & ICMP_RATEMASK_DEST_UNREACH, 0, "{ratemask}");
+        }
+    }
 
     for i in 1..=3 {
         let ip = backend_ip(i);
@@ -80,7 +96,8 @@ fn topology_direct_traffic() -> Result<()> {
     let (kind, _) = topo.udp_connect_error(backend_ip(1), 8081, T)?;
     assert_eq!(kind, ErrorKind::ConnectionRefused);
 
-    // Without kproxy the ClusterIP is not routed anywhere.
+    // Without kproxy the ClusterIP leads nowhere (no route in eBPF mode, a
+    // route into a dropping device in iptables mode).
     let before = servers.total_tcp_accepted();
     assert!(
         topo.tcp_connect_error(VIP, HTTP_PORT, Duration::from_secs(1))
@@ -198,4 +215,36 @@ fn manifests_have_the_kubernetes_shape() -> Result<()> {
     drop(dir);
     assert!(!root.exists(), "{} not removed", root.display());
     Ok(())
+}
+
+/// The iptables-mode spread checks fail a correct (uniformly random)
+/// datapath with negligible probability, and still demand a real share.
+#[test]
+fn random_spread_checks_have_negligible_false_failure_probability() {
+    for spread in RANDOM_SPREADS {
+        let bound = spread.false_failure_bound();
+        eprintln!("{spread:?}: P(false failure) <= {bound:.2e}");
+        assert!(bound < 1e-9, "{spread:?}: {bound:e}");
+        let fair = spread.flows / spread.backends;
+        assert!(
+            spread.min_each * 4 >= fair,
+            "{spread:?}: at least a quarter of the fair share {fair}"
+        );
+    }
+    // The bound itself, against exact values: Bin(60, 1/3), at least 8
+    // each: 3·P(X ≤ 7) = 3.27e-4; Bin(2, 1/2), at least 1 each: 2·1/4.
+    let check = |backends, flows, min_each, expected: f64| {
+        let b = kproxy_tests::fixture::RandomSpread {
+            backends,
+            flows,
+            min_each,
+        }
+        .false_failure_bound();
+        assert!(
+            (b - expected).abs() < expected * 1e-2,
+            "{b:e} vs {expected:e}"
+        );
+    };
+    check(3, 60, 8, 3.268e-4);
+    check(2, 2, 1, 0.5);
 }

@@ -1,10 +1,13 @@
 //! `cargo xtask test`: the whole gate CI runs (.ci/run): setup, build, format
 //! check, clippy on both workspaces, then the test suite against the freshly
-//! built agent.
+//! built agent (eBPF mode), then the namespace suite once more against the
+//! agent's iptables mode.
 
+use std::path::Path;
+use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::build::{self, BPF_OBJ_ENV, BPF_TARGET};
 use crate::setup;
@@ -12,6 +15,14 @@ use crate::util::{self, Toolchain, run};
 
 /// Tells the integration tests which agent binary to run.
 const KPROXY_BIN_ENV: &str = "KPROXY_BIN";
+/// Tells the integration tests which datapath (`kproxy --mode`) to test.
+const KPROXY_MODE_ENV: &str = "KPROXY_MODE";
+/// The package of the integration tests, and where its test targets live.
+const TESTS_PACKAGE: &str = "kproxy-tests";
+const TESTS_DIR: &str = "tests/tests";
+/// Integration test targets that exercise the eBPF object itself
+/// (BPF_PROG_TEST_RUN), not a kproxy datapath: not run again in iptables mode.
+const EBPF_ONLY_TESTS: &[&str] = &["packet_classes"];
 
 /// `args` are what followed `--` on the command line: arguments for
 /// `cargo test` (e.g. a test-name filter); a second `--` in them starts the
@@ -23,7 +34,7 @@ pub fn run_test(args: &[String]) -> Result<()> {
 
     say!("==> step timings:");
     for (step, took) in &timings {
-        say!("    {step:<14} {}", util::secs(*took));
+        say!("    {step:<16} {}", util::secs(*took));
     }
     let total = util::secs(started.elapsed());
     match result {
@@ -109,25 +120,81 @@ fn steps(args: &[String], timings: &mut Vec<(&'static str, std::time::Duration)>
             .args(["--", "-D", "warnings"]))
     })?;
 
+    let (cargo_args, test_args) = split_test_args(args);
+
+    // Unit tests of every crate and the whole integration suite, eBPF mode.
     step("cargo test", &mut || {
-        let (cargo_args, test_args) = split_test_args(args);
         let mut cmd = util::cargo(Toolchain::Active);
         cmd.current_dir(&root)
             .env(BPF_OBJ_ENV, &outputs.bpf_obj)
             .env(KPROXY_BIN_ENV, &outputs.kproxy)
+            .env(KPROXY_MODE_ENV, "ebpf")
             .args(["test", "--workspace", "--release", "--target-dir"])
             .arg(util::target_dir())
-            .args(cargo_args)
-            .arg("--");
-        // The dataplane tests each build network namespaces and load BPF
-        // programs; two at a time matches the 2-core machines.
-        if !test_args.iter().any(|a| a.starts_with("--test-threads")) {
-            cmd.arg("--test-threads=2");
+            .args(cargo_args);
+        run(with_test_args(&mut cmd, test_args))
+    })?;
+
+    // The namespace suite again against `kproxy --mode iptables`.
+    step("tests (iptables)", &mut || {
+        let mut cmd = util::cargo(Toolchain::Active);
+        cmd.current_dir(&root)
+            .env(BPF_OBJ_ENV, &outputs.bpf_obj)
+            .env(KPROXY_BIN_ENV, &outputs.kproxy)
+            .env(KPROXY_MODE_ENV, "iptables")
+            .args([
+                "test",
+                "--package",
+                TESTS_PACKAGE,
+                "--release",
+                "--target-dir",
+            ])
+            .arg(util::target_dir());
+        for target in namespace_test_targets(&root.join(TESTS_DIR))? {
+            cmd.arg("--test").arg(target);
         }
-        cmd.args(test_args);
-        run(&mut cmd)
+        cmd.args(cargo_args);
+        run(with_test_args(&mut cmd, test_args))
     })?;
     Ok(())
+}
+
+/// Appends `--` and the test binaries' arguments to a `cargo test` command.
+fn with_test_args<'a>(cmd: &'a mut Command, test_args: &[String]) -> &'a mut Command {
+    cmd.arg("--");
+    // The dataplane tests each build network namespaces and load BPF
+    // programs; two at a time matches the 2-core machines.
+    if !test_args.iter().any(|a| a.starts_with("--test-threads")) {
+        cmd.arg("--test-threads=2");
+    }
+    cmd.args(test_args)
+}
+
+/// The integration test targets in `dir` (`NAME.rs` or `NAME/main.rs`, as
+/// cargo discovers them) that run kproxy, i.e. all but [`EBPF_ONLY_TESTS`];
+/// sorted.
+fn namespace_test_targets(dir: &Path) -> Result<Vec<String>> {
+    let mut targets = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let name = if path.is_dir() && path.join("main.rs").is_file() {
+            path.file_name()
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            path.file_stem()
+        } else {
+            None
+        };
+        if let Some(name) = name.and_then(|n| n.to_str())
+            && !EBPF_ONLY_TESTS.contains(&name)
+        {
+            targets.push(name.to_owned());
+        }
+    }
+    targets.sort();
+    if targets.is_empty() {
+        bail!("no integration test targets in {}", dir.display());
+    }
+    Ok(targets)
 }
 
 /// `["dataplane", "--", "--nocapture"]` → (`["dataplane"]`, `["--nocapture"]`).
@@ -140,7 +207,19 @@ fn split_test_args(args: &[String]) -> (&[String], &[String]) {
 
 #[cfg(test)]
 mod tests {
-    use super::split_test_args;
+    use super::{EBPF_ONLY_TESTS, TESTS_DIR, namespace_test_targets, split_test_args};
+    use crate::util;
+
+    #[test]
+    fn iptables_step_runs_every_namespace_test_but_not_the_ebpf_only_ones() {
+        let targets = namespace_test_targets(&util::workspace_root().join(TESTS_DIR)).unwrap();
+        for t in ["distribution", "removal", "reject", "cleanup", "harness"] {
+            assert!(targets.iter().any(|x| x == t), "{t} missing: {targets:?}");
+        }
+        for t in EBPF_ONLY_TESTS {
+            assert!(!targets.iter().any(|x| x == t), "{t} included: {targets:?}");
+        }
+    }
 
     #[test]
     fn splits_cargo_and_test_binary_args() {
