@@ -101,9 +101,32 @@ impl Kproxy {
         extra: &[&str],
         mode: Mode,
     ) -> Result<Kproxy> {
+        Kproxy::start_with(node, manifests, ifaces, extra, mode, Launch::IpNetnsExec)
+    }
+
+    /// [`Kproxy::start_with_mode`] with an explicit way into the namespace.
+    pub fn start_with(
+        node: &Netns,
+        manifests: &Path,
+        ifaces: &[&str],
+        extra: &[&str],
+        mode: Mode,
+        launch: Launch,
+    ) -> Result<Kproxy> {
         let bin = kproxy_bin();
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", node.name()]).arg(&bin);
+        let mut cmd = match launch {
+            Launch::IpNetnsExec => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", node.name()]);
+                c
+            }
+            Launch::NsenterNet => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", node.path().display()));
+                c
+            }
+        };
+        cmd.arg(&bin);
         match mode {
             // kproxy's default mode: no `--mode`.
             Mode::Ebpf => cmd
@@ -281,6 +304,27 @@ impl Kproxy {
             std::thread::sleep(POLL_INTERVAL);
         }
     }
+}
+
+impl Kproxy {
+    /// SIGKILL, as a crash would: no cleanup runs. Waits for the exit.
+    pub fn kill9(&mut self) -> Result<ExitStatus> {
+        self.child.kill().context("SIGKILL kproxy")?;
+        let status = self.child.wait().context("wait for killed kproxy")?;
+        self.exit = Some(status);
+        Ok(status)
+    }
+}
+
+/// How kproxy enters the node's network namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launch {
+    /// `ip netns exec`: also a private mount namespace with /sys remounted,
+    /// so anything kproxy pins lives and dies with that process.
+    IpNetnsExec,
+    /// `nsenter --net`: only the network namespace changes; the host's
+    /// /sys/fs/bpf is visible, so pins outlive the process (restart tests).
+    NsenterNet,
 }
 
 impl Drop for Kproxy {
