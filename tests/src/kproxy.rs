@@ -113,6 +113,25 @@ impl Kproxy {
         mode: Mode,
         launch: Launch,
     ) -> Result<Kproxy> {
+        Kproxy::start_from(
+            node,
+            Source::Manifests(manifests),
+            ifaces,
+            extra,
+            mode,
+            launch,
+        )
+    }
+
+    /// Starts kproxy with any [`Source`] of Services and EndpointSlices.
+    pub fn start_from(
+        node: &Netns,
+        source: Source<'_>,
+        ifaces: &[&str],
+        extra: &[&str],
+        mode: Mode,
+        launch: Launch,
+    ) -> Result<Kproxy> {
         let bin = kproxy_bin();
         let mut cmd = match launch {
             Launch::IpNetnsExec => {
@@ -127,17 +146,14 @@ impl Kproxy {
             }
         };
         cmd.arg(&bin);
+        match source {
+            Source::Manifests(p) => cmd.arg("--manifests").arg(p),
+            Source::Kubeconfig(p) => cmd.arg("--kubeconfig").arg(p),
+        };
         match mode {
             // kproxy's default mode: no `--mode`.
-            Mode::Ebpf => cmd
-                .arg("--manifests")
-                .arg(manifests)
-                .arg("--iface")
-                .arg(ifaces.join(",")),
-            Mode::Iptables => cmd
-                .args(["--mode", Mode::Iptables.as_str()])
-                .arg("--manifests")
-                .arg(manifests),
+            Mode::Ebpf => cmd.arg("--iface").arg(ifaces.join(",")),
+            Mode::Iptables => cmd.args(["--mode", Mode::Iptables.as_str()]),
         };
         if let Ok(level) = std::env::var(KPROXY_LOG_LEVEL_ENV) {
             cmd.args(["--log-level", &level]);
@@ -314,6 +330,15 @@ impl Kproxy {
         self.exit = Some(status);
         Ok(status)
     }
+}
+
+/// Where kproxy reads Services and EndpointSlices from.
+#[derive(Clone, Copy, Debug)]
+pub enum Source<'a> {
+    /// `--manifests DIR`
+    Manifests(&'a Path),
+    /// `--kubeconfig FILE`: a Kubernetes API (kcontrol apiserver).
+    Kubeconfig(&'a Path),
 }
 
 /// How kproxy enters the node's network namespace.
