@@ -386,6 +386,14 @@ impl Iptables {
             }
         }
         let old_services = std::mem::replace(&mut self.services, next);
+        if !self.installed {
+            // Chains left by an earlier agent (crash, kill -9): adopt them as
+            // "unknown content", so this sync rewrites the ones still needed
+            // and deletes the rest, as kube-proxy does on start.
+            for chain in existing_service_chains() {
+                self.chains.entry(chain).or_default();
+            }
+        }
         let mut new_chains = BTreeMap::new();
         for (fe, svc) in &self.services {
             self.render_svc(fe, svc, &mut new_chains);
@@ -456,6 +464,20 @@ impl Iptables {
         self.installed = false;
         r
     }
+}
+
+/// KUBE-SVC-/KUBE-SEP- chains present in the nat table.
+fn existing_service_chains() -> Vec<String> {
+    let Ok(out) = Command::new("iptables-save").args(["-t", "nat"]).output() else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| c.starts_with("KUBE-SVC-") || c.starts_with("KUBE-SEP-"))
+        .map(String::from)
+        .collect()
 }
 
 /// `conntrack -D` for UDP flows DNATed to `backend` (or to any backend of
