@@ -15,6 +15,7 @@
 //!
 //! Everything here needs root. See README.md for the rules of the suite.
 
+pub mod apiserver;
 pub mod bpf;
 pub mod client;
 pub mod fixture;

@@ -21,6 +21,8 @@ pub struct BuildOutputs {
     pub bpf_obj: PathBuf,
     /// The kproxy agent binary (target/release/kproxy or target/debug/kproxy).
     pub kproxy: PathBuf,
+    /// The kcontrol binary (same profile), which the API tests start.
+    pub kcontrol: PathBuf,
 }
 
 /// proxy-ebpf/: its own cargo workspace, built with cwd there so that its
@@ -37,7 +39,12 @@ pub fn ebpf_dir() -> PathBuf {
 pub fn build_all(release: bool) -> Result<BuildOutputs> {
     let bpf_obj = build_ebpf()?;
     let kproxy = build_agent(release, &bpf_obj)?;
-    Ok(BuildOutputs { bpf_obj, kproxy })
+    let kcontrol = kproxy.with_file_name("kcontrol");
+    Ok(BuildOutputs {
+        bpf_obj,
+        kproxy,
+        kcontrol,
+    })
 }
 
 /// `cargo +nightly build --release --target bpfel-unknown-none -Z build-std=core`
@@ -76,13 +83,13 @@ pub fn build_ebpf() -> Result<PathBuf> {
     Ok(obj)
 }
 
-/// `cargo build [--release] -p proxy-user` with KPROXY_BPF_OBJ set. Returns
-/// the kproxy binary's absolute path.
+/// `cargo build [--release] -p proxy-user -p kcontrol` with KPROXY_BPF_OBJ
+/// set. Returns the kproxy binary's absolute path (kcontrol is beside it).
 pub fn build_agent(release: bool, bpf_obj: &Path) -> Result<PathBuf> {
     let mut cmd = util::cargo(Toolchain::Active);
     cmd.current_dir(util::workspace_root())
         .env(BPF_OBJ_ENV, bpf_obj)
-        .args(["build", "-p", "proxy-user"])
+        .args(["build", "-p", "proxy-user", "-p", "kcontrol"])
         .args(release.then_some("--release"))
         .arg("--target-dir")
         .arg(util::target_dir());

@@ -58,6 +58,7 @@ pub fn run_setup() -> Result<()> {
     ensure_active_components(&mut summary)?;
     ensure_bpf_linker(&mut summary, &nightly)?;
     ensure_apt_packages(&mut summary)?;
+    ensure_python_kubernetes(&mut summary)?;
     ensure_bpffs(&mut summary);
 
     say!("==> setup done in {}:", util::secs(started.elapsed()));
@@ -451,6 +452,26 @@ fn ensure_apt_packages(summary: &mut Summary) -> Result<()> {
         }
     }
     summary.note("system packages", status.join("; "));
+    Ok(())
+}
+
+/// The official Kubernetes Python client, which kcontrol's apiserver tests
+/// drive (`control/tests/py/client.py`). Installed only when `import
+/// kubernetes` fails, so the usual run costs one python3 start.
+fn ensure_python_kubernetes(summary: &mut Summary) -> Result<()> {
+    if which("python3").is_none() {
+        bail!("python3 is missing: install it (Debian: apt-get install python3 python3-pip)");
+    }
+    if succeeds(Command::new("python3").args(["-c", "import kubernetes"])) {
+        summary.note("python kubernetes client", "already present");
+        return Ok(());
+    }
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "kubernetes"]))
+        .context("pip install kubernetes (the Python client kcontrol's tests use)")?;
+    summary.note(
+        "python kubernetes client",
+        "installed (pip install kubernetes)",
+    );
     Ok(())
 }
 

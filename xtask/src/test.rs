@@ -15,6 +15,8 @@ use crate::util::{self, Toolchain, run};
 
 /// Tells the integration tests which agent binary to run.
 const KPROXY_BIN_ENV: &str = "KPROXY_BIN";
+/// The kcontrol binary for the tests that run a real apiserver.
+const KCONTROL_BIN_ENV: &str = "KCONTROL_BIN";
 /// Tells the integration tests which datapath (`kproxy --mode`) to test.
 const KPROXY_MODE_ENV: &str = "KPROXY_MODE";
 /// The package of the integration tests, and where its test targets live.
@@ -128,6 +130,7 @@ fn steps(args: &[String], timings: &mut Vec<(&'static str, std::time::Duration)>
         cmd.current_dir(&root)
             .env(BPF_OBJ_ENV, &outputs.bpf_obj)
             .env(KPROXY_BIN_ENV, &outputs.kproxy)
+            .env(KCONTROL_BIN_ENV, &outputs.kcontrol)
             .env(KPROXY_MODE_ENV, "ebpf")
             .args(["test", "--workspace", "--release", "--target-dir"])
             .arg(util::target_dir())
@@ -141,6 +144,7 @@ fn steps(args: &[String], timings: &mut Vec<(&'static str, std::time::Duration)>
         cmd.current_dir(&root)
             .env(BPF_OBJ_ENV, &outputs.bpf_obj)
             .env(KPROXY_BIN_ENV, &outputs.kproxy)
+            .env(KCONTROL_BIN_ENV, &outputs.kcontrol)
             .env(KPROXY_MODE_ENV, "iptables")
             .args([
                 "test",

@@ -1,0 +1,284 @@
+//! `kcontrol apiserver`: a subset of the Kubernetes API over HTTPS, on the
+//! durable store of `kcontrol-store`.
+//!
+//! A request goes: TLS + HTTP/1.1 or HTTP/2 (this file) → authentication
+//! (`auth.rs`) → routing (discovery in `discovery.rs`, resource paths in
+//! `handlers.rs`) → decoding/defaulting/validation (`validate.rs`, patches
+//! in `patch.rs`, Service addresses in `allocate.rs`) → the store →
+//! watchers (`watch.rs`). Responses are JSON, YAML or Tables (`table.rs`).
+
+pub mod allocate;
+pub mod apply;
+pub mod auth;
+pub mod discovery;
+pub mod handlers;
+pub mod http;
+pub mod patch;
+pub mod protobuf;
+pub mod resources;
+pub mod reviews;
+pub mod selectors;
+pub mod status;
+pub mod table;
+pub mod tls;
+pub mod validate;
+pub mod watch;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::http::{Method, Request, Response, header};
+use anyhow::{Context, Result};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kcontrol_store::Store;
+use tokio::net::TcpListener;
+
+use self::handlers::State;
+use self::http::{Body, Output, Query};
+use self::status::ApiError;
+
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub service_cidr: String,
+    pub node_port_range: String,
+    /// Period of history compaction (history older than one period goes).
+    pub compaction_interval: Duration,
+    pub bookmark_interval: Duration,
+}
+
+/// Opens the store in the data dir.
+fn open_store(dir: &std::path::Path) -> Result<Arc<dyn Store>> {
+    let path = dir.join("store.db");
+    let store = kcontrol_store::SqliteStore::open(&path)
+        .with_context(|| format!("opening the store {}", path.display()))?;
+    Ok(Arc::new(store))
+}
+
+pub async fn run(cfg: Config) -> Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let alloc = allocate::Allocator::new(&cfg.service_cidr, &cfg.node_port_range)?;
+    let store = open_store(&cfg.data_dir)?;
+    let token = auth::ensure_token(&cfg.data_dir)?;
+    let pki = tls::ensure(&cfg.data_dir, cfg.listen.ip())?;
+
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let local = listener.local_addr()?;
+    // Clients reach an unspecified address through loopback.
+    let host = if local.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else if local.is_ipv6() {
+        format!("[{}]", local.ip())
+    } else {
+        local.ip().to_string()
+    };
+    let server_address = format!("{host}:{}", local.port());
+
+    let state = Arc::new(State {
+        store: store.clone(),
+        alloc,
+        token: token.clone(),
+        server_address: server_address.clone(),
+        bookmark_interval: cfg.bookmark_interval,
+    });
+    state.bootstrap().await?;
+    auth::write_kubeconfig(
+        &cfg.data_dir,
+        &format!("https://{server_address}"),
+        &pki.ca_pem,
+        &token,
+    )?;
+    tokio::spawn(compactor(store, cfg.compaction_interval));
+
+    println!(
+        "kcontrol: apiserver listening on https://{server_address} (kubeconfig {})",
+        cfg.data_dir.join("kubeconfig.yaml").display()
+    );
+
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config);
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("kcontrol: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => {
+                println!("kcontrol: apiserver stopped");
+                return Ok(());
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let state = state.clone();
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(state, req).await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
+        });
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Compacts history older than one interval, every interval (like the
+/// real apiserver's etcd compaction), so watches from very old
+/// resourceVersions get 410 and relist.
+async fn compactor(store: Arc<dyn Store>, every: Duration) {
+    let mut previous = None;
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        ticker.tick().await;
+        if let Some(rev) = previous
+            && let Err(e) = store.compact(rev).await
+        {
+            eprintln!("kcontrol: compaction at revision {rev}: {e}");
+        }
+        previous = store.current_revision().await.ok();
+    }
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_string();
+    let result = route(&state, &parts, body).await;
+    match result {
+        Ok(r) => r,
+        Err(e) => {
+            if e.code >= 500 {
+                eprintln!("kcontrol: {method} {path}: {e}");
+            }
+            http::error(&e)
+        }
+    }
+}
+
+async fn route(
+    state: &Arc<State>,
+    parts: &::http::request::Parts,
+    body: Incoming,
+) -> Result<Response<Body>, ApiError> {
+    let path = parts.uri.path().trim_end_matches('/');
+    let path = if path.is_empty() { "/" } else { path };
+    let accept = parts
+        .headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+
+    match path {
+        "/healthz" | "/livez" | "/readyz" => return Ok(http::text(200, "ok")),
+        "/version" => return Ok(http::encode(200, &discovery::version(), Output::Json, &[])),
+        _ => {}
+    }
+    if auth::is_public(path) {
+        return Ok(http::text(200, "ok"));
+    }
+    let authz = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !auth::authorized(authz, &state.token) {
+        return Err(ApiError::unauthorized());
+    }
+
+    let out = http::negotiate(accept, path == "/openapi/v2")?;
+    let segs: Vec<&str> = path.split('/').skip(1).collect();
+    let get_only = |doc: Option<serde_json::Value>| -> Result<Response<Body>, ApiError> {
+        if parts.method != Method::GET {
+            return Err(ApiError::method_not_allowed(format!(
+                "{} is not supported here",
+                parts.method
+            )));
+        }
+        let doc = doc.ok_or_else(ApiError::no_route)?;
+        Ok(http::encode(200, &doc, out, &[]))
+    };
+    match segs.as_slice() {
+        ["api"] => get_only(Some(discovery::core_versions(&state.server_address))),
+        ["api", "v1"] => get_only(discovery::resource_list("", "v1")),
+        ["apis"] => get_only(Some(discovery::group_list())),
+        ["apis", g] => get_only(discovery::group(g)),
+        ["apis", g, v] => get_only(discovery::resource_list(g, v)),
+        ["openapi", "v2"] => {
+            if out == Output::Protobuf {
+                let mut r = Response::new(http::full(discovery::openapi_v2_protobuf()));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
+                        .parse()
+                        .expect("static header"),
+                );
+                Ok(r)
+            } else {
+                get_only(Some(discovery::openapi_v2_json()))
+            }
+        }
+        ["apis", g, v, plural] if reviews::is_review(g, v, plural) => {
+            if parts.method != Method::POST {
+                return Err(ApiError::method_not_allowed(
+                    "reviews are only created (POST)",
+                ));
+            }
+            let bytes = http::read_body(&parts.headers, body).await?;
+            let review = reviews::answer(g, plural, http::decode_body(&parts.headers, &bytes)?)?;
+            Ok(http::encode(201, &review, out, &[]))
+        }
+        ["api", "v1", rest @ ..] => resource(state, parts, body, "", "v1", rest, out).await,
+        ["apis", g, v, rest @ ..] => resource(state, parts, body, g, v, rest, out).await,
+        _ => Err(ApiError::no_route()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn resource(
+    state: &Arc<State>,
+    parts: &::http::request::Parts,
+    body: Incoming,
+    group: &str,
+    version: &str,
+    rest: &[&str],
+    out: Output,
+) -> Result<Response<Body>, ApiError> {
+    let (target, watch_prefix) =
+        handlers::parse_target(group, version, rest).ok_or_else(ApiError::no_route)?;
+    let q = Query::parse(parts.uri.query());
+    let body = http::read_body(&parts.headers, body).await?;
+    handlers::serve(
+        state,
+        &parts.method,
+        target,
+        watch_prefix,
+        q,
+        &parts.headers,
+        body,
+        out,
+    )
+    .await
+}

@@ -1,0 +1,283 @@
+//! Watches: the store's revision-ordered events for a key prefix, turned
+//! into newline-framed JSON `{"type": …, "object": …}` lines.
+//!
+//! - `resourceVersion` unset or "0": synthetic ADDED events for the current
+//!   state (read at one revision R), then changes after R.
+//! - `resourceVersion=N`: changes after N; if N is compacted away, one ERROR
+//!   event carrying a 410 Expired Status, then the stream ends (clients
+//!   relist).
+//! - Selectors filter events; an object that starts or stops matching is
+//!   ADDED or DELETED for this watcher, as upstream.
+//! - `allowWatchBookmarks`: periodic BOOKMARK events with the newest
+//!   revision delivered; `sendInitialEvents=true` ends the initial events
+//!   with a bookmark annotated `k8s.io/initial-events-end`.
+//! - `timeoutSeconds` ends the stream (default 30 min).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, header};
+use http_body_util::BodyExt;
+use kcontrol_store::{Event, EventKind, Revision, StoreError};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::handlers::{State, from_kv, parse_rv, set_rv};
+use super::http::{Body, ChannelBody, Output, Query};
+use super::resources::ResourceType;
+use super::selectors::{FieldSelector, LabelSelector};
+use super::status::{ApiError, ApiResult};
+use super::table;
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
+
+struct Filter {
+    labels: LabelSelector,
+    fields: FieldSelector,
+}
+
+impl Filter {
+    fn matches(&self, o: &Value) -> bool {
+        self.labels.matches(o) && self.fields.matches(o)
+    }
+}
+
+/// Encodes one event line in the negotiated output.
+fn line(
+    ty: &str,
+    obj: Value,
+    rt: &ResourceType,
+    out: Output,
+    include: table::IncludeObject,
+) -> Bytes {
+    let obj = match out {
+        Output::Table(v) if ty != "ERROR" && ty != "BOOKMARK" => {
+            let rv = obj
+                .pointer("/metadata/resourceVersion")
+                .cloned()
+                .unwrap_or(json!(""));
+            table::table(
+                rt,
+                std::slice::from_ref(&obj),
+                json!({ "resourceVersion": rv }),
+                include,
+                v,
+            )
+        }
+        Output::PartialMeta(v) if ty != "ERROR" => {
+            table::partial_metadata(&obj, &format!("meta.k8s.io/{v}"))
+        }
+        _ => obj,
+    };
+    let mut b = serde_json::to_vec(&json!({ "type": ty, "object": obj })).expect("json");
+    b.push(b'\n');
+    Bytes::from(b)
+}
+
+fn bookmark(rt: &ResourceType, rev: Revision, initial_end: bool) -> Value {
+    let mut meta = json!({ "resourceVersion": rev.to_string() });
+    if initial_end {
+        meta["annotations"] = json!({ "k8s.io/initial-events-end": "true" });
+    }
+    json!({ "kind": rt.kind, "apiVersion": rt.api_version(), "metadata": meta })
+}
+
+pub async fn serve(
+    state: Arc<State>,
+    rt: &'static ResourceType,
+    ns: Option<String>,
+    q: &Query,
+    out: Output,
+) -> ApiResult<Response<Body>> {
+    let filter = Filter {
+        labels: LabelSelector::parse(q.get("labelSelector").unwrap_or_default())?,
+        fields: FieldSelector::parse(q.get("fieldSelector").unwrap_or_default(), rt)?,
+    };
+    let include = q.include_object()?;
+    let timeout = match q.int("timeoutSeconds")? {
+        Some(t) if t > 0 => Duration::from_secs(t as u64),
+        _ => DEFAULT_TIMEOUT,
+    };
+    let bookmarks = q.flag("allowWatchBookmarks");
+    let rv = q.get("resourceVersion").unwrap_or_default().to_string();
+    let send_initial = match q.get("sendInitialEvents") {
+        Some("true") => true,
+        Some("false") => false,
+        _ => rv.is_empty() || rv == "0",
+    };
+    if q.get("sendInitialEvents") == Some("true") {
+        if !bookmarks {
+            return Err(ApiError::invalid(
+                "",
+                "ListOptions",
+                "",
+                &[super::status::FieldError::forbidden(
+                    "allowWatchBookmarks",
+                    "allowWatchBookmarks required when sendInitialEvents is true",
+                )],
+            ));
+        }
+        if !(rv.is_empty() || rv == "0") && q.get("resourceVersionMatch") != Some("NotOlderThan") {
+            return Err(ApiError::bad_request(
+                "sendInitialEvents with a resourceVersion needs resourceVersionMatch=NotOlderThan",
+            ));
+        }
+    }
+    let start: Option<Revision> = if rv.is_empty() || rv == "0" {
+        None
+    } else {
+        Some(parse_rv(&rv)?)
+    };
+
+    let (tx, rx) = mpsc::channel::<Bytes>(128);
+    let prefix = rt.prefix(ns.as_deref());
+    let explicit_initial = q.get("sendInitialEvents") == Some("true");
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let send = |b: Bytes| {
+            let tx = tx.clone();
+            async move { tx.send(b).await.is_ok() }
+        };
+        // Initial state.
+        let mut last: Revision;
+        if send_initial {
+            let mut at: Option<Revision> = None;
+            let mut after: Option<String> = None;
+            loop {
+                let page = match state
+                    .store
+                    .list(&prefix, at.or(start), after.as_deref(), Some(500))
+                    .await
+                {
+                    Ok(p) => p,
+                    Err(StoreError::Compacted {
+                        requested,
+                        compacted,
+                    }) => {
+                        let e = ApiError::gone(format!(
+                            "too old resource version: {requested} ({compacted})"
+                        ));
+                        send(line("ERROR", e.to_status(), rt, out, include)).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let e = ApiError::internal(format!("storage: {e}"));
+                        send(line("ERROR", e.to_status(), rt, out, include)).await;
+                        return;
+                    }
+                };
+                at = Some(page.revision);
+                for kv in &page.items {
+                    after = Some(kv.key.clone());
+                    let Ok(obj) = from_kv(kv) else { continue };
+                    if filter.matches(&obj) && !send(line("ADDED", obj, rt, out, include)).await {
+                        return;
+                    }
+                }
+                if !page.more {
+                    break;
+                }
+            }
+            last = at.unwrap_or(0);
+            if explicit_initial
+                && !send(line("BOOKMARK", bookmark(rt, last, true), rt, out, include)).await
+            {
+                return;
+            }
+        } else {
+            last = start.unwrap_or(0);
+        }
+
+        let mut events = match state.store.watch(&prefix, last).await {
+            Ok(s) => s,
+            Err(e) => {
+                let err = match e {
+                    StoreError::Compacted {
+                        requested,
+                        compacted,
+                    } => ApiError::gone(format!(
+                        "too old resource version: {requested} ({compacted})"
+                    )),
+                    StoreError::FutureRevision(r) => {
+                        ApiError::timeout(format!("Too large resource version: {r}"))
+                    }
+                    other => ApiError::internal(format!("storage: {other}")),
+                };
+                send(line("ERROR", err.to_status(), rt, out, include)).await;
+                return;
+            }
+        };
+        let mut ticker = tokio::time::interval(state.bookmark_interval);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = tx.closed() => return,
+                _ = ticker.tick(), if bookmarks => {
+                    if !send(line("BOOKMARK", bookmark(rt, last, false), rt, out, include)).await {
+                        return;
+                    }
+                }
+                ev = events.recv() => {
+                    match ev {
+                        None => return,
+                        Some(Err(StoreError::Compacted { requested, compacted })) => {
+                            let e = ApiError::gone(format!("too old resource version: {requested} ({compacted})"));
+                            send(line("ERROR", e.to_status(), rt, out, include)).await;
+                            return;
+                        }
+                        Some(Err(e)) => {
+                            let e = ApiError::internal(format!("storage: {e}"));
+                            send(line("ERROR", e.to_status(), rt, out, include)).await;
+                            return;
+                        }
+                        Some(Ok(ev)) => {
+                            last = last.max(ev.kv.mod_revision);
+                            if let Some((ty, obj)) = translate(&ev, &filter)
+                                && !send(line(ty, obj, rt, out, include)).await
+                            {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+
+    let mut resp = Response::new(ChannelBody(rx).boxed());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, private"),
+    );
+    Ok(resp)
+}
+
+/// The event this watcher sees for a store event, if any.
+fn translate(ev: &Event, filter: &Filter) -> Option<(&'static str, Value)> {
+    match ev.kind {
+        EventKind::Put => {
+            let new = from_kv(&ev.kv).ok()?;
+            let old = ev.prev.as_ref().and_then(|p| from_kv(p).ok());
+            let now_matches = filter.matches(&new);
+            let was = old.as_ref().is_some_and(|o| filter.matches(o));
+            match (old.is_some(), was, now_matches) {
+                (false, _, true) => Some(("ADDED", new)),
+                (true, true, true) => Some(("MODIFIED", new)),
+                (true, false, true) => Some(("ADDED", new)),
+                (true, true, false) => Some(("DELETED", new)),
+                _ => None,
+            }
+        }
+        EventKind::Delete => {
+            let mut obj = from_kv(&ev.kv).ok()?;
+            set_rv(&mut obj, ev.kv.mod_revision);
+            filter.matches(&obj).then_some(("DELETED", obj))
+        }
+    }
+}

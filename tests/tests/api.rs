@@ -1,0 +1,138 @@
+//! kproxy following a Kubernetes API: a real `kcontrol apiserver` in the
+//! node namespace, objects written with real `kubectl`, kproxy started with
+//! `--kubeconfig`. Runs in both datapath modes.
+
+use std::io::ErrorKind;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use kproxy_tests::apiserver::Apiserver;
+use kproxy_tests::fixture::{
+    DNS_PORT, HTTP_PORT, IO_TIMEOUT, STOP_TIMEOUT, VIP, assert_spread, backend_index, spread_flows,
+    web_service_yaml, web_slice_yaml,
+};
+use kproxy_tests::kproxy::{Launch, Source, field_u64};
+use kproxy_tests::{Fixture, Kproxy, mode, multi_doc};
+
+/// Removes the apiserver's data directory however the test ends.
+struct DataDir(PathBuf);
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start_kproxy(f: &Fixture, api: &Apiserver) -> Result<(Kproxy, u64)> {
+    let kubeconfig = api.kubeconfig();
+    let mut kp = Kproxy::start_from(
+        &f.topo.node,
+        Source::Kubeconfig(&kubeconfig),
+        &[f.topo.client_iface_on_node()],
+        &["--no-pin"],
+        mode(),
+        Launch::IpNetnsExec,
+    )?;
+    let ready = kp.wait_ready()?;
+    Ok((kp, field_u64(&ready, "backends")?))
+}
+
+/// Waits for an `applied` line reporting `backends` backend slots.
+fn wait_backends(kp: &mut Kproxy, backends: u64, timeout: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            bail!("kproxy did not reach backends={backends} within {timeout:?}");
+        }
+        let line = kp.wait_applied(left)?;
+        if field_u64(&line.text, "backends")? == backends {
+            return Ok(start.elapsed());
+        }
+    }
+}
+
+fn apply(api: &Apiserver, backends: &[usize]) -> Result<()> {
+    let docs = multi_doc(&[web_service_yaml(), web_slice_yaml(backends)]);
+    api.kubectl(&["apply", "-f", "-"], Some(&docs))?;
+    Ok(())
+}
+
+fn reached(f: &Fixture, n: usize) -> Result<Vec<usize>> {
+    f.tcp_round(VIP, HTTP_PORT, n)?
+        .iter()
+        .map(|s| backend_index(s))
+        .collect()
+}
+
+#[test]
+fn services_follow_the_kubernetes_api() -> Result<()> {
+    let f = Fixture::new(3, &[])?;
+    let data = DataDir(PathBuf::from(format!(
+        "/tmp/kpt-api-{}",
+        std::process::id()
+    )));
+    let mut api = Apiserver::start(&f.topo.node, &data.0, "127.0.0.1:6443")?;
+    let (mut kp, base) = start_kproxy(&f, &api)?;
+
+    // Service + EndpointSlice created through the API: balanced within 1 s
+    // (two service ports × three endpoints = six backend slots).
+    apply(&api, &[1, 2, 3])?;
+    let took = wait_backends(&mut kp, base + 6, Duration::from_secs(1))
+        .context("programmed within 1 s of kubectl apply")?;
+    eprintln!("API change programmed {took:?} after kubectl returned");
+    let names = f.tcp_round(VIP, HTTP_PORT, spread_flows(3, 3))?;
+    assert_spread(&names, &[1, 2, 3], "flows after the Service was created");
+    let (udp, from) = f.topo.udp_ask(VIP, DNS_PORT, IO_TIMEOUT)?;
+    assert!(backend_index(&udp).is_ok() && from.port() == DNS_PORT);
+
+    // All endpoints removed: refused at once.
+    apply(&api, &[])?;
+    wait_backends(&mut kp, base, Duration::from_secs(5))?;
+    let (kind, elapsed) = f.topo.tcp_connect_error(VIP, HTTP_PORT, IO_TIMEOUT)?;
+    assert_eq!(kind, ErrorKind::ConnectionRefused, "after {elapsed:?}");
+
+    // Service deleted: traffic to it is no longer translated.
+    let accepted = f.servers.total_tcp_accepted();
+    api.kubectl(&["delete", "service", "web"], None)?;
+    let line = kp.wait_applied(Duration::from_secs(5))?;
+    assert_eq!(field_u64(&line.text, "backends")?, base, "{}", line.text);
+    match f.topo.tcp_ask(VIP, HTTP_PORT, Duration::from_millis(500)) {
+        Ok((name, _)) => bail!("{name} answered a deleted Service"),
+        Err(_) => assert_eq!(f.servers.total_tcp_accepted(), accepted),
+    }
+
+    // The apiserver goes away and comes back; the agent resumes and applies
+    // what changes next, without a restart of its own.
+    api.kill()?;
+    let down = Instant::now();
+    api.restart()?;
+    apply(&api, &[1, 2])?;
+    let took = wait_backends(&mut kp, base + 4, Duration::from_secs(45))?;
+    eprintln!(
+        "change after apiserver restart applied {took:?} later ({:?} since the outage)",
+        down.elapsed()
+    );
+    let reached_now = reached(&f, spread_flows(2, 2))?;
+    assert_spread(
+        &reached_now
+            .iter()
+            .map(|i| format!("backend-{i}"))
+            .collect::<Vec<_>>(),
+        &[1, 2],
+        "after apiserver restart",
+    );
+
+    // The agent goes away; changes made meanwhile are applied when it is back.
+    let status = kp.stop(STOP_TIMEOUT)?;
+    assert!(status.success());
+    apply(&api, &[3])?;
+    let (_kp2, backends) = start_kproxy(&f, &api)?;
+    assert_eq!(backends, base + 2, "started from the API's current state");
+    assert!(
+        reached(&f, 3)?.iter().all(|i| *i == 3),
+        "only backend 3 is left"
+    );
+    Ok(())
+}
