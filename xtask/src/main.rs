@@ -17,9 +17,11 @@ mod setup;
 mod test;
 mod up;
 mod util;
+mod vmtest;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -64,15 +66,45 @@ enum Cmd {
         #[arg(long)]
         once: bool,
     },
-    /// Build, then run `kproxy-bench WHAT ARGS...` (proxy-user's benchmark
-    /// binary)
+    /// Build, then benchmark: `cargo xtask bench [compare] [--quick]` runs
+    /// eBPF mode against iptables mode side by side (kproxy-compare, report
+    /// and plots in bench/results/); `cargo xtask bench dataplane [ARGS...]`
+    /// runs proxy-user's BPF_PROG_TEST_RUN benchmark (kproxy-bench)
     Bench {
-        /// What to benchmark, e.g. `dataplane`
-        what: String,
-        /// Further arguments for kproxy-bench
+        /// `compare` (default) or `dataplane`, then their arguments, e.g.
+        /// `--quick`
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        rest: Vec<String>,
+        args: Vec<String>,
     },
+    /// Run the dataplane tests (kproxy-tests) inside qemu on Debian
+    /// kernels: by default the newest 6.1 and 6.12 cloud kernels from apt
+    VmTest {
+        /// Kernel to boot, repeatable: a line (`6.1`, newest cloud kernel of
+        /// it), a Debian package (`linux-image-6.1.0-57-cloud-amd64-unsigned`)
+        /// or `path/to/vmlinuz:path/to/modules-dir`
+        #[arg(long = "kernel", value_name = "SPEC")]
+        kernels: Vec<String>,
+        /// Only the test files whose behaviour depends on the kernel
+        /// (a few minutes; for CI)
+        #[arg(long)]
+        quick: bool,
+        /// Build the eBPF program with the `broken-for-tests` feature (drops
+        /// all service traffic): the run must fail
+        #[arg(long)]
+        break_program: bool,
+        /// Put the host target's builds (glibc, dynamically linked, with
+        /// their shared libraries) into the guest instead of static musl
+        /// builds: no second build of the workspace
+        #[arg(long)]
+        dynamic: bool,
+        /// Per-kernel limit in seconds for boot, tests and poweroff
+        /// (default 600, 300 with --quick)
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+    /// Internal: the init of `vm-test`'s guest (PID 1 in the initramfs)
+    #[command(name = "__vm-init", hide = true)]
+    VmInit,
     /// Internal (used by `up`): TCP server answering every connection with
     /// REPLY, optionally inside network namespace NS
     #[command(name = "__serve", hide = true)]
@@ -96,7 +128,21 @@ fn main() -> ExitCode {
         }
         Cmd::Test { args } => test::run_test(&args),
         Cmd::Up { once } => up::run_up(once),
-        Cmd::Bench { what, rest } => bench::run_bench(&what, &rest),
+        Cmd::Bench { args } => bench::run_bench(&args),
+        Cmd::VmTest {
+            kernels,
+            quick,
+            break_program,
+            dynamic,
+            timeout,
+        } => vmtest::run_vm_test(&vmtest::Options {
+            kernels,
+            quick,
+            break_program,
+            dynamic,
+            timeout: timeout.map(Duration::from_secs),
+        }),
+        Cmd::VmInit => vmtest::guest_init(),
         Cmd::Serve { ns, addr, reply } => up::serve(ns.as_deref(), addr, &reply),
     };
     match result {

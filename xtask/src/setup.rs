@@ -21,7 +21,10 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// comparison baseline in tests), iperf3 (throughput checks), sysctl/pkill
 /// (procps), modprobe (kmod), `conntrack` (kproxy's iptables mode deletes
 /// stale UDP flows with it, as kube-proxy does), and `nc` (netcat-openbsd),
-/// which the demo (`cargo xtask up`) tells the user to try.
+/// which the demo (`cargo xtask up`) tells the user to try. `cargo xtask
+/// vm-test` boots kernels in qemu (qemu-system-x86), unpacks their .ko.xz
+/// modules (xz-utils) and builds static musl binaries, some with C inside
+/// (ring, through kube's rustls): musl-tools has `x86_64-linux-musl-gcc`.
 const APT_REQUIRED: &[&str] = &[
     "iproute2",
     "iptables",
@@ -30,6 +33,9 @@ const APT_REQUIRED: &[&str] = &[
     "kmod",
     "conntrack",
     "netcat-openbsd",
+    "qemu-system-x86",
+    "xz-utils",
+    "musl-tools",
 ];
 /// Nice to have for debugging (`bpftool prog/map/link show`), not needed by
 /// any test; not every release packages it.
@@ -56,6 +62,7 @@ pub fn run_setup() -> Result<()> {
     check_platform(&mut summary)?;
     let nightly = ensure_nightly(&mut summary)?;
     ensure_active_components(&mut summary)?;
+    ensure_musl_target(&mut summary)?;
     ensure_bpf_linker(&mut summary, &nightly)?;
     ensure_apt_packages(&mut summary)?;
     ensure_python_kubernetes(&mut summary)?;
@@ -208,6 +215,29 @@ fn ensure_active_components(summary: &mut Summary) -> Result<()> {
             format!("{version}: installed {}", missing.join(", ")),
         );
     }
+    Ok(())
+}
+
+/// `cargo xtask vm-test` builds kproxy, the tests and its guest init as
+/// static musl binaries for the initramfs.
+fn ensure_musl_target(summary: &mut Summary) -> Result<()> {
+    let target = crate::vmtest::MUSL_TARGET;
+    let sysroot = PathBuf::from(output(
+        util::rustc(Toolchain::Active).args(["--print", "sysroot"]),
+    )?);
+    if sysroot
+        .join("lib/rustlib")
+        .join(target)
+        .join("lib")
+        .is_dir()
+    {
+        summary.note("musl target", format!("already present ({target})"));
+        return Ok(());
+    }
+    require_rustup()?;
+    // No --toolchain: the active toolchain is the one that builds them.
+    run(Command::new("rustup").args(["target", "add", target]))?;
+    summary.note("musl target", format!("installed {target}"));
     Ok(())
 }
 
