@@ -493,7 +493,7 @@ fn targets(run: &Run) -> Vec<Target> {
                 .filter(|r| r.mode == "iptables")
                 .filter_map(|r| {
                     r.throughput_ratio()
-                        .map(|v| format!("{} services: {v:.3}", thousands(u64::from(r.services))))
+                        .map(|v| format!("{}: {v:.3}", services_label(r.services)))
                 })
                 .collect();
             if !ipt.is_empty() {
@@ -1168,7 +1168,10 @@ pub fn markdown(run: &Run, plots: &[(String, String)]) -> String {
     s
 }
 
-/// Writes `<stem>.md`, `<stem>.json`, the plots and `latest.md` into `dir`.
+/// Writes `<stem>.md`, `<stem>.json`, the plots and a copy of the report
+/// into `dir`: `latest.md` for the full preset (the one README links to),
+/// `latest-<preset>.md` for the others, so a quick check never replaces the
+/// full figures.
 pub fn write_all(run: &Run, dir: &Path) -> Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     let plots = write_plots(run, dir, &mut written);
@@ -1176,7 +1179,11 @@ pub fn write_all(run: &Run, dir: &Path) -> Result<Vec<PathBuf>> {
     let md_path = dir.join(format!("{}.md", run.stem));
     std::fs::write(&md_path, &md).with_context(|| format!("write {}", md_path.display()))?;
     written.push(md_path);
-    let latest = dir.join("latest.md");
+    let latest = dir.join(if run.plan.preset == "full" {
+        "latest.md".to_owned()
+    } else {
+        format!("latest-{}.md", run.plan.preset)
+    });
     std::fs::write(&latest, &md)?;
     written.push(latest);
     let json_path = dir.join(format!("{}.json", run.stem));
