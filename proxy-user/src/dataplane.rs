@@ -502,7 +502,9 @@ impl Dataplane {
             match aya::programs::tc::qdisc_add_clsact(iface) {
                 Ok(()) => added_qdisc = true,
                 Err(aya::programs::tc::TcError::AlreadyAttached) => {}
-                Err(e) if e.to_string().contains("exists") => {}
+                // After a crash the qdisc is still there (EEXIST, shown only in
+                // the underlying OS error, not in the netlink message).
+                Err(e) if format!("{e:?} {e}").contains("File exists") => {}
                 Err(e) => return Err(e).context(format!("adding clsact qdisc to {iface}")),
             }
         }
