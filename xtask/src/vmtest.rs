@@ -127,6 +127,9 @@ const GUEST_PROGRAMS: &[(&str, &str, &str)] = &[
     ("KCONTROL_BIN", "kcontrol", "kcontrol"),
 ];
 
+/// The package of the namespace test suite.
+const TESTS_PACKAGE: &str = "kproxy-tests";
+
 /// Hidden xtask subcommand the guest's /init runs (`Cmd::VmInit`).
 const GUEST_INIT_CMD: &str = "__vm-init";
 
@@ -549,25 +552,36 @@ fn build_guest_binaries(opts: &Options, vm_dir: &Path) -> Result<GuestBinaries> 
             MUSL_TARGET
         }
     );
-    let mut cmd = util::cargo(Toolchain::Active);
-    cmd.current_dir(&root).env(BPF_OBJ_ENV, &bpf_obj).args([
-        "build",
-        "--release",
-        "-p",
-        "xtask",
-        "--bin",
-        "xtask",
-    ]);
-    for (_, package, bin) in &programs {
-        cmd.args(["-p", package, "--bin", bin]);
+    // One package per cargo run: features are unified over the packages
+    // selected, so `-p proxy-user` alone builds exactly what `cargo xtask
+    // build` built (with --dynamic, nothing to do).
+    for (package, bin) in programs
+        .iter()
+        .map(|(_, package, bin)| (*package, *bin))
+        .chain([("xtask", "xtask")])
+    {
+        run(util::cargo(Toolchain::Active)
+            .current_dir(&root)
+            .env(BPF_OBJ_ENV, &bpf_obj)
+            .args(["build", "--release", "-p", package, "--bin", bin])
+            .args(target)
+            .arg("--target-dir")
+            .arg(util::target_dir()))
+        .with_context(|| format!("building {bin} for the guest"))?;
     }
-    run(cmd.args(target).arg("--target-dir").arg(util::target_dir()))
-        .context("building the guest's programs")?;
 
+    // With --dynamic the same selection as `cargo xtask test` (the whole
+    // workspace), so its test binaries are reused; kproxy-tests' are taken.
+    let selection: &[&str] = if opts.dynamic {
+        &["--workspace"]
+    } else {
+        &["-p", TESTS_PACKAGE]
+    };
     let mut cmd = util::cargo(Toolchain::Active);
     cmd.current_dir(&root)
         .env(BPF_OBJ_ENV, &bpf_obj)
-        .args(["test", "--release", "-p", "kproxy-tests", "--no-run"])
+        .args(["test", "--release", "--no-run"])
+        .args(selection)
         .arg("--message-format=json-render-diagnostics")
         .args(target)
         .arg("--target-dir")
@@ -578,10 +592,10 @@ fn build_guest_binaries(opts: &Options, vm_dir: &Path) -> Result<GuestBinaries> 
     if !out.status.success() {
         bail!("building the test binaries failed ({})", out.status);
     }
-    let mut tests = test_executables(&String::from_utf8_lossy(&out.stdout));
+    let mut tests = test_executables(&String::from_utf8_lossy(&out.stdout), TESTS_PACKAGE);
     tests.sort();
     if tests.is_empty() {
-        bail!("cargo test --no-run -p kproxy-tests reported no test executables");
+        bail!("cargo test --no-run reported no test executables of {TESTS_PACKAGE}");
     }
     if opts.quick {
         tests.retain(|(name, _)| QUICK_TESTS.contains(&name.as_str()));
@@ -657,12 +671,16 @@ fn build_broken_ebpf() -> Result<PathBuf> {
     Ok(obj)
 }
 
-/// Test executables (target name, path) from cargo's JSON messages: the
-/// `compiler-artifact` lines built with the test profile.
-fn test_executables(json_lines: &str) -> Vec<(String, PathBuf)> {
+/// Test executables (target name, path) of `package` from cargo's JSON
+/// messages: its `compiler-artifact` lines built with the test profile.
+fn test_executables(json_lines: &str, package: &str) -> Vec<(String, PathBuf)> {
     json_lines
         .lines()
         .filter(|l| l.contains(r#""reason":"compiler-artifact""#))
+        .filter(|l| {
+            // `path+file:///…/tests#kproxy-tests@0.1.0`
+            json_string(l, "package_id").is_some_and(|id| id.contains(&format!("#{package}@")))
+        })
         .filter(|l| {
             // The profile object is flat: look for "test":true inside it.
             l.split_once(r#""profile":{"#)
@@ -2021,14 +2039,16 @@ mod tests {
     #[test]
     fn reads_test_executables_from_cargo_json() {
         let json = concat!(
-            r#"{"reason":"compiler-artifact","package_id":"x","target":{"kind":["test"],"name":"cleanup","test":true},"profile":{"opt_level":"3","test":true},"executable":"/t/deps/cleanup-1"}"#,
+            r#"{"reason":"compiler-artifact","package_id":"path+file:///w/tests#kproxy-tests@0.1.0","target":{"kind":["test"],"name":"cleanup","test":true},"profile":{"opt_level":"3","test":true},"executable":"/t/deps/cleanup-1"}"#,
             "\n",
-            r#"{"reason":"compiler-artifact","package_id":"x","target":{"kind":["lib"],"name":"kproxy_tests","test":true},"profile":{"opt_level":"3","test":false},"executable":null}"#,
+            r#"{"reason":"compiler-artifact","package_id":"path+file:///w/tests#kproxy-tests@0.1.0","target":{"kind":["lib"],"name":"kproxy_tests","test":true},"profile":{"opt_level":"3","test":false},"executable":null}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","package_id":"path+file:///w/proxy-user#0.1.0","target":{"kind":["lib"],"name":"proxy_user","test":true},"profile":{"opt_level":"3","test":true},"executable":"/t/deps/proxy_user-2"}"#,
             "\n",
             r#"{"reason":"build-finished","success":true}"#,
         );
         assert_eq!(
-            test_executables(json),
+            test_executables(json, "kproxy-tests"),
             vec![("cleanup".to_string(), PathBuf::from("/t/deps/cleanup-1"))]
         );
         assert_eq!(json_string(r#"{"a":"x\"y"}"#, "a").as_deref(), Some("x\"y"));
