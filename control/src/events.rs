@@ -15,11 +15,16 @@ use kube::{Client, Resource};
 pub const NORMAL: &str = "Normal";
 pub const WARNING: &str = "Warning";
 
+/// (object uid, reason, message).
+type EventKey = (String, String, String);
+/// (namespace, event name, count).
+type Recorded = (String, String, i32);
+
 pub struct Recorder {
     client: Client,
     component: String,
     /// (object uid, reason, message) → (namespace, event name, count).
-    seen: Mutex<HashMap<(String, String, String), (String, String, i32)>>,
+    seen: Mutex<HashMap<EventKey, Recorded>>,
 }
 
 /// A reference to `o` for `involvedObject`.
@@ -120,7 +125,10 @@ impl Recorder {
                 }
                 seen.insert(key, (ns, created.metadata.name.unwrap_or_default(), 1));
             }
-            Err(e) => eprintln!("kcontrol: {}: recording event {reason}: {e}", self.component),
+            Err(e) => eprintln!(
+                "kcontrol: {}: recording event {reason}: {e}",
+                self.component
+            ),
         }
     }
 }

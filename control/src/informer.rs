@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use kube::Resource;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::Resource;
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
@@ -213,7 +213,8 @@ where
             Err(e) => {
                 let n = failures.entry(key.clone()).or_insert(0);
                 *n += 1;
-                let delay = Duration::from_millis(200u64 << (*n).min(8)).min(Duration::from_secs(30));
+                let delay =
+                    Duration::from_millis(200u64 << (*n).min(8)).min(Duration::from_secs(30));
                 if *n <= 3 || (*n).is_power_of_two() {
                     eprintln!("kcontrol: {name} {key}: {e:#} (retry in {delay:?})");
                 }
@@ -224,8 +225,12 @@ where
 }
 
 /// Queues every key of `store` into `queue` every `period`.
-pub async fn resync<K, T>(store: Store<K>, queue: Arc<Queue<T>>, period: Duration, to_key: fn(&K) -> T)
-where
+pub async fn resync<K, T>(
+    store: Store<K>,
+    queue: Arc<Queue<T>>,
+    period: Duration,
+    to_key: fn(&K) -> T,
+) where
     K: Resource + Clone + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
     T: Clone + Eq + Hash + Send + Sync + 'static,

@@ -115,8 +115,7 @@ fn run_until_signal<F: std::future::Future<Output = anyhow::Result<()>>>(
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = f() => r,
             _ = tokio::signal::ctrl_c() => Ok(()),

@@ -47,11 +47,7 @@ pub fn availability(
     if min_ready_seconds <= 0 {
         return (true, None);
     }
-    let since = c
-        .last_transition_time
-        .as_ref()
-        .map(|t| t.0)
-        .unwrap_or(now);
+    let since = c.last_transition_time.as_ref().map(|t| t.0).unwrap_or(now);
     let ready_for = now.duration_since(since).as_secs_f64().max(0.0);
     let need = f64::from(min_ready_seconds);
     if ready_for >= need {

@@ -52,7 +52,11 @@ fn number(s: &str) -> Option<f64> {
 /// millicores for `cpu`, base units otherwise.
 pub fn amount(name: &str, q: &Quantity) -> f64 {
     let v = parse(&q.0).unwrap_or(0.0);
-    if name == "cpu" { (v * 1000.0).ceil() } else { v.ceil() }
+    if name == "cpu" {
+        (v * 1000.0).ceil()
+    } else {
+        v.ceil()
+    }
 }
 
 /// A set of resource amounts (see [`amount`]).

@@ -275,7 +275,8 @@ impl Scheduler {
                 && c.message.as_deref() == Some(msg)
         });
         if !unchanged {
-            let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+            let api: Api<Pod> =
+                Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
             let patch = json!({
                 "status": { "conditions": [{
                     "type": "PodScheduled",
@@ -287,7 +288,11 @@ impl Scheduler {
                 }]}
             });
             match api
-                .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Strategic(&patch))
+                .patch_status(
+                    &pod.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Strategic(&patch),
+                )
                 .await
             {
                 Ok(_) => {}
@@ -314,7 +319,10 @@ fn node_condition<'a>(n: &'a Node, type_: &str) -> Option<&'a str> {
 
 fn tolerates(tols: &[Toleration], t: &Taint) -> bool {
     tols.iter().any(|tol| {
-        let effect_ok = tol.effect.as_deref().is_none_or(|e| e.is_empty() || e == t.effect);
+        let effect_ok = tol
+            .effect
+            .as_deref()
+            .is_none_or(|e| e.is_empty() || e == t.effect);
         let key_ok = match tol.key.as_deref() {
             None | Some("") => tol.operator.as_deref() == Some("Exists"),
             Some(k) => k == t.key,
@@ -378,7 +386,9 @@ fn filter(
         .flatten()
         .all(|(k, v)| labels.get(k) == Some(v));
     if !selector_ok || !affinity_ok(&spec, node) {
-        return Err(vec!["node(s) didn't match Pod's node affinity/selector".into()]);
+        return Err(vec![
+            "node(s) didn't match Pod's node affinity/selector".into(),
+        ]);
     }
     let status = node.status.clone().unwrap_or_default();
     let alloc = quantity::from_map(status.allocatable.as_ref().or(status.capacity.as_ref()));
@@ -409,7 +419,10 @@ fn affinity_ok(spec: &k8s_openapi::api::core::v1::PodSpec, node: &Node) -> bool 
         .affinity
         .as_ref()
         .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
     else {
         return true;
     };
@@ -464,21 +477,29 @@ fn pick<'a>(
     let score = |n: &Node| -> i64 {
         let status = n.status.clone().unwrap_or_default();
         let alloc = quantity::from_map(status.allocatable.as_ref().or(status.capacity.as_ref()));
-        let u = used.get(&n.name_any()).map(|u| u.0.clone()).unwrap_or_default();
+        let u = used
+            .get(&n.name_any())
+            .map(|u| u.0.clone())
+            .unwrap_or_default();
         let mut total = 0.0;
         for r in ["cpu", "memory"] {
             let have = alloc.get(r).copied().unwrap_or(0.0);
             if have <= 0.0 {
                 continue;
             }
-            let after = u.get(r).copied().unwrap_or(0.0) + nonzero(r, want.get(r).copied().unwrap_or(0.0));
+            let after =
+                u.get(r).copied().unwrap_or(0.0) + nonzero(r, want.get(r).copied().unwrap_or(0.0));
             total += ((have - after).max(0.0) * 100.0 / have).floor();
         }
         (total / 2.0) as i64
     };
     let scored: Vec<(i64, &Arc<Node>)> = nodes.iter().map(|n| (score(n), n)).collect();
     let best = scored.iter().map(|(s, _)| *s).max().unwrap_or(0);
-    let ties: Vec<&Arc<Node>> = scored.iter().filter(|(s, _)| *s == best).map(|(_, n)| *n).collect();
+    let ties: Vec<&Arc<Node>> = scored
+        .iter()
+        .filter(|(s, _)| *s == best)
+        .map(|(_, n)| *n)
+        .collect();
     let mut b = [0u8; 4];
     let _ = getrandom::fill(&mut b);
     ties[u32::from_le_bytes(b) as usize % ties.len()]
@@ -519,12 +540,17 @@ mod tests {
         );
         assert_eq!(filter(&p, &ready_node("n", "4"), &want, None), Ok(()));
         let mut tainted = ready_node("n", "4");
-        tainted.spec = Some(serde_json::from_value(json!({
-            "taints": [{ "key": "dedicated", "value": "db", "effect": "NoSchedule" }]
-        })).unwrap());
+        tainted.spec = Some(
+            serde_json::from_value(json!({
+                "taints": [{ "key": "dedicated", "value": "db", "effect": "NoSchedule" }]
+            }))
+            .unwrap(),
+        );
         assert_eq!(
             filter(&p, &tainted, &want, None),
-            Err(vec!["node(s) had untolerated taint {dedicated: db}".to_string()])
+            Err(vec![
+                "node(s) had untolerated taint {dedicated: db}".to_string()
+            ])
         );
         let tolerant = pod(json!({
             "metadata": { "name": "p" },
@@ -541,7 +567,9 @@ mod tests {
         }));
         assert_eq!(
             filter(&picky, &ready_node("n", "4"), &Resources::new(), None),
-            Err(vec!["node(s) didn't match Pod's node affinity/selector".to_string()])
+            Err(vec![
+                "node(s) didn't match Pod's node affinity/selector".to_string()
+            ])
         );
     }
 
@@ -550,7 +578,10 @@ mod tests {
         let a = Arc::new(ready_node("a", "4"));
         let b = Arc::new(ready_node("b", "4"));
         let mut used = HashMap::new();
-        used.insert("a".to_string(), (Resources::from([("cpu".to_string(), 3000.0)]), 1));
+        used.insert(
+            "a".to_string(),
+            (Resources::from([("cpu".to_string(), 3000.0)]), 1),
+        );
         let nodes = vec![a, b];
         for _ in 0..10 {
             assert_eq!(pick(&nodes, &used, &Resources::new()).name_any(), "b");

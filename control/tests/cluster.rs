@@ -34,11 +34,12 @@ impl Drop for Proc {
     }
 }
 
+/// Fields drop in order: the components stop before the apiserver.
 struct Cluster {
+    _procs: Vec<Proc>,
     server: Server,
     client: Client,
     cache: TempDir,
-    _procs: Vec<Proc>,
     _dir: TempDir,
 }
 
@@ -156,17 +157,26 @@ fn is_ready(p: &Pod) -> bool {
 }
 
 fn node_of(p: &Pod) -> String {
-    p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default()
+    p.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
 }
 
 fn scheduled_condition(p: &Pod) -> Option<(String, String, String)> {
-    p.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "PodScheduled").map(|c| {
-        (
-            c.status.clone(),
-            c.reason.clone().unwrap_or_default(),
-            c.message.clone().unwrap_or_default(),
-        )
-    })
+    p.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "PodScheduled")
+        .map(|c| {
+            (
+                c.status.clone(),
+                c.reason.clone().unwrap_or_default(),
+                c.message.clone().unwrap_or_default(),
+            )
+        })
 }
 
 async fn slices_of(client: &Client, ns: &str, svc: &str) -> Vec<EndpointSlice> {
@@ -215,7 +225,11 @@ async fn scheduler_filters_scores_binds_and_reports_unschedulable() {
         "  nodeSelector: {kubernetes.io/hostname: tainted}\n  tolerations: [{key: dedicated, operator: Equal, value: db, effect: NoSchedule}]",
         "10m",
     );
-    manifests += &pod_yaml("intolerant", "  nodeSelector: {kubernetes.io/hostname: tainted}", "10m");
+    manifests += &pod_yaml(
+        "intolerant",
+        "  nodeSelector: {kubernetes.io/hostname: tainted}",
+        "10m",
+    );
     manifests += &pod_yaml("hdd-first", "  nodeSelector: {disk: hdd}", "600m");
     manifests += &pod_yaml("too-big", "", "100");
     c.kubectl(&["apply", "-f", "-"], Some(&manifests)).await;
@@ -228,7 +242,11 @@ async fn scheduler_filters_scores_binds_and_reports_unschedulable() {
                 let pods = pods.clone();
                 async move {
                     let p = pods.get(name).await.map_err(|e| e.to_string())?;
-                    if node_of(&p) == node { Ok(()) } else { Err(format!("{:?}", node_of(&p))) }
+                    if node_of(&p) == node {
+                        Ok(())
+                    } else {
+                        Err(format!("{:?}", node_of(&p)))
+                    }
                 }
             })
             .await
@@ -269,20 +287,30 @@ async fn scheduler_filters_scores_binds_and_reports_unschedulable() {
     // A second 600m pod does not fit next to the first on the 1-CPU node.
     c.kubectl(
         &["apply", "-f", "-"],
-        Some(&pod_yaml("hdd-second", "  nodeSelector: {disk: hdd}", "600m")),
+        Some(&pod_yaml(
+            "hdd-second",
+            "  nodeSelector: {disk: hdd}",
+            "600m",
+        )),
     )
     .await;
     let (_, msg) = unschedulable("hdd-second").await;
     assert!(msg.contains("1 Insufficient cpu"), "{msg}");
 
     // kubectl shows it Pending, with the reason in describe and events.
-    let out = c.kubectl(&["get", "pod", "too-big", "--no-headers"], None).await;
+    let out = c
+        .kubectl(&["get", "pod", "too-big", "--no-headers"], None)
+        .await;
     assert!(out.contains("Pending"), "{out}");
     let events: Api<Event> = Api::namespaced(c.client.clone(), "default");
     wait_for("FailedScheduling and Scheduled events", || {
         let events = events.clone();
         async move {
-            let evs = events.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items;
+            let evs = events
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items;
             let has = |reason: &str, obj: &str| {
                 evs.iter().any(|e| {
                     e.reason.as_deref() == Some(reason)
@@ -378,30 +406,54 @@ async fn deployment_scale_rolling_update_undo_and_cascade_delete() {
     let first_rs = list[0].clone();
     let hash = first_rs.labels()["pod-template-hash"].clone();
     assert_eq!(first_rs.name_any(), format!("web-{hash}"));
-    assert_eq!(first_rs.annotations()["deployment.kubernetes.io/revision"], "1");
+    assert_eq!(
+        first_rs.annotations()["deployment.kubernetes.io/revision"],
+        "1"
+    );
     for p in pods_with(client, "default", "app=web").await {
         assert_eq!(p.labels()["pod-template-hash"], hash);
         let owner = &p.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("ReplicaSet", first_rs.name_any().as_str()));
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("ReplicaSet", first_rs.name_any().as_str())
+        );
         assert_eq!(node_of(&p), "n1");
     }
-    c.kubectl(&["rollout", "status", "deployment/web", "--timeout=30s"], None).await;
+    c.kubectl(
+        &["rollout", "status", "deployment/web", "--timeout=30s"],
+        None,
+    )
+    .await;
 
     // The EndpointSlice: ready endpoints for the pods, the named port
     // resolved to the container port, the labels kproxy keys on.
-    let names: BTreeSet<String> = pods_with(client, "default", "app=web").await.iter().map(|p| p.name_any()).collect();
+    let names: BTreeSet<String> = pods_with(client, "default", "app=web")
+        .await
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
     wait_for("slice with the 3 pods", || async {
         let got = ready_slice_endpoints(client, "web").await;
-        if got == names { Ok(()) } else { Err(format!("{got:?}")) }
+        if got == names {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
     })
     .await;
     let slices = slices_of(client, "default", "web").await;
     assert_eq!(slices.len(), 1);
     let s = &slices[0];
     assert_eq!(s.address_type, "IPv4");
-    assert_eq!(s.labels()["endpointslice.kubernetes.io/managed-by"], "endpointslice-controller.k8s.io");
+    assert_eq!(
+        s.labels()["endpointslice.kubernetes.io/managed-by"],
+        "endpointslice-controller.k8s.io"
+    );
     let port = &s.ports.as_ref().unwrap()[0];
-    assert_eq!((port.name.as_deref(), port.port, port.protocol.as_deref()), (Some("http"), Some(8080), Some("TCP")));
+    assert_eq!(
+        (port.name.as_deref(), port.port, port.protocol.as_deref()),
+        (Some("http"), Some(8080), Some("TCP"))
+    );
     for e in &s.endpoints {
         assert_eq!(e.node_name.as_deref(), Some("n1"));
         assert!(e.addresses[0].starts_with("10.1.0."), "{:?}", e.addresses);
@@ -415,23 +467,30 @@ async fn deployment_scale_rolling_update_undo_and_cascade_delete() {
     assert_eq!(subset.ports.as_ref().unwrap()[0].port, 8080);
 
     // kubectl scale up and down.
-    c.kubectl(&["scale", "deployment/web", "--replicas=5"], None).await;
+    c.kubectl(&["scale", "deployment/web", "--replicas=5"], None)
+        .await;
     wait_ready_pods(client, 5).await;
     wait_for("5 ready endpoints", || async {
         let n = ready_slice_endpoints(client, "web").await.len();
         if n == 5 { Ok(()) } else { Err(n.to_string()) }
     })
     .await;
-    c.kubectl(&["scale", "deployment/web", "--replicas=1"], None).await;
+    c.kubectl(&["scale", "deployment/web", "--replicas=1"], None)
+        .await;
     wait_ready_pods(client, 1).await;
     wait_for("1 ready endpoint", || async {
         let n = ready_slice_endpoints(client, "web").await.len();
         if n == 1 { Ok(()) } else { Err(n.to_string()) }
     })
     .await;
-    c.kubectl(&["scale", "deployment/web", "--replicas=3"], None).await;
+    c.kubectl(&["scale", "deployment/web", "--replicas=3"], None)
+        .await;
     wait_ready_pods(client, 3).await;
-    c.kubectl(&["rollout", "status", "deployment/web", "--timeout=30s"], None).await;
+    c.kubectl(
+        &["rollout", "status", "deployment/web", "--timeout=30s"],
+        None,
+    )
+    .await;
 
     // Rolling update with maxUnavailable=0: never fewer than 3 ready pods.
     let done = Arc::new(AtomicBool::new(false));
@@ -446,8 +505,13 @@ async fn deployment_scale_rolling_update_undo_and_cascade_delete() {
             }
         })
     };
-    c.kubectl(&["set", "env", "deployment/web", "VERSION=2"], None).await;
-    c.kubectl(&["rollout", "status", "deployment/web", "--timeout=60s"], None).await;
+    c.kubectl(&["set", "env", "deployment/web", "VERSION=2"], None)
+        .await;
+    c.kubectl(
+        &["rollout", "status", "deployment/web", "--timeout=60s"],
+        None,
+    )
+    .await;
     wait_ready_pods(client, 3).await;
     done.store(true, Ordering::SeqCst);
     watcher.await.unwrap();
@@ -458,57 +522,119 @@ async fn deployment_scale_rolling_update_undo_and_cascade_delete() {
     );
     let list = rss.list(&ListParams::default()).await.unwrap().items;
     assert_eq!(list.len(), 2);
-    let new_rs = list.iter().find(|r| r.name_any() != first_rs.name_any()).unwrap();
-    assert_eq!(new_rs.annotations()["deployment.kubernetes.io/revision"], "2");
+    let new_rs = list
+        .iter()
+        .find(|r| r.name_any() != first_rs.name_any())
+        .unwrap();
+    assert_eq!(
+        new_rs.annotations()["deployment.kubernetes.io/revision"],
+        "2"
+    );
     assert_eq!(new_rs.spec.as_ref().unwrap().replicas, Some(3));
     let old = rss.get(&first_rs.name_any()).await.unwrap();
     assert_eq!(old.spec.as_ref().unwrap().replicas, Some(0));
     let new_hash = new_rs.labels()["pod-template-hash"].clone();
     for p in pods_with(client, "default", "app=web").await {
         assert_eq!(p.labels()["pod-template-hash"], new_hash);
-        let env = p.spec.as_ref().unwrap().containers[0].env.clone().unwrap_or_default();
-        assert!(env.iter().any(|e| e.name == "VERSION" && e.value.as_deref() == Some("2")));
+        let env = p.spec.as_ref().unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap_or_default();
+        assert!(
+            env.iter()
+                .any(|e| e.name == "VERSION" && e.value.as_deref() == Some("2"))
+        );
     }
     let deps: Api<Deployment> = Api::namespaced(client.clone(), "default");
     let d = deps.get("web").await.unwrap();
     assert_eq!(d.annotations()["deployment.kubernetes.io/revision"], "2");
     let st = d.status.clone().unwrap();
     assert_eq!(st.observed_generation, d.metadata.generation);
-    assert_eq!((st.updated_replicas, st.ready_replicas, st.available_replicas), (Some(3), Some(3), Some(3)));
+    assert_eq!(
+        (
+            st.updated_replicas,
+            st.ready_replicas,
+            st.available_replicas
+        ),
+        (Some(3), Some(3), Some(3))
+    );
     let conds = st.conditions.unwrap();
-    let reason = |t: &str| conds.iter().find(|c| c.type_ == t).and_then(|c| c.reason.clone());
-    assert_eq!(reason("Available").as_deref(), Some("MinimumReplicasAvailable"));
-    assert_eq!(reason("Progressing").as_deref(), Some("NewReplicaSetAvailable"));
+    let reason = |t: &str| {
+        conds
+            .iter()
+            .find(|c| c.type_ == t)
+            .and_then(|c| c.reason.clone())
+    };
+    assert_eq!(
+        reason("Available").as_deref(),
+        Some("MinimumReplicasAvailable")
+    );
+    assert_eq!(
+        reason("Progressing").as_deref(),
+        Some("NewReplicaSetAvailable")
+    );
     let events: Api<Event> = Api::namespaced(client.clone(), "default");
     let evs = events.list(&ListParams::default()).await.unwrap().items;
-    assert!(evs.iter().any(|e| e.reason.as_deref() == Some("ScalingReplicaSet")));
-    assert!(evs.iter().any(|e| e.reason.as_deref() == Some("SuccessfulCreate")));
+    assert!(
+        evs.iter()
+            .any(|e| e.reason.as_deref() == Some("ScalingReplicaSet"))
+    );
+    assert!(
+        evs.iter()
+            .any(|e| e.reason.as_deref() == Some("SuccessfulCreate"))
+    );
 
     // kubectl rollout undo: the first template (and ReplicaSet) is back,
     // under revision 3.
-    c.kubectl(&["rollout", "undo", "deployment/web"], None).await;
-    c.kubectl(&["rollout", "status", "deployment/web", "--timeout=60s"], None).await;
+    c.kubectl(&["rollout", "undo", "deployment/web"], None)
+        .await;
+    c.kubectl(
+        &["rollout", "status", "deployment/web", "--timeout=60s"],
+        None,
+    )
+    .await;
     wait_for("pods of the first template again", || async {
         let pods = pods_with(client, "default", "app=web").await;
-        let back = pods.iter().filter(|p| p.labels()["pod-template-hash"] == hash && is_ready(p)).count();
-        if pods.len() == 3 && back == 3 { Ok(()) } else { Err(format!("{back}/{}", pods.len())) }
+        let back = pods
+            .iter()
+            .filter(|p| p.labels()["pod-template-hash"] == hash && is_ready(p))
+            .count();
+        if pods.len() == 3 && back == 3 {
+            Ok(())
+        } else {
+            Err(format!("{back}/{}", pods.len()))
+        }
     })
     .await;
     let old = rss.get(&first_rs.name_any()).await.unwrap();
     assert_eq!(old.annotations()["deployment.kubernetes.io/revision"], "3");
     let d = deps.get("web").await.unwrap();
     assert_eq!(d.annotations()["deployment.kubernetes.io/revision"], "3");
-    let env = d.spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap_or_default();
+    let env = d.spec.unwrap().template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap_or_default();
     assert!(env.is_empty(), "{env:?}");
-    let history = c.kubectl(&["rollout", "history", "deployment/web"], None).await;
+    let history = c
+        .kubectl(&["rollout", "history", "deployment/web"], None)
+        .await;
     assert!(history.contains('2') && history.contains('3'), "{history}");
 
     // Deleting the Deployment takes its ReplicaSets and their pods.
     c.kubectl(&["delete", "deployment", "web"], None).await;
     wait_for("ReplicaSets and pods gone", || async {
-        let rs = rss.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items.len();
+        let rs = rss
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .len();
         let pods = pods_with(client, "default", "app=web").await.len();
-        if rs == 0 && pods == 0 { Ok(()) } else { Err(format!("{rs} rs, {pods} pods")) }
+        if rs == 0 && pods == 0 {
+            Ok(())
+        } else {
+            Err(format!("{rs} rs, {pods} pods"))
+        }
     })
     .await;
 }
@@ -548,11 +674,19 @@ spec:
 async fn endpoint_rows(client: &Client, svc: &str) -> BTreeSet<(String, i32, bool, bool, bool)> {
     let mut out = BTreeSet::new();
     for s in slices_of(client, "default", svc).await {
-        let port = s.ports.as_ref().and_then(|p| p.first()).and_then(|p| p.port).unwrap_or(0);
+        let port = s
+            .ports
+            .as_ref()
+            .and_then(|p| p.first())
+            .and_then(|p| p.port)
+            .unwrap_or(0);
         for e in &s.endpoints {
             let c = e.conditions.clone().unwrap_or_default();
             out.insert((
-                e.target_ref.as_ref().and_then(|r| r.name.clone()).unwrap_or_default(),
+                e.target_ref
+                    .as_ref()
+                    .and_then(|r| r.name.clone())
+                    .unwrap_or_default(),
                 port,
                 c.ready.unwrap_or(false),
                 c.serving.unwrap_or(false),
@@ -568,7 +702,12 @@ async fn endpoints_follow_ports_termination_node_failure_and_orphans() {
     let c = Arc::new(
         Cluster::start(
             "eps",
-            &["--node-monitor-grace-period", "2s", "--pod-eviction-timeout", "3s"],
+            &[
+                "--node-monitor-grace-period",
+                "2s",
+                "--pod-eviction-timeout",
+                "3s",
+            ],
         )
         .await,
     );
@@ -585,14 +724,19 @@ async fn endpoints_follow_ports_termination_node_failure_and_orphans() {
     .into();
     wait_for("three ready endpoints", || async {
         let rows = endpoint_rows(client, "api").await;
-        if rows == all_ready { Ok(()) } else { Err(format!("{rows:?}")) }
+        if rows == all_ready {
+            Ok(())
+        } else {
+            Err(format!("{rows:?}"))
+        }
     })
     .await;
     assert_eq!(slices_of(client, "default", "api").await.len(), 2);
 
     // A pod being deleted (held by a finalizer) is terminating, serving,
     // not ready; legacy Endpoints drop it.
-    c.kubectl(&["delete", "pod", "api-held", "--wait=false"], None).await;
+    c.kubectl(&["delete", "pod", "api-held", "--wait=false"], None)
+        .await;
     wait_for("api-held terminating", || async {
         let rows = endpoint_rows(client, "api").await;
         if rows.contains(&("api-held".to_string(), 8080, false, true, true)) {
@@ -615,14 +759,33 @@ async fn endpoints_follow_ports_termination_node_failure_and_orphans() {
                 .filter_map(|a| a.target_ref.as_ref().and_then(|r| r.name.clone()))
                 .collect();
             let want: BTreeSet<String> = ["api-a".to_string(), "api-b".to_string()].into();
-            if names == want { Ok(()) } else { Err(format!("{names:?}")) }
+            if names == want {
+                Ok(())
+            } else {
+                Err(format!("{names:?}"))
+            }
         }
     })
     .await;
-    c.kubectl(&["patch", "pod", "api-held", "--type=merge", "-p", r#"{"metadata":{"finalizers":null}}"#], None).await;
+    c.kubectl(
+        &[
+            "patch",
+            "pod",
+            "api-held",
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ],
+        None,
+    )
+    .await;
     wait_for("api-held gone from the slices", || async {
         let rows = endpoint_rows(client, "api").await;
-        if rows.iter().all(|r| r.0 != "api-held") && rows.len() == 2 { Ok(()) } else { Err(format!("{rows:?}")) }
+        if rows.iter().all(|r| r.0 != "api-held") && rows.len() == 2 {
+            Ok(())
+        } else {
+            Err(format!("{rows:?}"))
+        }
     })
     .await;
 
@@ -663,26 +826,56 @@ spec:
         let nodes = nodes.clone();
         async move {
             let n = nodes.get("n1").await.map_err(|e| e.to_string())?;
-            let ready = n.status.unwrap().conditions.unwrap().into_iter().find(|c| c.type_ == "Ready").unwrap();
-            if ready.status == "Unknown" { Ok(()) } else { Err(ready.status) }
+            let ready = n
+                .status
+                .unwrap()
+                .conditions
+                .unwrap()
+                .into_iter()
+                .find(|c| c.type_ == "Ready")
+                .unwrap();
+            if ready.status == "Unknown" {
+                Ok(())
+            } else {
+                Err(ready.status)
+            }
         }
     })
     .await;
-    let out = c.kubectl(&["get", "node", "n1", "--no-headers"], None).await;
+    let out = c
+        .kubectl(&["get", "node", "n1", "--no-headers"], None)
+        .await;
     assert!(out.contains("NotReady"), "{out}");
     wait_for("endpoints not ready", || async {
         let rows = endpoint_rows(client, "api").await;
-        if rows.len() == 2 && rows.iter().all(|r| !r.2) { Ok(()) } else { Err(format!("{rows:?}")) }
+        if rows.len() == 2 && rows.iter().all(|r| !r.2) {
+            Ok(())
+        } else {
+            Err(format!("{rows:?}"))
+        }
     })
     .await;
     let events: Api<Event> = Api::namespaced(client.clone(), "default");
     let evs = events.list(&ListParams::default()).await.unwrap().items;
-    assert!(evs.iter().any(|e| e.reason.as_deref() == Some("NodeNotReady")), "no NodeNotReady event");
+    assert!(
+        evs.iter()
+            .any(|e| e.reason.as_deref() == Some("NodeNotReady")),
+        "no NodeNotReady event"
+    );
     wait_for("pods of n1 evicted", || {
         let pods = pods.clone();
         async move {
-            let n = pods.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items.len();
-            if n == 0 { Ok(()) } else { Err(format!("{n} pods")) }
+            let n = pods
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .len();
+            if n == 0 {
+                Ok(())
+            } else {
+                Err(format!("{n} pods"))
+            }
         }
     })
     .await;

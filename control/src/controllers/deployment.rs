@@ -98,12 +98,16 @@ pub fn template_hash(t: &PodTemplateSpec, collision_count: Option<i32>) -> Strin
 fn canonical(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::Object(m) => {
-            let sorted: BTreeMap<&String, String> = m.iter().map(|(k, v)| (k, canonical(v))).collect();
+            let sorted: BTreeMap<&String, String> =
+                m.iter().map(|(k, v)| (k, canonical(v))).collect();
             let parts: Vec<String> = sorted.iter().map(|(k, v)| format!("{k:?}:{v}")).collect();
             format!("{{{}}}", parts.join(","))
         }
         serde_json::Value::Array(a) => {
-            format!("[{}]", a.iter().map(canonical).collect::<Vec<_>>().join(","))
+            format!(
+                "[{}]",
+                a.iter().map(canonical).collect::<Vec<_>>().join(",")
+            )
         }
         other => other.to_string(),
     }
@@ -161,7 +165,12 @@ pub(super) async fn reconcile(ctx: &Ctx, key: Key) -> Result<Next> {
             return Ok(Next::After(Duration::from_millis(200)));
         }
     }
-    rss.sort_by_key(|rs| (revision(rs), rs.metadata.creation_timestamp.as_ref().map(|t| t.0)));
+    rss.sort_by_key(|rs| {
+        (
+            revision(rs),
+            rs.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        )
+    });
     let spec = d.spec.clone().unwrap_or_default();
     let want = spec.replicas.unwrap_or(1).max(0);
     let template = spec.template.clone();
@@ -177,7 +186,11 @@ pub(super) async fn reconcile(ctx: &Ctx, key: Key) -> Result<Next> {
         .cloned();
     let olds: Vec<Arc<ReplicaSet>> = rss
         .iter()
-        .filter(|rs| new_rs.as_ref().is_none_or(|n| n.metadata.uid != rs.metadata.uid))
+        .filter(|rs| {
+            new_rs
+                .as_ref()
+                .is_none_or(|n| n.metadata.uid != rs.metadata.uid)
+        })
         .cloned()
         .collect();
     let max_old_revision = olds.iter().map(|r| revision(r)).max().unwrap_or(0);
@@ -187,16 +200,15 @@ pub(super) async fn reconcile(ctx: &Ctx, key: Key) -> Result<Next> {
     }
 
     let (surge, unavail) = resolve(&d, want);
-    let recreate = spec
-        .strategy
-        .as_ref()
-        .and_then(|s| s.type_.as_deref())
-        == Some("Recreate");
+    let recreate = spec.strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("Recreate");
 
     let Some(new_rs) = new_rs else {
         let total: i32 = rss.iter().map(|r| replicas(r)).sum();
         let initial = if recreate {
-            if olds.iter().any(|r| replicas(r) > 0 || r.status.as_ref().is_some_and(|s| s.replicas > 0)) {
+            if olds
+                .iter()
+                .any(|r| replicas(r) > 0 || r.status.as_ref().is_some_and(|s| s.replicas > 0))
+            {
                 0
             } else {
                 want
@@ -334,7 +346,8 @@ async fn rolling(
 
 async fn scale(ctx: &Ctx, d: &Deployment, rs: &ReplicaSet, to: i32) -> Result<()> {
     let from = replicas(rs);
-    let api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &rs.namespace().unwrap_or_default());
+    let api: Api<ReplicaSet> =
+        Api::namespaced(ctx.client.clone(), &rs.namespace().unwrap_or_default());
     let patch = json!({
         "metadata": {
             "resourceVersion": rs.metadata.resource_version,
@@ -343,7 +356,11 @@ async fn scale(ctx: &Ctx, d: &Deployment, rs: &ReplicaSet, to: i32) -> Result<()
         "spec": { "replicas": to },
     });
     let out = api
-        .patch(&rs.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(
+            &rs.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
         .await
         .with_context(|| format!("scaling replica set {}", rs.name_any()))?;
     ctx.rs_written.lock().expect("lock").insert(
@@ -356,7 +373,10 @@ async fn scale(ctx: &Ctx, d: &Deployment, rs: &ReplicaSet, to: i32) -> Result<()
             d,
             events::NORMAL,
             "ScalingReplicaSet",
-            &format!("Scaled {verb} replica set {} from {from} to {to}", rs.name_any()),
+            &format!(
+                "Scaled {verb} replica set {} from {from} to {to}",
+                rs.name_any()
+            ),
         )
         .await;
     Ok(())
@@ -397,7 +417,10 @@ async fn create_rs(
     let mut annotations = copied_annotations(d);
     annotations.insert(REVISION.into(), rev.to_string());
     annotations.insert(DESIRED.into(), spec.replicas.unwrap_or(1).to_string());
-    annotations.insert(MAX_REPLICAS.into(), (spec.replicas.unwrap_or(1) + surge).to_string());
+    annotations.insert(
+        MAX_REPLICAS.into(),
+        (spec.replicas.unwrap_or(1) + surge).to_string(),
+    );
     let name = format!("{}-{hash}", key.name);
     let rs = ReplicaSet {
         metadata: ObjectMeta {
@@ -443,7 +466,10 @@ async fn create_rs(
         Err(kube::Error::Api(e)) if e.code == 409 => {
             // Ours with this template (the cache lags), or a hash collision:
             // then the next hash comes from a bumped collisionCount.
-            let existing = api.get(&name).await.context("reading the existing replica set")?;
+            let existing = api
+                .get(&name)
+                .await
+                .context("reading the existing replica set")?;
             let ours = crate::informer::controller_of(&existing)
                 .is_some_and(|r| Some(&r.uid) == d.metadata.uid.as_ref());
             let same = existing
@@ -456,7 +482,9 @@ async fn create_rs(
                 dapi.patch_status(
                     &key.name,
                     &PatchParams::default(),
-                    &Patch::Merge(&json!({ "status": { "collisionCount": collision.unwrap_or(0) + 1 } })),
+                    &Patch::Merge(
+                        &json!({ "status": { "collisionCount": collision.unwrap_or(0) + 1 } }),
+                    ),
                 )
                 .await
                 .context("bumping collisionCount")?;
@@ -483,7 +511,8 @@ async fn sync_annotations(
     wanted.insert(MAX_REPLICAS.into(), (want + surge).to_string());
     let have = rs.annotations();
     if wanted.iter().any(|(k, v)| have.get(k) != Some(v)) {
-        let api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &rs.namespace().unwrap_or_default());
+        let api: Api<ReplicaSet> =
+            Api::namespaced(ctx.client.clone(), &rs.namespace().unwrap_or_default());
         api.patch(
             &rs.name_any(),
             &PatchParams::default(),
@@ -493,7 +522,8 @@ async fn sync_annotations(
         .context("annotating the new replica set")?;
     }
     if d.annotations().get(REVISION) != Some(&rev.to_string()) {
-        let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
+        let api: Api<Deployment> =
+            Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
         api.patch(
             &d.name_any(),
             &PatchParams::default(),
@@ -526,9 +556,13 @@ async fn cleanup_history(ctx: &Ctx, d: &Deployment, olds: &[Arc<ReplicaSet>]) ->
         return Ok(());
     }
     idle.sort_by_key(|r| revision(r));
-    let api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
+    let api: Api<ReplicaSet> =
+        Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
     for rs in &idle[..idle.len() - limit] {
-        match api.delete(&rs.name_any(), &DeleteParams::background()).await {
+        match api
+            .delete(&rs.name_any(), &DeleteParams::background())
+            .await
+        {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(e).context("deleting an old replica set"),
@@ -560,7 +594,9 @@ fn set_condition(
     let now = Time(jiff::Timestamp::now());
     let same_status = old.is_some_and(|o| o.status == status);
     let same_all = same_status
-        && old.is_some_and(|o| o.reason.as_deref() == Some(reason) && o.message.as_deref() == Some(&message));
+        && old.is_some_and(|o| {
+            o.reason.as_deref() == Some(reason) && o.message.as_deref() == Some(&message)
+        });
     out.push(DeploymentCondition {
         type_: type_.into(),
         status: status.into(),
@@ -593,18 +629,35 @@ async fn sync_status(
     let spec_total: i32 = all.iter().map(|r| replicas(r)).sum();
     let updated = new_rs.map(|r| st(r).replicas).unwrap_or(0);
     let ready: i32 = all.iter().map(|r| st(r).ready_replicas.unwrap_or(0)).sum();
-    let avail: i32 = all.iter().map(|r| st(r).available_replicas.unwrap_or(0)).sum();
+    let avail: i32 = all
+        .iter()
+        .map(|r| st(r).available_replicas.unwrap_or(0))
+        .sum();
     let (_, unavail) = resolve(d, want);
     let old = d.status.clone().unwrap_or_default();
     let new_name = new_rs.map(|r| r.name_any()).unwrap_or_default();
 
     let mut conds = Vec::new();
     if avail >= want - unavail {
-        set_condition(&mut conds, condition(d, "Available"), "Available", "True",
-            "MinimumReplicasAvailable", "Deployment has minimum availability.".into(), false);
+        set_condition(
+            &mut conds,
+            condition(d, "Available"),
+            "Available",
+            "True",
+            "MinimumReplicasAvailable",
+            "Deployment has minimum availability.".into(),
+            false,
+        );
     } else {
-        set_condition(&mut conds, condition(d, "Available"), "Available", "False",
-            "MinimumReplicasUnavailable", "Deployment does not have minimum availability.".into(), false);
+        set_condition(
+            &mut conds,
+            condition(d, "Available"),
+            "Available",
+            "False",
+            "MinimumReplicasUnavailable",
+            "Deployment does not have minimum availability.".into(),
+            false,
+        );
     }
     let complete = new_rs.is_some()
         && updated == want
@@ -619,26 +672,63 @@ async fn sync_status(
     let prev = condition(d, "Progressing");
     let mut next = Next::Done;
     if spec.paused == Some(true) {
-        set_condition(&mut conds, prev, "Progressing", "Unknown", "DeploymentPaused",
-            "Deployment is paused".into(), false);
+        set_condition(
+            &mut conds,
+            prev,
+            "Progressing",
+            "Unknown",
+            "DeploymentPaused",
+            "Deployment is paused".into(),
+            false,
+        );
     } else if complete {
-        set_condition(&mut conds, prev, "Progressing", "True", "NewReplicaSetAvailable",
-            format!("ReplicaSet \"{new_name}\" has successfully progressed."), false);
+        set_condition(
+            &mut conds,
+            prev,
+            "Progressing",
+            "True",
+            "NewReplicaSetAvailable",
+            format!("ReplicaSet \"{new_name}\" has successfully progressed."),
+            false,
+        );
     } else if created {
-        set_condition(&mut conds, prev, "Progressing", "True", "NewReplicaSetCreated",
-            format!("Created new replica set \"{new_name}\""), true);
+        set_condition(
+            &mut conds,
+            prev,
+            "Progressing",
+            "True",
+            "NewReplicaSetCreated",
+            format!("Created new replica set \"{new_name}\""),
+            true,
+        );
     } else if progressed || prev.is_none() {
-        set_condition(&mut conds, prev, "Progressing", "True", "ReplicaSetUpdated",
-            format!("ReplicaSet \"{new_name}\" is progressing."), true);
+        set_condition(
+            &mut conds,
+            prev,
+            "Progressing",
+            "True",
+            "ReplicaSetUpdated",
+            format!("ReplicaSet \"{new_name}\" is progressing."),
+            true,
+        );
     } else {
         let deadline = i64::from(spec.progress_deadline_seconds.unwrap_or(600));
         let last = prev.and_then(|c| c.last_update_time.as_ref()).map(|t| t.0);
-        let elapsed = last.map(|t| jiff::Timestamp::now().duration_since(t).as_secs()).unwrap_or(0);
+        let elapsed = last
+            .map(|t| jiff::Timestamp::now().duration_since(t).as_secs())
+            .unwrap_or(0);
         if prev.is_some_and(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
             || elapsed > deadline
         {
-            set_condition(&mut conds, prev, "Progressing", "False", "ProgressDeadlineExceeded",
-                format!("ReplicaSet \"{new_name}\" has timed out progressing."), false);
+            set_condition(
+                &mut conds,
+                prev,
+                "Progressing",
+                "False",
+                "ProgressDeadlineExceeded",
+                format!("ReplicaSet \"{new_name}\" has timed out progressing."),
+                false,
+            );
         } else {
             let p = prev.cloned().expect("checked above");
             conds.push(p);
@@ -657,19 +747,31 @@ async fn sync_status(
         "conditions": conds,
     });
     let current = serde_json::to_value(&old).unwrap_or_default();
-    let differs = ["observedGeneration", "replicas", "updatedReplicas", "readyReplicas",
-        "availableReplicas", "unavailableReplicas", "conditions"]
-        .iter()
-        .any(|f| {
-            let a = current.get(*f).cloned().unwrap_or(serde_json::Value::Null);
-            let b = status.get(*f).cloned().unwrap_or(serde_json::Value::Null);
-            let zeroish = |v: &serde_json::Value| v.is_null() || *v == json!(0);
-            !(a == b || (zeroish(&a) && zeroish(&b)))
-        });
+    let differs = [
+        "observedGeneration",
+        "replicas",
+        "updatedReplicas",
+        "readyReplicas",
+        "availableReplicas",
+        "unavailableReplicas",
+        "conditions",
+    ]
+    .iter()
+    .any(|f| {
+        let a = current.get(*f).cloned().unwrap_or(serde_json::Value::Null);
+        let b = status.get(*f).cloned().unwrap_or(serde_json::Value::Null);
+        let zeroish = |v: &serde_json::Value| v.is_null() || *v == json!(0);
+        !(a == b || (zeroish(&a) && zeroish(&b)))
+    });
     if differs {
-        let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
+        let api: Api<Deployment> =
+            Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
         match api
-            .patch_status(&d.name_any(), &PatchParams::default(), &Patch::Merge(&json!({ "status": status })))
+            .patch_status(
+                &d.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "status": status })),
+            )
             .await
         {
             Ok(_) => {}

@@ -70,7 +70,13 @@ type Port = (String, i32, String, Option<String>);
 /// does not declare leaves that port out.
 fn pod_ports(svc: &Service, p: &Pod) -> Vec<Port> {
     let mut out = Vec::new();
-    for sp in svc.spec.as_ref().and_then(|s| s.ports.as_ref()).into_iter().flatten() {
+    for sp in svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .into_iter()
+        .flatten()
+    {
         let proto = sp.protocol.clone().unwrap_or_else(|| "TCP".into());
         let number = match &sp.target_port {
             None => Some(sp.port),
@@ -91,7 +97,12 @@ fn pod_ports(svc: &Service, p: &Pod) -> Vec<Port> {
             },
         };
         if let Some(n) = number {
-            out.push((sp.name.clone().unwrap_or_default(), n, proto, sp.app_protocol.clone()));
+            out.push((
+                sp.name.clone().unwrap_or_default(),
+                n,
+                proto,
+                sp.app_protocol.clone(),
+            ));
         }
     }
     out
@@ -110,12 +121,14 @@ fn target_ref(p: &Pod) -> ObjectReference {
 fn slice_ports(ports: &[Port]) -> Vec<k8s_openapi::api::discovery::v1::EndpointPort> {
     ports
         .iter()
-        .map(|(name, port, proto, app)| k8s_openapi::api::discovery::v1::EndpointPort {
-            name: Some(name.clone()),
-            port: Some(*port),
-            protocol: Some(proto.clone()),
-            app_protocol: app.clone(),
-        })
+        .map(
+            |(name, port, proto, app)| k8s_openapi::api::discovery::v1::EndpointPort {
+                name: Some(name.clone()),
+                port: Some(*port),
+                protocol: Some(proto.clone()),
+                app_protocol: app.clone(),
+            },
+        )
         .collect()
 }
 
@@ -160,7 +173,10 @@ pub(super) async fn reconcile(ctx: &Ctx, key: Key) -> Result<Next> {
         }
         if key.get(&ctx.services).is_none() {
             match eps_api.get_opt(&key.name).await? {
-                Some(e) if e.labels().contains_key("endpointslice.kubernetes.io/skip-mirror") => {
+                Some(e)
+                    if e.labels()
+                        .contains_key("endpointslice.kubernetes.io/skip-mirror") =>
+                {
                     delete_ignoring_404(&eps_api, &key.name).await?
                 }
                 _ => {}
@@ -191,7 +207,11 @@ pub(super) async fn reconcile(ctx: &Ctx, key: Key) -> Result<Next> {
     for p in &pods {
         let mut ports = pod_ports(&svc, p);
         ports.sort();
-        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
+        let ip = p
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .unwrap_or_default();
         let ready = podutil::is_ready(p);
         let terminating = podutil::is_deleting(p);
         let node = podutil::node_name(p).map(str::to_string);
@@ -250,10 +270,14 @@ pub(super) async fn reconcile(ctx: &Ctx, key: Key) -> Result<Next> {
         let chunks: Vec<Vec<Endpoint>> = if eps.is_empty() {
             vec![Vec::new()]
         } else {
-            eps.chunks(MAX_ENDPOINTS).map(<[Endpoint]>::to_vec).collect()
+            eps.chunks(MAX_ENDPOINTS)
+                .map(<[Endpoint]>::to_vec)
+                .collect()
         };
         for chunk in chunks {
-            let reuse = pool.get_mut(ports).and_then(|v| (!v.is_empty()).then(|| v.remove(0)));
+            let reuse = pool
+                .get_mut(ports)
+                .and_then(|v| (!v.is_empty()).then(|| v.remove(0)));
             let mut want = EndpointSlice {
                 metadata: ObjectMeta {
                     generate_name: Some(format!("{}-", key.name)),
@@ -331,14 +355,19 @@ async fn sync_endpoints(
         .collect();
     want_subsets.retain(|s| s.ports.as_ref().is_some_and(|p| !p.is_empty()));
     let mut labels = svc.labels().clone();
-    labels.insert("endpointslice.kubernetes.io/skip-mirror".into(), "true".into());
+    labels.insert(
+        "endpointslice.kubernetes.io/skip-mirror".into(),
+        "true".into(),
+    );
     let cur = api.get_opt(&key.name).await.context("reading endpoints")?;
     let want = Endpoints {
         metadata: ObjectMeta {
             name: Some(key.name.clone()),
             namespace: Some(key.ns().to_string()),
             labels: Some(labels.clone()),
-            resource_version: cur.as_ref().and_then(|c| c.metadata.resource_version.clone()),
+            resource_version: cur
+                .as_ref()
+                .and_then(|c| c.metadata.resource_version.clone()),
             ..Default::default()
         },
         subsets: (!want_subsets.is_empty()).then_some(want_subsets),

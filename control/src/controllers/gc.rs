@@ -15,8 +15,8 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::Resource;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use serde_json::json;
 
 use super::Ctx;
@@ -39,10 +39,16 @@ pub struct Dependent {
 
 impl Dependent {
     pub fn pod(p: &Pod) -> Dependent {
-        Dependent { kind: Kind::Pod, key: Key::of(p) }
+        Dependent {
+            kind: Kind::Pod,
+            key: Key::of(p),
+        }
     }
     pub fn replicaset(r: &ReplicaSet) -> Dependent {
-        Dependent { kind: Kind::ReplicaSet, key: Key::of(r) }
+        Dependent {
+            kind: Kind::ReplicaSet,
+            key: Key::of(r),
+        }
     }
 }
 
@@ -69,10 +75,14 @@ fn owner_cached(ctx: &Ctx, ns: &str, r: &OwnerReference) -> Option<bool> {
         K: Resource + Clone + 'static,
         K::DynamicType: Default + Eq + std::hash::Hash + Clone,
     {
-        key.get(store).is_some_and(|o| o.meta().uid.as_deref() == Some(uid))
+        key.get(store)
+            .is_some_and(|o| o.meta().uid.as_deref() == Some(uid))
     }
     let k = Key::new(ns, &r.name);
-    let cluster = Key { namespace: None, name: r.name.clone() };
+    let cluster = Key {
+        namespace: None,
+        name: r.name.clone(),
+    };
     Some(match (r.api_version.as_str(), r.kind.as_str()) {
         ("apps/v1", "Deployment") => has(&ctx.deployments, k, &r.uid),
         ("apps/v1", "ReplicaSet") => has(&ctx.replicasets, k, &r.uid),
@@ -98,8 +108,12 @@ async fn owner_live(ctx: &Ctx, ns: &str, r: &OwnerReference) -> Result<Option<bo
     }
     let c = ctx.client.clone();
     Ok(Some(match (r.api_version.as_str(), r.kind.as_str()) {
-        ("apps/v1", "Deployment") => exists(Api::<Deployment>::namespaced(c, ns), &r.name, &r.uid).await?,
-        ("apps/v1", "ReplicaSet") => exists(Api::<ReplicaSet>::namespaced(c, ns), &r.name, &r.uid).await?,
+        ("apps/v1", "Deployment") => {
+            exists(Api::<Deployment>::namespaced(c, ns), &r.name, &r.uid).await?
+        }
+        ("apps/v1", "ReplicaSet") => {
+            exists(Api::<ReplicaSet>::namespaced(c, ns), &r.name, &r.uid).await?
+        }
         ("v1", "Pod") => exists(Api::<Pod>::namespaced(c, ns), &r.name, &r.uid).await?,
         ("v1", "Service") => exists(Api::<Service>::namespaced(c, ns), &r.name, &r.uid).await?,
         ("v1", "Node") => exists(Api::<Node>::all(c), &r.name, &r.uid).await?,
@@ -134,10 +148,16 @@ pub(super) fn enqueue_dependents(ctx: &Ctx, owner: &ObjectMeta) {
         ctx.q.gc.add(Dependent::replicaset(&r));
     }
     for s in ctx.slices.state_filter(|o| names(&o.metadata)) {
-        ctx.q.gc.add(Dependent { kind: Kind::EndpointSlice, key: Key::of(s.as_ref()) });
+        ctx.q.gc.add(Dependent {
+            kind: Kind::EndpointSlice,
+            key: Key::of(s.as_ref()),
+        });
     }
     for l in ctx.leases.state_filter(|o| names(&o.metadata)) {
-        ctx.q.gc.add(Dependent { kind: Kind::Lease, key: Key::of(l.as_ref()) });
+        ctx.q.gc.add(Dependent {
+            kind: Kind::Lease,
+            key: Key::of(l.as_ref()),
+        });
     }
 }
 
@@ -151,10 +171,16 @@ pub(super) fn enqueue_all_orphans(ctx: &Ctx) {
         ctx.q.gc.add(Dependent::replicaset(&r));
     }
     for s in ctx.slices.state_filter(|o| check(&o.metadata)) {
-        ctx.q.gc.add(Dependent { kind: Kind::EndpointSlice, key: Key::of(s.as_ref()) });
+        ctx.q.gc.add(Dependent {
+            kind: Kind::EndpointSlice,
+            key: Key::of(s.as_ref()),
+        });
     }
     for l in ctx.leases.state_filter(|o| check(&o.metadata)) {
-        ctx.q.gc.add(Dependent { kind: Kind::Lease, key: Key::of(l.as_ref()) });
+        ctx.q.gc.add(Dependent {
+            kind: Kind::Lease,
+            key: Key::of(l.as_ref()),
+        });
     }
 }
 
@@ -187,7 +213,10 @@ pub(super) async fn reconcile(ctx: &Ctx, d: Dependent) -> Result<Next> {
     let uid = meta.uid.clone();
     if live.is_empty() {
         let dp = DeleteParams {
-            preconditions: Some(Preconditions { uid, resource_version: None }),
+            preconditions: Some(Preconditions {
+                uid,
+                resource_version: None,
+            }),
             ..DeleteParams::background()
         };
         let r = match d.kind {
@@ -213,7 +242,10 @@ pub(super) async fn reconcile(ctx: &Ctx, d: Dependent) -> Result<Next> {
 
 fn api<K>(ctx: &Ctx, key: &Key) -> Api<K>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
     K::DynamicType: Default,
 {
     Api::namespaced(ctx.client.clone(), key.ns())
@@ -221,7 +253,10 @@ where
 
 async fn delete<K>(ctx: &Ctx, key: &Key, dp: &DeleteParams) -> Result<()>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
     K::DynamicType: Default,
 {
     match api::<K>(ctx, key).delete(&key.name, dp).await {
@@ -231,12 +266,23 @@ where
     }
 }
 
-async fn patch_meta<K>(ctx: &Ctx, key: &Key, pp: &PatchParams, patch: &serde_json::Value) -> Result<()>
+async fn patch_meta<K>(
+    ctx: &Ctx,
+    key: &Key,
+    pp: &PatchParams,
+    patch: &serde_json::Value,
+) -> Result<()>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
     K::DynamicType: Default,
 {
-    match api::<K>(ctx, key).patch(&key.name, pp, &Patch::Merge(patch)).await {
+    match api::<K>(ctx, key)
+        .patch(&key.name, pp, &Patch::Merge(patch))
+        .await
+    {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(e).with_context(|| format!("dropping dangling owners of {key}")),

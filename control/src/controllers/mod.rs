@@ -110,8 +110,13 @@ impl Ctx {
             return true;
         };
         let ns = key.ns();
-        let met = e.creates.iter().all(|n| Key::new(ns, n).get(&self.pods).is_some())
-            && e.deletes.iter().all(|n| Key::new(ns, n).get(&self.pods).is_none());
+        let met = e
+            .creates
+            .iter()
+            .all(|n| Key::new(ns, n).get(&self.pods).is_some())
+            && e.deletes
+                .iter()
+                .all(|n| Key::new(ns, n).get(&self.pods).is_none());
         let expired = e.since.is_some_and(|s| s.elapsed() > EXPECTATION_TIMEOUT);
         if met || expired {
             all.remove(key);
@@ -243,10 +248,22 @@ pub async fn run(client: Client, cfg: Config) -> Result<()> {
     });
     let _ = cell.set(ctx.clone());
     ctx.pods.wait_until_ready().await.context("pod cache")?;
-    ctx.replicasets.wait_until_ready().await.context("replicaset cache")?;
-    ctx.deployments.wait_until_ready().await.context("deployment cache")?;
-    ctx.services.wait_until_ready().await.context("service cache")?;
-    ctx.slices.wait_until_ready().await.context("endpointslice cache")?;
+    ctx.replicasets
+        .wait_until_ready()
+        .await
+        .context("replicaset cache")?;
+    ctx.deployments
+        .wait_until_ready()
+        .await
+        .context("deployment cache")?;
+    ctx.services
+        .wait_until_ready()
+        .await
+        .context("service cache")?;
+    ctx.slices
+        .wait_until_ready()
+        .await
+        .context("endpointslice cache")?;
     ctx.nodes.wait_until_ready().await.context("node cache")?;
     ctx.leases.wait_until_ready().await.context("lease cache")?;
 

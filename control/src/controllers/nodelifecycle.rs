@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{Node, Pod, Taint};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
 
 use super::{Ctx, NODE_LEASE_NS};
@@ -59,7 +59,8 @@ fn ready_condition(node: &Node) -> Option<&k8s_openapi::api::core::v1::NodeCondi
 }
 
 fn pods_on(ctx: &Ctx, node: &str) -> Vec<std::sync::Arc<Pod>> {
-    ctx.pods.state_filter(|p| podutil::node_name(p) == Some(node))
+    ctx.pods
+        .state_filter(|p| podutil::node_name(p) == Some(node))
 }
 
 pub(super) async fn reconcile(ctx: &Ctx, key: Key) -> Result<Next> {
@@ -193,9 +194,13 @@ async fn set_unreachable_taints(ctx: &Ctx, node: &Node, on: bool) -> Result<()> 
         "metadata": { "resourceVersion": node.metadata.resource_version },
         "spec": { "taints": taints },
     });
-    api.patch(&node.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .context("updating node taints")?;
+    api.patch(
+        &node.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .context("updating node taints")?;
     Ok(())
 }
 
@@ -255,7 +260,11 @@ async fn mark_pod_not_ready(ctx: &Ctx, p: &Pod) -> Result<()> {
         }]}
     });
     match api
-        .patch_status(&p.name_any(), &PatchParams::default(), &Patch::Strategic(&patch))
+        .patch_status(
+            &p.name_any(),
+            &PatchParams::default(),
+            &Patch::Strategic(&patch),
+        )
         .await
     {
         Ok(_) => {}
@@ -278,7 +287,10 @@ fn tolerates_forever(p: &Pod) -> bool {
                     None | Some("") => t.operator.as_deref() == Some("Exists"),
                     Some(k) => k == UNREACHABLE,
                 };
-                let effect_ok = t.effect.as_deref().is_none_or(|e| e.is_empty() || e == "NoExecute");
+                let effect_ok = t
+                    .effect
+                    .as_deref()
+                    .is_none_or(|e| e.is_empty() || e == "NoExecute");
                 key_ok && effect_ok && t.toleration_seconds.is_none()
             })
         })
@@ -292,7 +304,12 @@ async fn delete_pods_of_missing_node(ctx: &Ctx, node: &str) -> Result<Next> {
         return Ok(Next::Done);
     }
     let nodes: Api<Node> = Api::all(ctx.client.clone());
-    if nodes.get_opt(node).await.context("checking the node")?.is_some() {
+    if nodes
+        .get_opt(node)
+        .await
+        .context("checking the node")?
+        .is_some()
+    {
         return Ok(Next::Done);
     }
     for p in pods {

@@ -14,7 +14,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use super::{Ctx, Expectation};
+use super::Ctx;
 use crate::events;
 use crate::informer::{Key, Next};
 use crate::podutil;
@@ -51,8 +51,12 @@ pub(super) async fn reconcile(ctx: &Ctx, key: Key) -> Result<Next> {
         if active.len() < desired {
             create_pods(ctx, &rs, &key, (desired - active.len()).min(BURST)).await?;
         } else if active.len() > desired {
-            active.sort_by(|a, b| deletion_rank(a).cmp(&deletion_rank(b)));
-            let doomed: Vec<Arc<Pod>> = active.iter().take(active.len() - desired).cloned().collect();
+            active.sort_by_key(|p| deletion_rank(p));
+            let doomed: Vec<Arc<Pod>> = active
+                .iter()
+                .take(active.len() - desired)
+                .cloned()
+                .collect();
             delete_pods(ctx, &rs, &key, &doomed).await?;
         }
     }
@@ -61,7 +65,16 @@ pub(super) async fn reconcile(ctx: &Ctx, key: Key) -> Result<Next> {
 
 /// Pods deleted first sort first: unassigned, then pending, not ready,
 /// ready for a shorter time, more restarts, newer.
-fn deletion_rank(p: &Pod) -> (u8, u8, u8, std::cmp::Reverse<i64>, std::cmp::Reverse<i32>, std::cmp::Reverse<i64>) {
+fn deletion_rank(
+    p: &Pod,
+) -> (
+    u8,
+    u8,
+    u8,
+    std::cmp::Reverse<i64>,
+    std::cmp::Reverse<i32>,
+    std::cmp::Reverse<i64>,
+) {
     let assigned = u8::from(podutil::node_name(p).is_some());
     let phase = match podutil::phase(p) {
         "Pending" => 0,
@@ -136,7 +149,12 @@ async fn create_pods(ctx: &Ctx, rs: &ReplicaSet, key: &Key, n: usize) -> Result<
             Ok(p) => created.push(p),
             Err(e) => {
                 ctx.recorder
-                    .emit(rs, events::WARNING, "FailedCreate", &format!("Error creating: {e}"))
+                    .emit(
+                        rs,
+                        events::WARNING,
+                        "FailedCreate",
+                        &format!("Error creating: {e}"),
+                    )
                     .await;
                 first_err.get_or_insert(e);
             }
@@ -144,13 +162,18 @@ async fn create_pods(ctx: &Ctx, rs: &ReplicaSet, key: &Key, n: usize) -> Result<
     }
     {
         let mut all = ctx.expectations.lock().expect("lock");
-        let e = all.entry(key.clone()).or_insert_with(Expectation::default);
+        let e = all.entry(key.clone()).or_default();
         e.creates.extend(created.iter().map(|p| p.name_any()));
         e.since = Some(Instant::now());
     }
     for p in &created {
         ctx.recorder
-            .emit(rs, events::NORMAL, "SuccessfulCreate", &format!("Created pod: {}", p.name_any()))
+            .emit(
+                rs,
+                events::NORMAL,
+                "SuccessfulCreate",
+                &format!("Created pod: {}", p.name_any()),
+            )
             .await;
     }
     match first_err {
@@ -163,7 +186,7 @@ async fn delete_pods(ctx: &Ctx, rs: &ReplicaSet, key: &Key, pods: &[Arc<Pod>]) -
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), key.ns());
     {
         let mut all = ctx.expectations.lock().expect("lock");
-        let e = all.entry(key.clone()).or_insert_with(Expectation::default);
+        let e = all.entry(key.clone()).or_default();
         e.deletes.extend(pods.iter().map(|p| p.name_any()));
         e.since = Some(Instant::now());
     }
@@ -178,13 +201,23 @@ async fn delete_pods(ctx: &Ctx, rs: &ReplicaSet, key: &Key, pods: &[Arc<Pod>]) -
         match r {
             Ok(_) => {
                 ctx.recorder
-                    .emit(rs, events::NORMAL, "SuccessfulDelete", &format!("Deleted pod: {name}"))
+                    .emit(
+                        rs,
+                        events::NORMAL,
+                        "SuccessfulDelete",
+                        &format!("Deleted pod: {name}"),
+                    )
                     .await
             }
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => {
                 ctx.recorder
-                    .emit(rs, events::WARNING, "FailedDelete", &format!("Error deleting: {e}"))
+                    .emit(
+                        rs,
+                        events::WARNING,
+                        "FailedDelete",
+                        &format!("Error deleting: {e}"),
+                    )
                     .await;
                 first_err.get_or_insert(e);
             }

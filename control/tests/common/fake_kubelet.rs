@@ -128,7 +128,11 @@ async fn run(client: Client, name: String, spec: NodeSpec, heartbeat: Arc<Atomic
                 let seen = *first_seen.entry(uid).or_insert_with(Instant::now);
                 let status = p.status.clone().unwrap_or_default();
                 let ip = status.pod_ip.clone().unwrap_or_else(|| {
-                    format!("10.{}.0.{}", spec.subnet, next_ip.fetch_add(1, Ordering::SeqCst))
+                    format!(
+                        "10.{}.0.{}",
+                        spec.subnet,
+                        next_ip.fetch_add(1, Ordering::SeqCst)
+                    )
                 });
                 let ready = seen.elapsed() >= spec.ready_delay;
                 let is_ready = status
@@ -155,7 +159,11 @@ async fn run(client: Client, name: String, spec: NodeSpec, heartbeat: Arc<Atomic
                 let api: Api<Pod> =
                     Api::namespaced(client.clone(), &p.namespace().unwrap_or_default());
                 let _ = api
-                    .patch_status(&p.name_any(), &PatchParams::default(), &Patch::Strategic(&patch))
+                    .patch_status(
+                        &p.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Strategic(&patch),
+                    )
                     .await;
             }
         }
@@ -175,7 +183,11 @@ async fn renew(leases: &Api<Lease>, name: &str) {
         },
     });
     let patch = Patch::Merge(&body);
-    if leases.patch(name, &PatchParams::default(), &patch).await.is_err() {
+    if leases
+        .patch(name, &PatchParams::default(), &patch)
+        .await
+        .is_err()
+    {
         let lease: Lease = serde_json::from_value(body.clone()).unwrap();
         let _ = leases.create(&PostParams::default(), &lease).await;
     }
