@@ -1,10 +1,13 @@
 //! kcontrol: a small Kubernetes control plane: `kcontrol apiserver`,
-//! `kcontrol scheduler`, `kcontrol controller-manager`.
+//! `kcontrol scheduler`, `kcontrol controller-manager`, `kcontrol kubelet`, and
+//! `kcontrol all` (all four in one process for a single-node cluster, as k3s).
 
+mod all;
 mod apiserver;
 mod controllers;
 mod events;
 mod informer;
+mod kubelet;
 mod podutil;
 mod quantity;
 mod scheduler;
@@ -74,6 +77,61 @@ enum Command {
         /// Every object is reconciled again at least this often.
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         resync_period: Duration,
+    },
+    /// Run the pods bound to one node as crun containers.
+    Kubelet {
+        /// kubeconfig of the apiserver to join.
+        #[arg(long)]
+        kubeconfig: PathBuf,
+        #[arg(long)]
+        node_name: String,
+        /// Pod addresses; the first one goes to the bridge (the gateway).
+        #[arg(long, default_value = "10.244.0.0/24")]
+        pod_cidr: String,
+        /// State: crun root, bundles, container logs, address records.
+        #[arg(long, default_value = "/var/lib/kcontrol/kubelet")]
+        root_dir: PathBuf,
+        #[arg(long, default_value = kubelet::DEFAULT_BRIDGE)]
+        bridge: String,
+        #[arg(long, default_value = "crun")]
+        crun: PathBuf,
+        /// The image `busybox` (any tag) resolves to (built by `cargo xtask setup`).
+        #[arg(long, default_value = kubelet::DEFAULT_BUSYBOX_ROOTFS)]
+        busybox_rootfs: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        lease_renew_seconds: u64,
+        #[arg(long, default_value_t = 60)]
+        node_status_seconds: u64,
+        /// First container restart back-off (doubling up to 300 s).
+        #[arg(long, default_value_t = 10_000)]
+        restart_backoff_ms: u64,
+    },
+    /// One node in one process: apiserver, scheduler, controller-manager and
+    /// kubelet, on the embedded store (as k3s does).
+    All {
+        /// Store, certificates, admin kubeconfig (DIR/kubeconfig.yaml) and
+        /// the kubelet's state (DIR/kubelet).
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:6443")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "10.96.0.0/12")]
+        service_cidr: String,
+        /// Name of this node (default: the host name).
+        #[arg(long)]
+        node_name: Option<String>,
+        #[arg(long, default_value = "10.244.0.0/24")]
+        pod_cidr: String,
+        #[arg(long, default_value = kubelet::DEFAULT_BRIDGE)]
+        bridge: String,
+        #[arg(long, default_value = kubelet::DEFAULT_BUSYBOX_ROOTFS)]
+        busybox_rootfs: PathBuf,
+        /// A node whose heartbeat is older than this turns NotReady.
+        #[arg(long, default_value = "40s", value_parser = parse_duration)]
+        node_monitor_grace_period: Duration,
+        /// How often the kubelet renews its Lease.
+        #[arg(long, default_value_t = 10)]
+        lease_renew_seconds: u64,
     },
 }
 
@@ -178,6 +236,59 @@ fn main() -> anyhow::Result<()> {
                 },
             )
             .await
+        }),
+        Command::Kubelet {
+            kubeconfig,
+            node_name,
+            pod_cidr,
+            root_dir,
+            bridge,
+            crun,
+            busybox_rootfs,
+            lease_renew_seconds,
+            node_status_seconds,
+            restart_backoff_ms,
+        } => {
+            let mut cfg = kubelet::Config::new(&node_name, &pod_cidr, &root_dir);
+            cfg.bridge = bridge;
+            cfg.crun = crun;
+            cfg.busybox_rootfs = busybox_rootfs;
+            cfg.lease_renew_interval = Duration::from_secs(lease_renew_seconds.max(1));
+            cfg.node_status_interval = Duration::from_secs(node_status_seconds.max(1));
+            cfg.restart_backoff_base = Duration::from_millis(restart_backoff_ms.max(1));
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let kc = kube::config::Kubeconfig::read_from(&kubeconfig)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", kubeconfig.display()))?;
+                let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", kubeconfig.display()))?;
+                let client = kube::Client::try_from(config)?;
+                kubelet::run(client, cfg).await
+            })
+        }
+        Command::All {
+            data_dir,
+            listen,
+            service_cidr,
+            node_name,
+            pod_cidr,
+            bridge,
+            busybox_rootfs,
+            node_monitor_grace_period,
+            lease_renew_seconds,
+        } => all::run(all::Options {
+            data_dir,
+            listen,
+            service_cidr,
+            node_name,
+            pod_cidr,
+            bridge,
+            busybox_rootfs,
+            node_monitor_grace_period,
+            lease_renew_interval: Duration::from_secs(lease_renew_seconds.max(1)),
         }),
     }
 }

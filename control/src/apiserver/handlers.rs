@@ -136,6 +136,51 @@ fn now() -> String {
         .to_string()
 }
 
+/// `now` plus `secs`, in the same format.
+fn after_seconds(secs: i64) -> String {
+    let t = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_secs(secs))
+        .unwrap_or_else(|_| jiff::Timestamp::now());
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// The grace period a DELETE of `pod` gets, `None` when it goes at once:
+/// unbound pods, pods that already ended, and gracePeriodSeconds=0 (from
+/// DeleteOptions or the query) are removed immediately; a bound pod
+/// otherwise gets the requested period, else its
+/// spec.terminationGracePeriodSeconds, else 30 s.
+fn pod_grace_period(pod: &Value, opts: &Value, q: &Query) -> ApiResult<Option<i64>> {
+    let requested = match opts.get("gracePeriodSeconds") {
+        Some(Value::Null) | None => match q.get("gracePeriodSeconds") {
+            None | Some("") => None,
+            Some(s) => Some(s.parse::<i64>().map_err(|_| {
+                ApiError::bad_request(format!("gracePeriodSeconds: invalid integer {s:?}"))
+            })?),
+        },
+        Some(v) => Some(v.as_i64().ok_or_else(|| {
+            ApiError::bad_request(format!("gracePeriodSeconds: not an integer: {v}"))
+        })?),
+    };
+    let bound = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .is_some_and(|n| !n.is_empty());
+    let ended = matches!(
+        pod.pointer("/status/phase").and_then(Value::as_str),
+        Some("Succeeded" | "Failed")
+    );
+    if !bound || ended {
+        return Ok(None);
+    }
+    let grace = requested
+        .or_else(|| {
+            pod.pointer("/spec/terminationGracePeriodSeconds")
+                .and_then(Value::as_i64)
+        })
+        .unwrap_or(30);
+    Ok((grace > 0).then_some(grace))
+}
+
 fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     getrandom::fill(&mut b).expect("getrandom");
@@ -661,6 +706,10 @@ impl State {
         // The last finalizer removed from an object being deleted ends it.
         let finalized = out.pointer("/metadata/deletionTimestamp").is_some()
             && out
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .is_none_or(|g| g == 0)
+            && out
                 .pointer("/metadata/finalizers")
                 .and_then(Value::as_array)
                 .is_none_or(Vec::is_empty);
@@ -891,12 +940,44 @@ impl State {
                 self.delete_namespace_contents(name).await?;
             }
         }
+        if rt.kind == "Pod"
+            && let Some(grace) = pod_grace_period(&obj, opts, q)?
+        {
+            // Graceful deletion: the kubelet running the pod stops it and
+            // then deletes it again with gracePeriodSeconds=0.
+            let current = obj
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64);
+            if current.is_none_or(|c| grace < c) {
+                let meta = meta_mut(&mut obj);
+                meta.insert("deletionTimestamp".into(), json!(after_seconds(grace)));
+                meta.insert("deletionGracePeriodSeconds".into(), json!(grace));
+                if !dry_run {
+                    let rev = self
+                        .store
+                        .update(&key, to_bytes(&obj), kv.mod_revision)
+                        .await
+                        .map_err(|e| match e {
+                            StoreError::Conflict { .. } => {
+                                ApiError::conflict(rt.group, rt.plural, name)
+                            }
+                            other => internal(other),
+                        })?;
+                    set_rv(&mut obj, rev);
+                }
+            }
+            return Ok(obj);
+        }
         let has_finalizers = obj
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
             .is_some_and(|f| !f.is_empty());
         if has_finalizers && rt.kind != "Namespace" {
-            if obj.pointer("/metadata/deletionTimestamp").is_none() {
+            let graceful = obj
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .is_some_and(|g| g != 0);
+            if obj.pointer("/metadata/deletionTimestamp").is_none() || graceful {
                 let meta = meta_mut(&mut obj);
                 meta.insert("deletionTimestamp".into(), json!(now()));
                 meta.insert("deletionGracePeriodSeconds".into(), json!(0));
