@@ -1395,3 +1395,81 @@ async fn watch_resource_versions_and_compaction() {
     assert_eq!(events.len(), 1);
     assert_eq!(events[0]["object"]["metadata"]["name"], "c");
 }
+
+/// Service creates race for addresses without a lock across the commit:
+/// concurrent ones get distinct ClusterIPs, and of several asking for the
+/// same address exactly one gets it; a deleted Service's address is free
+/// at once, and the allocations survive a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_service_creates_get_distinct_addresses() {
+    const SVCS: &str = "/api/v1/namespaces/default/services";
+    let dir = TempDir::new("svcrace");
+    let mut server = Server::start(&dir.0, &["--service-cidr", "10.96.0.0/26"]);
+    let c = server.client().await;
+    let svc = |name: String, ip: Option<&str>| {
+        let mut s = json!({"metadata": {"name": name},
+            "spec": {"type": "NodePort", "selector": {"app": "x"}, "ports": [{"port": 80}]}});
+        if let Some(ip) = ip {
+            s["spec"]["clusterIP"] = json!(ip);
+        }
+        s
+    };
+    let creates = (0..40).map(|i| {
+        let c = c.clone();
+        let s = svc(format!("s{i}"), None);
+        tokio::spawn(async move { post_json(&c, SVCS, &s).await })
+    });
+    let mut ips = std::collections::BTreeSet::new();
+    let mut ports = std::collections::BTreeSet::new();
+    for t in creates.collect::<Vec<_>>() {
+        let r = t.await.unwrap();
+        assert_eq!(r.code, 201, "{}", String::from_utf8_lossy(&r.body));
+        let v = r.json();
+        assert!(
+            ips.insert(v["spec"]["clusterIP"].as_str().unwrap().to_string()),
+            "{v}"
+        );
+        assert!(
+            ports.insert(v["spec"]["ports"][0]["nodePort"].as_i64().unwrap()),
+            "{v}"
+        );
+    }
+    // 62 usable addresses in a /26, 40 taken: one free one, asked for by
+    // eight at once.
+    let free = (1..63)
+        .map(|i| format!("10.96.0.{i}"))
+        .find(|ip| !ips.contains(ip))
+        .unwrap();
+    let racers = (0..8).map(|i| {
+        let c = c.clone();
+        let s = svc(format!("want{i}"), Some(&free));
+        tokio::spawn(async move { post_json(&c, SVCS, &s).await })
+    });
+    let mut codes = Vec::new();
+    for t in racers.collect::<Vec<_>>() {
+        codes.push(t.await.unwrap().code);
+    }
+    codes.sort();
+    assert_eq!(codes, [201, 422, 422, 422, 422, 422, 422, 422]);
+    let taken = svc("again".into(), Some(&free));
+    assert_eq!(post_json(&c, SVCS, &taken).await.code, 422);
+
+    // After a restart the stored allocations still count.
+    server.kill9();
+    let server = Server::start(&dir.0, &["--service-cidr", "10.96.0.0/26"]);
+    let c = server.client().await;
+    let r = post_json(&c, SVCS, &svc("after".into(), Some(ips.first().unwrap()))).await;
+    assert_eq!(r.code, 422, "{}", String::from_utf8_lossy(&r.body));
+    // Deleting frees the address for the next create at once.
+    let owner = get(&c, SVCS).await.json()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["spec"]["clusterIP"] == json!(free))
+        .unwrap()["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(delete(&c, &format!("{SVCS}/{owner}")).await.code, 200);
+    assert_eq!(post_json(&c, SVCS, &taken).await.code, 201);
+}

@@ -78,6 +78,10 @@ pub struct Run {
     pub watch_under_load: Sample,
     /// The same for the paced creates (the headline figure).
     pub watch_paced: Sample,
+    /// Paced creates: request sent → event received (includes the commit).
+    pub watch_paced_from_send: Sample,
+    /// Per-request latency of the paced creates (one at a time).
+    pub paced_create_latency: Sample,
     /// Paced events that arrived before the create's response did (counted
     /// as 0 ms): the server publishes after commit, then answers.
     pub paced_events_before_ack: usize,
@@ -129,7 +133,7 @@ fn record(stamps: &Mutex<Stamps>, name: &str, at: Instant) {
 /// last revision seen when a watch times out.
 async fn watcher(api: Api<Service>, mut rv: String, stamps: Arc<Mutex<Stamps>>) -> Result<()> {
     loop {
-        let wp = WatchParams::default().timeout(290).allow_bookmarks();
+        let wp = WatchParams::default().timeout(290);
         let mut stream = api.watch(&wp, &rv).await?.boxed();
         while let Some(ev) = stream.try_next().await? {
             let at = Instant::now();
@@ -270,8 +274,10 @@ pub async fn run(kcontrol: &Path, backend: &Backend, args: &Args) -> Result<Run>
 
     // Paced: one create at a time, a pause between them.
     let mut paced_acks = vec![None; m];
+    let mut paced_sends = vec![None; m];
     for (j, ack) in paced_acks.iter_mut().enumerate() {
         let name = format!("p-{j}");
+        paced_sends[j] = Some(Instant::now());
         api.create(&PostParams::default(), &service(&name, n + j))
             .await
             .with_context(|| format!("creating service {name}"))?;
@@ -294,6 +300,8 @@ pub async fn run(kcontrol: &Path, backend: &Backend, args: &Args) -> Result<Run>
     let s = stamps.lock().expect("stamps lock");
     let (watch_under_load, _) = delivery(&acks, &s.bulk);
     let (watch_paced, early) = delivery(&paced_acks, &s.paced);
+    let (watch_paced_from_send, _) = delivery(&paced_sends, &s.paced);
+    let (paced_create_latency, _) = delivery(&paced_sends, &paced_acks);
     Ok(Run {
         backend: backend.clone(),
         command,
@@ -304,6 +312,8 @@ pub async fn run(kcontrol: &Path, backend: &Backend, args: &Args) -> Result<Run>
         create_latency: Sample::new(create_lat),
         watch_under_load,
         watch_paced,
+        watch_paced_from_send,
+        paced_create_latency,
         paced_events_before_ack: early,
         timeline,
         apiserver_cpu_s: cpu,

@@ -67,6 +67,13 @@ impl Addrs {
                 a.ports.push(n as i32);
             }
         }
+        if let Some(ip) = svc.pointer("/spec/clusterIP").and_then(Value::as_str)
+            && ip != "None"
+            && !ip.is_empty()
+            && !a.ips.iter().any(|i| i == ip)
+        {
+            a.ips.push(ip.to_string());
+        }
         if let Some(n) = svc
             .pointer("/spec/healthCheckNodePort")
             .and_then(Value::as_i64)
