@@ -340,7 +340,8 @@ async fn malformed_input_for_each_verb_gets_4xx_and_changes_nothing() {
     const JP: &str = "application/json-patch+json";
     let b = |s: &str| s.as_bytes().to_vec();
     // (verb, method, path, content type, body, expected code)
-    let cases: Vec<(&str, &str, String, Option<&str>, Vec<u8>, u16)> = vec![
+    type Case<'a> = (&'a str, &'a str, String, Option<&'a str>, Vec<u8>, u16);
+    let cases: Vec<Case> = vec![
         // get
         (
             "get",
