@@ -24,7 +24,7 @@ const TESTS_PACKAGE: &str = "kproxy-tests";
 const TESTS_DIR: &str = "tests/tests";
 /// Integration test targets that exercise the eBPF object itself
 /// (BPF_PROG_TEST_RUN), not a kproxy datapath: not run again in iptables mode.
-const EBPF_ONLY_TESTS: &[&str] = &["packet_classes", "follow_links"];
+const EBPF_ONLY_TESTS: &[&str] = &["packet_classes", "follow_links", "cluster_e2e"];
 
 /// `args` are what followed `--` on the command line: arguments for
 /// `cargo test` (e.g. a test-name filter); a second `--` in them starts the
