@@ -52,7 +52,10 @@ pub struct Cluster {
     /// Backend slots kproxy held at start (e.g. the `kubernetes` Service).
     pub base_backends: u64,
     kproxy: Option<Kproxy>,
-    kcontrol: Option<Child>,
+    /// The kcontrol processes, in start order (stopped in reverse).
+    kcontrol: Vec<(String, Child)>,
+    /// stdout lines of all of them.
+    tx: std::sync::mpsc::Sender<String>,
     lines: Receiver<String>,
     pub data_dir: PathBuf,
     /// Where `kcontrol all` runs; dropped last.
@@ -65,19 +68,11 @@ impl Cluster {
     /// to be Ready, then starts kproxy (eBPF, unpinned) and waits for it.
     /// `extra` goes to `kcontrol all`.
     pub fn start(extra: &[&str]) -> Result<Cluster> {
-        let lock = SuiteLock::acquire()?;
-        let node = Netns::new("cnode")?;
-        let data_dir = std::env::temp_dir().join(format!("kpt-cluster-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&data_dir);
-        std::fs::create_dir_all(&data_dir)?;
-        // nsenter, not `ip netns exec`: the latter remounts /sys in a private
-        // mount namespace, which would hide /sys/fs/cgroup from crun.
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net={}", node.path().display()))
-            .arg(kcontrol_bin())
-            .args(["all", "--data-dir"])
-            .arg(&data_dir)
-            .args([
+        let mut c = Cluster::empty()?;
+        let mut args: Vec<String> = vec!["all".into(), "--data-dir".into()];
+        args.push(c.data_dir.display().to_string());
+        args.extend(
+            [
                 "--listen",
                 "127.0.0.1:6443",
                 "--node-name",
@@ -86,32 +81,135 @@ impl Cluster {
                 POD_CIDR,
                 "--bridge",
                 BRIDGE,
-            ])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawn kcontrol all")?;
-        let out = child.stdout.take().expect("piped");
+            ]
+            .map(String::from),
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
+        c.spawn("all", &args)?;
+        c.wait_line("kcontrol: all: apiserver ready", START_TIMEOUT)?;
+        c.finish_start()?;
+        Ok(c)
+    }
+
+    /// The same node as separate processes — apiserver, scheduler,
+    /// controller-manager (node monitor grace `grace`), kubelet (lease
+    /// renewed every second) — so one of them can be paused.
+    pub fn start_split(grace: &str) -> Result<Cluster> {
+        let mut c = Cluster::empty()?;
+        let data = c.data_dir.display().to_string();
+        let kubeconfig = c.kubeconfig().display().to_string();
+        let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        c.spawn(
+            "apiserver",
+            &own(&[
+                "apiserver",
+                "--data-dir",
+                &data,
+                "--listen",
+                "127.0.0.1:6443",
+            ]),
+        )?;
+        c.wait_line("kcontrol: apiserver listening", START_TIMEOUT)?;
+        c.spawn(
+            "scheduler",
+            &own(&["scheduler", "--kubeconfig", &kubeconfig]),
+        )?;
+        c.spawn(
+            "controller-manager",
+            &own(&[
+                "controller-manager",
+                "--kubeconfig",
+                &kubeconfig,
+                "--node-monitor-grace-period",
+                grace,
+            ]),
+        )?;
+        let root = c.data_dir.join("kubelet").display().to_string();
+        c.spawn(
+            "kubelet",
+            &own(&[
+                "kubelet",
+                "--kubeconfig",
+                &kubeconfig,
+                "--node-name",
+                NODE,
+                "--pod-cidr",
+                POD_CIDR,
+                "--root-dir",
+                &root,
+                "--bridge",
+                BRIDGE,
+                "--lease-renew-seconds",
+                "1",
+            ]),
+        )?;
+        c.finish_start()?;
+        Ok(c)
+    }
+
+    fn empty() -> Result<Cluster> {
+        let lock = SuiteLock::acquire()?;
+        let node = Netns::new("cnode")?;
+        let data_dir = std::env::temp_dir().join(format!("kpt-cluster-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        std::fs::create_dir_all(&data_dir)?;
         let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("kcontrol-all | {line}");
-                let _ = tx.send(line);
-            }
-        });
-        let mut c = Cluster {
+        Ok(Cluster {
             base_backends: 0,
             kproxy: None,
-            kcontrol: Some(child),
+            kcontrol: Vec::new(),
+            tx,
             lines: rx,
             data_dir,
             node,
             _lock: lock,
-        };
-        c.wait_line("kcontrol: all: apiserver ready", START_TIMEOUT)?;
+        })
+    }
+
+    /// Starts `kcontrol ARGS` in the node namespace.
+    fn spawn(&mut self, label: &str, args: &[String]) -> Result<()> {
+        // nsenter, not `ip netns exec`: the latter remounts /sys in a private
+        // mount namespace, which would hide /sys/fs/cgroup from crun.
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", self.node.path().display()))
+            .arg(kcontrol_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("spawn kcontrol {label}"))?;
+        let out = child.stdout.take().expect("piped");
+        let tx = self.tx.clone();
+        let prefix = label.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("kcontrol-{prefix} | {line}");
+                let _ = tx.send(line);
+            }
+        });
+        self.kcontrol.push((label.to_string(), child));
+        Ok(())
+    }
+
+    /// SIGSTOP / SIGCONT to one of the processes of [`Cluster::start_split`].
+    pub fn signal(&self, label: &str, sig: i32) -> Result<()> {
+        let (_, child) = self
+            .kcontrol
+            .iter()
+            .find(|(l, _)| l == label)
+            .with_context(|| format!("no kcontrol {label} running"))?;
+        // SAFETY: plain kill(2) on our child's pid.
+        if unsafe { libc::kill(child.id() as i32, sig) } != 0 {
+            bail!("kill {label}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits for the node to be Ready, then starts kproxy.
+    fn finish_start(&mut self) -> Result<()> {
+        let c = self;
         poll_until("the node to be Ready", START_TIMEOUT, || {
             let out = c.kubectl(&["get", "node", NODE, "-o", "json"])?;
             let v: Value = serde_json::from_str(&out)?;
@@ -140,7 +238,7 @@ impl Cluster {
         let ready = kp.wait_ready()?;
         c.base_backends = crate::kproxy::field_u64(&ready, "backends")?;
         c.kproxy = Some(kp);
-        Ok(c)
+        Ok(())
     }
 
     fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Result<String> {
@@ -280,21 +378,25 @@ impl Cluster {
             kp.stop(Duration::from_secs(10))?;
         }
         let mut left = Vec::new();
-        if let Some(mut child) = self.kcontrol.take() {
+        while let Some((label, mut child)) = self.kcontrol.pop() {
+            // A paused process would never see SIGTERM.
             // SAFETY: plain kill(2) on our child's pid.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGCONT);
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
             let deadline = Instant::now() + STOP_TIMEOUT;
             loop {
                 if let Some(status) = child.try_wait()? {
                     if !status.success() {
-                        left.push(format!("kcontrol all exited with {status}"));
+                        left.push(format!("kcontrol {label} exited with {status}"));
                     }
                     break;
                 }
                 if Instant::now() > deadline {
                     let _ = child.kill();
                     let _ = child.wait();
-                    left.push("kcontrol all did not stop within 60 s".into());
+                    left.push(format!("kcontrol {label} did not stop within 60 s"));
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(50));

@@ -320,3 +320,46 @@ spec:
     ensure!(shown.contains("Pending"), "{shown}");
     Ok(())
 }
+
+#[test]
+fn a_node_whose_heartbeat_stops_turns_not_ready_and_leaves_the_rotation() -> Result<()> {
+    // Separate processes, so the kubelet alone can be paused; the node
+    // monitor's grace period is 3 s instead of 40 s.
+    let mut c = Cluster::start_split("3s")?;
+    c.kubectl_in(&["apply", "-f", "-"], Some(&web_yaml(2, "1")))?;
+    wait_serving(&mut c, 2, UP)?;
+
+    // The kubelet stops: no more Lease renewals (nor probes, nor status).
+    c.signal("kubelet", libc::SIGSTOP)?;
+    let paused = std::time::Instant::now();
+    poll_until("the node to turn NotReady", CHANGE, || {
+        let shown = c.kubectl(&["get", "node", kproxy_tests::cluster::NODE])?;
+        Ok(shown.contains("NotReady").then_some(()))
+    })?;
+    poll_until("the endpoints to turn not ready", CHANGE, || {
+        Ok(c.ready_endpoints("web")?.is_empty().then_some(()))
+    })?;
+    // …and kproxy dropped them from the dataplane.
+    let want = format!(" backends={} ", c.base_backends);
+    poll_until("kproxy to remove the endpoints", CHANGE, || {
+        let _ = c
+            .kproxy()
+            .wait_any(&["kproxy: applied"], Duration::from_millis(200));
+        let last = c
+            .kproxy()
+            .lines_seen()
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("kproxy: applied"))
+            .cloned();
+        Ok(last.filter(|l| l.contains(&want)).map(|_| ()))
+    })?;
+    eprintln!(
+        "node NotReady and endpoints out of the dataplane {:?} after the kubelet stopped",
+        paused.elapsed()
+    );
+    c.signal("kubelet", libc::SIGCONT)?;
+    let left = c.stop()?;
+    assert!(left.is_empty(), "left behind after stop: {left:?}");
+    Ok(())
+}
