@@ -10,6 +10,9 @@
 //!   bench/ against a real `kcontrol apiserver` per store (10,000 Service
 //!   creates, watch delivery latency); report and plots in bench/results/.
 //!   Needs no root and no eBPF build.
+//! - `cluster [--pods N]`: a fresh single-node cluster (`kcontrol all` +
+//!   kproxy), N pods created one at a time: create → Running, Ready and
+//!   endpoint programmed (cluster_bench.rs); report by `kcluster-report`.
 
 use anyhow::{Context, Result, bail};
 
@@ -24,11 +27,13 @@ fn split(args: &[String]) -> Result<(&'static str, &[String])> {
         Some("compare") => Ok(("compare", &args[1..])),
         Some("dataplane") => Ok(("dataplane", &args[1..])),
         Some("apiserver") => Ok(("apiserver", &args[1..])),
+        Some("cluster") => Ok(("cluster", &args[1..])),
         Some(flag) if flag.starts_with('-') => Ok(("compare", args)),
         Some(other) => bail!(
             "unknown benchmark {other:?}: `cargo xtask bench [--quick]` (eBPF against iptables, \
              kproxy-compare), `cargo xtask bench dataplane [--quick]` (BPF_PROG_TEST_RUN) or \
-             `cargo xtask bench apiserver [--quick] [--store sqlite,etcd]` (kcontrol apiserver)"
+             `cargo xtask bench apiserver [--quick] [--store sqlite,etcd]` (kcontrol apiserver) or \
+             `cargo xtask bench cluster [--pods N]` (pod create → Running/Ready/programmed)"
         ),
     }
 }
@@ -113,6 +118,9 @@ pub fn run_bench(args: &[String]) -> Result<()> {
     let (what, rest) = split(args)?;
     if what == "apiserver" {
         return run_apiserver_bench(args, rest);
+    }
+    if what == "cluster" {
+        return crate::cluster_bench::run_cluster_bench(rest);
     }
     setup::run_setup()?;
     let outputs = build::build_all(true)?;
