@@ -267,7 +267,10 @@ pub fn run_cluster_bench(args: &[String]) -> Result<()> {
         .with_context(|| format!("writing {}", json.display()))?;
     say!("==> samples: {}", json.display());
     let mut cmd = util::cargo(Toolchain::Active);
+    // The same KPROXY_BPF_OBJ as the build above: proxy-user (a dependency
+    // of the bench crate) is not rebuilt.
     cmd.current_dir(util::workspace_root())
+        .env(build::BPF_OBJ_ENV, &outputs.bpf_obj)
         .args([
             "run",
             "--release",

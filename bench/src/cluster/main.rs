@@ -1,7 +1,8 @@
 //! `kcluster-report`: turns the samples `cargo xtask bench cluster` measured
 //! (target/cluster-bench.json: per pod, created → Running, → Ready, →
 //! endpoint programmed in kproxy's dataplane) into
-//! bench/results/cluster-DATE.{md,json,svg} and latest-cluster.md. The
+//! bench/results/cluster-DATE[-probe].{md,json,svg} and
+//! latest-cluster[-probe].md. The
 //! measurement itself lives in xtask/src/cluster_bench.rs, next to the
 //! cluster it starts.
 
@@ -200,7 +201,8 @@ fn main() -> Result<()> {
         Stat::new("`kubectl create` call", &s, |x| x.create_call_ms),
     ];
     std::fs::create_dir_all(&args.out)?;
-    let stem = format!("cluster-{}", s.date);
+    let suffix = if s.probe { "-probe" } else { "" };
+    let stem = format!("cluster-{}{suffix}", s.date);
     let svg = args.out.join(format!("{stem}.svg"));
     plot(&svg, &s, &stats[..3])?;
 
@@ -277,7 +279,7 @@ fn main() -> Result<()> {
 
     let md_path = args.out.join(format!("{stem}.md"));
     std::fs::write(&md_path, &md)?;
-    let latest = args.out.join("latest-cluster.md");
+    let latest = args.out.join(format!("latest-cluster{suffix}.md"));
     std::fs::write(&latest, &md)?;
     let json_path = args.out.join(format!("{stem}.json"));
     std::fs::write(&json_path, &text)?;
