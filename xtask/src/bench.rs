@@ -176,6 +176,8 @@ mod tests {
         assert!(split(&s(&["nonsense"])).is_err());
         let a = s(&["apiserver", "--quick"]);
         assert_eq!(split(&a).unwrap(), ("apiserver", &a[1..]));
+        let c = s(&["cluster", "--pods", "5"]);
+        assert_eq!(split(&c).unwrap(), ("cluster", &c[1..]));
     }
 
     #[test]

@@ -267,8 +267,10 @@ pub fn run_cluster_bench(args: &[String]) -> Result<()> {
         .with_context(|| format!("writing {}", json.display()))?;
     say!("==> samples: {}", json.display());
     let mut cmd = util::cargo(Toolchain::Active);
-    // The same KPROXY_BPF_OBJ as the build above: proxy-user (a dependency
-    // of the bench crate) is not rebuilt.
+    // The same KPROXY_BPF_OBJ as the build above for proxy-user (a
+    // dependency of the bench crate). It is still recompiled here, as for
+    // the other benches: the bench crate's dependency set unifies features
+    // differently from `-p proxy-user -p kcontrol`.
     cmd.current_dir(util::workspace_root())
         .env(build::BPF_OBJ_ENV, &outputs.bpf_obj)
         .args([
