@@ -318,7 +318,13 @@ fn exec(node: &Node1, pod: &Pod, cmd: &[&str]) -> (i32, String) {
 }
 
 fn container_id(pod: &Pod) -> String {
-    let cs = &pod.status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0];
+    let cs = &pod
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0];
     cs.container_id
         .as_deref()
         .expect("containerID")
@@ -348,7 +354,10 @@ fn web_container() -> Value {
 }
 
 async fn create(node: &Node1, api: &Api<Pod>, pod: Pod) -> Pod {
-    let p = api.create(&PostParams::default(), &pod).await.expect("create pod");
+    let p = api
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
     node.track(&p);
     p
 }
@@ -520,18 +529,37 @@ async fn pods_serve_http_reach_each_other_and_see_service_env() {
         { "name": "MY_NODE", "valueFrom": { "fieldRef": { "fieldPath": "spec.nodeName" } } },
     ]);
     a["workingDir"] = json!("/tmp");
-    a["command"] = json!(["sh", "-c", "pwd > /tmp/cwd && mkdir -p /tmp/www && hostname > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"]);
-    a["startupProbe"] = json!({ "tcpSocket": { "port": "http" }, "periodSeconds": 1, "failureThreshold": 30 });
+    a["command"] = json!([
+        "sh",
+        "-c",
+        "pwd > /tmp/cwd && mkdir -p /tmp/www && hostname > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"
+    ]);
+    a["startupProbe"] =
+        json!({ "tcpSocket": { "port": "http" }, "periodSeconds": 1, "failureThreshold": 30 });
     a["readinessProbe"] = json!({ "httpGet": { "path": "/", "port": 8080 }, "periodSeconds": 1 });
     create(&node, &api, pod_json("a", &node.node, json!([a]))).await;
-    create(&node, &api, pod_json("b", &node.node, json!([web_container()]))).await;
+    create(
+        &node,
+        &api,
+        pod_json("b", &node.node, json!([web_container()])),
+    )
+    .await;
 
-    let pa = wait_pod(&api, "a", "Running and Ready", |p| phase(p) == "Running" && ready(p)).await;
-    let pb = wait_pod(&api, "b", "Running and Ready", |p| phase(p) == "Running" && ready(p)).await;
+    let pa = wait_pod(&api, "a", "Running and Ready", |p| {
+        phase(p) == "Running" && ready(p)
+    })
+    .await;
+    let pb = wait_pod(&api, "b", "Running and Ready", |p| {
+        phase(p) == "Running" && ready(p)
+    })
+    .await;
     let st = pa.status.clone().unwrap();
     let ip_a = st.pod_ip.clone().unwrap();
     let ip_b = pb.status.clone().unwrap().pod_ip.unwrap();
-    assert!(node.contains(&ip_a) && node.contains(&ip_b), "{ip_a} {ip_b}");
+    assert!(
+        node.contains(&ip_a) && node.contains(&ip_b),
+        "{ip_a} {ip_b}"
+    );
     assert_ne!(ip_a, ip_b);
     assert!(st.host_ip.is_some());
     assert!(st.start_time.is_some());
@@ -598,7 +626,11 @@ async fn pods_serve_http_reach_each_other_and_see_service_env() {
     let ports = links_on(&node.bridge);
     for p in [&pa, &pb] {
         let veth = format!("kcv{}", hash(p.metadata.uid.as_deref().unwrap()));
-        assert!(ports.contains(&veth), "{veth} not on {}: {ports:?}", node.bridge);
+        assert!(
+            ports.contains(&veth),
+            "{veth} not on {}: {ports:?}",
+            node.bridge
+        );
     }
 }
 
@@ -657,7 +689,14 @@ async fn readiness_probe_drives_the_ready_condition() {
     });
     create(&node, &api, pod_json("rd", &node.node, json!([c]))).await;
     let p = wait_pod(&api, "rd", "Running", |p| {
-        phase(p) == "Running" && restarts(p) == 0 && p.status.as_ref().unwrap().container_statuses.as_ref().is_some_and(|c| c[0].container_id.is_some())
+        phase(p) == "Running"
+            && restarts(p) == 0
+            && p.status
+                .as_ref()
+                .unwrap()
+                .container_statuses
+                .as_ref()
+                .is_some_and(|c| c[0].container_id.is_some())
     })
     .await;
     assert!(!ready(&p));
@@ -726,7 +765,11 @@ async fn unknown_image_is_err_image_pull_then_back_off() {
         "{message}"
     );
     let evs = wait_event(&client, "img", "Failed").await;
-    assert!(evs.iter().any(|(r, m)| r == "Failed" && m.contains("ErrImagePull")), "{evs:?}");
+    assert!(
+        evs.iter()
+            .any(|(r, m)| r == "Failed" && m.contains("ErrImagePull")),
+        "{evs:?}"
+    );
     // Nothing ran.
     assert!(crun_ids(&node.crun_root()).is_empty());
 }
@@ -749,7 +792,12 @@ async fn graceful_delete_sends_sigterm_waits_then_cleans_up() {
         "command": ["sh", "-c", "trap '' TERM; while true; do sleep 0.2; done"],
     });
     let p1 = create(&node, &api, pod_json("polite", &node.node, json!([polite]))).await;
-    let p2 = create(&node, &api, pod_json("stubborn", &node.node, json!([stubborn]))).await;
+    let p2 = create(
+        &node,
+        &api,
+        pod_json("stubborn", &node.node, json!([stubborn])),
+    )
+    .await;
     for n in ["polite", "stubborn"] {
         wait_pod(&api, n, "Running", |p| phase(p) == "Running").await;
     }
@@ -814,13 +862,30 @@ async fn graceful_delete_sends_sigterm_waits_then_cleans_up() {
     }))
     .unwrap();
     api.create(&PostParams::default(), &unbound).await.unwrap();
-    api.delete("unbound", &DeleteParams::default()).await.unwrap();
-    assert!(api.get_opt("unbound").await.unwrap().is_none());
-    let now = create(&node, &api, pod_json("now", &node.node, json!([{ "name": "c", "image": "busybox", "command": ["sleep", "3600"] }]))).await;
-    wait_pod(&api, "now", "Running", |p| phase(p) == "Running").await;
-    api.delete("now", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
+    api.delete("unbound", &DeleteParams::default())
         .await
         .unwrap();
+    assert!(api.get_opt("unbound").await.unwrap().is_none());
+    let now = create(
+        &node,
+        &api,
+        pod_json(
+            "now",
+            &node.node,
+            json!([{ "name": "c", "image": "busybox", "command": ["sleep", "3600"] }]),
+        ),
+    )
+    .await;
+    wait_pod(&api, "now", "Running", |p| phase(p) == "Running").await;
+    api.delete(
+        "now",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     assert!(api.get_opt("now").await.unwrap().is_none());
     // The kubelet sees it gone and cleans up anyway.
     let uid = now.metadata.uid.clone().unwrap();
@@ -838,14 +903,28 @@ async fn restart_does_not_double_run_and_shutdown_leaves_nothing() {
     let mut node = Node1::start(&server);
     let client = server.client().await;
     let api: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let p1 = create(&node, &api, pod_json("r1", &node.node, json!([web_container()]))).await;
-    let p2 = create(&node, &api, pod_json("r2", &node.node, json!([web_container()]))).await;
+    let p1 = create(
+        &node,
+        &api,
+        pod_json("r1", &node.node, json!([web_container()])),
+    )
+    .await;
+    let p2 = create(
+        &node,
+        &api,
+        pod_json("r2", &node.node, json!([web_container()])),
+    )
+    .await;
     let first = wait_pod(&api, "r1", "Running", |p| phase(p) == "Running").await;
     wait_pod(&api, "r2", "Running", |p| phase(p) == "Running").await;
     let ip1 = first.status.unwrap().pod_ip.unwrap();
     let deadline = Instant::now() + DEADLINE;
     while crun_ids(&node.crun_root()).len() != 2 {
-        assert!(Instant::now() < deadline, "{:?}", crun_ids(&node.crun_root()));
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            crun_ids(&node.crun_root())
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -862,7 +941,10 @@ async fn restart_does_not_double_run_and_shutdown_leaves_nothing() {
         if replaced && http_get(&ip1, 8080, "/").is_ok_and(|r| r == (200, "r1\n".into())) {
             break;
         }
-        assert!(Instant::now() < deadline, "r1 not back: {now:?} (before {before:?})");
+        assert!(
+            Instant::now() < deadline,
+            "r1 not back: {now:?} (before {before:?})"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let again = wait_pod(&api, "r1", "Running", |p| phase(p) == "Running").await;
@@ -885,4 +967,82 @@ async fn restart_does_not_double_run_and_shutdown_leaves_nothing() {
         assert!(!String::from_utf8_lossy(&out.stdout).contains(&h));
         assert!(!netns_list().contains(&h));
     }
+}
+
+/// The apiserver side alone (no kubelet): a bound pod's DELETE only marks
+/// it; status updates keep it; a shorter grace period replaces a longer one;
+/// gracePeriodSeconds=0 removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiserver_marks_bound_pods_for_graceful_deletion() {
+    let dir = TempDir::new("kl-grace");
+    let server = Server::start(&dir.0.join("api"), &[]);
+    let client = server.client().await;
+    let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mut pod = pod_json("g", "nowhere", json!([{ "name": "c", "image": "busybox" }]));
+    pod.spec.as_mut().unwrap().termination_grace_period_seconds = Some(45);
+    api.create(&PostParams::default(), &pod).await.unwrap();
+    let mut stream = api
+        .watch(&WatchParams::default().fields("metadata.name=g"), "0")
+        .await
+        .unwrap()
+        .boxed();
+    let marked = api
+        .delete("g", &DeleteParams::default())
+        .await
+        .unwrap()
+        .left()
+        .expect("marked, not deleted");
+    assert_eq!(marked.metadata.deletion_grace_period_seconds, Some(45));
+    let ts = marked.metadata.deletion_timestamp.clone().unwrap().0;
+    // deletionTimestamp is when the grace period ends.
+    let ahead = ts.as_second() - jiff::Timestamp::now().as_second();
+    assert!(
+        (40..=46).contains(&ahead),
+        "deletionTimestamp {ahead}s ahead"
+    );
+    let modified = loop {
+        match tokio::time::timeout(DEADLINE, stream.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            WatchEvent::Modified(p) => break p,
+            WatchEvent::Added(_) | WatchEvent::Bookmark(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(modified.metadata.deletion_timestamp.is_some());
+    // A status update (what the kubelet sends while stopping) keeps it.
+    api.patch_status(
+        "g",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({ "status": { "phase": "Running" } })),
+    )
+    .await
+    .unwrap();
+    assert!(api.get_opt("g").await.unwrap().is_some());
+    // A shorter period replaces it; a longer one does not.
+    let dp = |g| DeleteParams {
+        grace_period_seconds: Some(g),
+        ..Default::default()
+    };
+    let p = api.delete("g", &dp(10)).await.unwrap().left().unwrap();
+    assert_eq!(p.metadata.deletion_grace_period_seconds, Some(10));
+    let p = api.delete("g", &dp(20)).await.unwrap().left().unwrap();
+    assert_eq!(p.metadata.deletion_grace_period_seconds, Some(10));
+    // Bad input is refused and loses nothing.
+    let r = common::send(
+        &client,
+        "DELETE",
+        "/api/v1/namespaces/default/pods/g?gracePeriodSeconds=soon",
+        None,
+        Vec::new(),
+        None,
+    )
+    .await;
+    assert_eq!(r.code, 400);
+    assert!(api.get_opt("g").await.unwrap().is_some());
+    api.delete("g", &dp(0)).await.unwrap();
+    assert!(api.get_opt("g").await.unwrap().is_none());
 }

@@ -573,18 +573,6 @@ fn ensure_bpffs(summary: &mut Summary) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_llvm_major() {
-        let vv = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nhost: x86_64-unknown-linux-gnu\nLLVM version: 22.1.4\n";
-        assert_eq!(llvm_major(vv), Some(22));
-        assert_eq!(llvm_major("rustc 1.0"), None);
-    }
-}
-
 /// Where the kubelet finds the image it resolves `busybox` (any tag) to; the
 /// same default as kcontrol's `--busybox-rootfs`.
 pub const BUSYBOX_ROOTFS: &str = "/var/lib/kcontrol/images/busybox";
@@ -614,19 +602,31 @@ fn ensure_busybox_rootfs(summary: &mut Summary) -> Result<()> {
     for d in [
         "bin", "dev", "proc", "sys", "tmp", "etc", "root", "run", "var/www", "home", "usr",
     ] {
-        fs::create_dir_all(tmp.join(d)).with_context(|| format!("creating {}", tmp.join(d).display()))?;
+        fs::create_dir_all(tmp.join(d))
+            .with_context(|| format!("creating {}", tmp.join(d).display()))?;
     }
     fs::copy(busybox, tmp.join("bin/busybox")).context("copying /bin/busybox")?;
     let list = output(Command::new(busybox).arg("--list"))?;
-    for applet in list.lines().map(str::trim).filter(|a| !a.is_empty() && *a != "busybox") {
+    for applet in list
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && *a != "busybox")
+    {
         std::os::unix::fs::symlink("busybox", tmp.join("bin").join(applet))
             .with_context(|| format!("linking applet {applet}"))?;
     }
-    for (link, target) in [("sbin", "bin"), ("usr/bin", "../bin"), ("usr/sbin", "../bin")] {
+    for (link, target) in [
+        ("sbin", "bin"),
+        ("usr/bin", "../bin"),
+        ("usr/sbin", "../bin"),
+    ] {
         std::os::unix::fs::symlink(target, tmp.join(link))?;
     }
     let files = [
-        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/home:/bin/false\n"),
+        (
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/home:/bin/false\n",
+        ),
         ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
         // Mount points for the per-pod files the kubelet bind-mounts.
         ("etc/hosts", ""),
@@ -675,4 +675,16 @@ fn ensure_crun_cgroups(summary: &mut Summary) -> Result<()> {
         format!("moved {} from cgroup2 to v1 hierarchies", left.join(", ")),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_llvm_major() {
+        let vv = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nhost: x86_64-unknown-linux-gnu\nLLVM version: 22.1.4\n";
+        assert_eq!(llvm_major(vv), Some(22));
+        assert_eq!(llvm_major("rustc 1.0"), None);
+    }
 }

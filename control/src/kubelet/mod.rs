@@ -173,7 +173,11 @@ impl Shared {
 
     fn release_ip(&self, uid: &str) {
         let _g = self.ipam.lock().unwrap();
-        for e in fs::read_dir(self.ipam_dir()).into_iter().flatten().flatten() {
+        for e in fs::read_dir(self.ipam_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             if fs::read_to_string(e.path()).ok().as_deref() == Some(uid) {
                 let _ = fs::remove_file(e.path());
             }
@@ -183,7 +187,11 @@ impl Shared {
     /// Frees the addresses of pods not in `live`.
     fn prune_ips(&self, live: &HashSet<String>) {
         let _g = self.ipam.lock().unwrap();
-        for e in fs::read_dir(self.ipam_dir()).into_iter().flatten().flatten() {
+        for e in fs::read_dir(self.ipam_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let uid = fs::read_to_string(e.path()).unwrap_or_default();
             if !live.contains(&uid) {
                 let _ = fs::remove_file(e.path());
@@ -222,10 +230,7 @@ pub async fn run(client: Client, cfg: Config) -> Result<()> {
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let cidr = Cidr::parse(&cfg.pod_cidr)?;
     if cfg.bridge.is_empty() || cfg.bridge.len() > 15 {
-        bail!(
-            "bridge name {:?} must be 1 to 15 characters",
-            cfg.bridge
-        );
+        bail!("bridge name {:?} must be 1 to 15 characters", cfg.bridge);
     }
     if cfg.node_name.is_empty() {
         bail!("the node name must not be empty");

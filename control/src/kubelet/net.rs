@@ -192,10 +192,16 @@ pub async fn node_ip(h: &Handle, cidr: Cidr) -> Result<Ipv4Addr> {
         .into_iter()
         .map(|(i, n, _)| (i, n))
         .collect();
-    let found = ipv4_addresses(h, None).await?.into_iter().find(|(i, ip, _)| {
-        let name = names.get(i).map(String::as_str).unwrap_or("");
-        !ip.is_loopback() && !ip.is_link_local() && !cidr.contains(*ip) && !name.starts_with("kc")
-    });
+    let found = ipv4_addresses(h, None)
+        .await?
+        .into_iter()
+        .find(|(i, ip, _)| {
+            let name = names.get(i).map(String::as_str).unwrap_or("");
+            !ip.is_loopback()
+                && !ip.is_link_local()
+                && !cidr.contains(*ip)
+                && !name.starts_with("kc")
+        });
     Ok(found.map_or(Ipv4Addr::LOCALHOST, |(_, ip, _)| ip))
 }
 
@@ -361,7 +367,11 @@ pub async fn setup_pod(h: &Handle, bridge: u32, cidr: Cidr, pn: &PodNet) -> Resu
             .await?
             .ok_or_else(|| anyhow!("{peer} missing in the pod namespace"))?;
         h.link()
-            .set(LinkUnspec::new_with_index(i).name("eth0".to_string()).build())
+            .set(
+                LinkUnspec::new_with_index(i)
+                    .name("eth0".to_string())
+                    .build(),
+            )
             .execute()
             .await
             .context("renaming the pod veth to eth0")?;

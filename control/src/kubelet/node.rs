@@ -122,7 +122,9 @@ pub async fn register(sh: &Shared, since: &str, runtime_version: &str) -> anyhow
                 .patch(
                     name,
                     &PatchParams::default(),
-                    &Patch::Merge(json!({ "metadata": { "labels": meta["labels"] }, "spec": spec })),
+                    &Patch::Merge(
+                        json!({ "metadata": { "labels": meta["labels"] }, "spec": spec }),
+                    ),
                 )
                 .await?;
         }

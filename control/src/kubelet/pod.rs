@@ -339,8 +339,7 @@ impl Worker {
                 },
                 last_term: None,
                 restart_count: prev.get(&c.name).copied().unwrap_or(0),
-                ever_ran: prev.contains_key(&c.name)
-                    && prev.get(&c.name).copied().unwrap_or(0) > 0,
+                ever_ran: prev.contains_key(&c.name) && prev.get(&c.name).copied().unwrap_or(0) > 0,
                 started: c.startup_probe.is_none(),
                 done: false,
                 killing: false,
@@ -459,10 +458,7 @@ impl Worker {
 
     async fn try_setup_sandbox(&mut self) -> anyhow::Result<PodNet> {
         std::fs::create_dir_all(&self.dir)?;
-        std::fs::write(
-            self.dir.join("pod"),
-            format!("{}/{}\n", self.ns, self.name),
-        )?;
+        std::fs::write(self.dir.join("pod"), format!("{}/{}\n", self.ns, self.name))?;
         let ip = self.sh.allocate_ip(&self.uid)?;
         let pn = PodNet::new(&self.hash, ip);
         net::setup_pod(&self.sh.net, self.sh.bridge_index, self.sh.cidr, &pn).await?;
@@ -653,7 +649,11 @@ impl Worker {
                 }
             }
         }
-        let pod_ip = self.net.as_ref().map(|n| n.ip.to_string()).unwrap_or_default();
+        let pod_ip = self
+            .net
+            .as_ref()
+            .map(|n| n.ip.to_string())
+            .unwrap_or_default();
         for e in c.env.iter().flatten() {
             let value = if let Some(v) = &e.value {
                 expand(v, &env)
@@ -739,7 +739,9 @@ impl Worker {
             vec!["sh".to_string()]
         };
         let res = spec.resources.clone().unwrap_or_default();
-        let get = |m: &Option<BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+        let get = |m: &Option<
+            BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+        >,
                    k: &str,
                    milli: bool| {
             m.as_ref()
@@ -814,7 +816,11 @@ impl Worker {
                 Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(9)),
                 Err(_) => 255,
             };
-            let _ = tx.send(Msg::Exited { ctr: i, epoch, code });
+            let _ = tx.send(Msg::Exited {
+                ctr: i,
+                epoch,
+                code,
+            });
         });
         Ok(())
     }
@@ -1176,9 +1182,10 @@ impl Worker {
             .collect();
         let all_done = !self.ctrs.is_empty() && self.ctrs.iter().all(|c| c.done);
         let phase = if all_done {
-            let ok = self.ctrs.iter().all(|c| {
-                matches!(&c.state, CState::Terminated(t) if t.exit_code == 0)
-            });
+            let ok = self
+                .ctrs
+                .iter()
+                .all(|c| matches!(&c.state, CState::Terminated(t) if t.exit_code == 0));
             // A pod whose containers always restart ends only by deletion;
             // report what its containers did.
             if ok && policy != "Always" {
@@ -1238,12 +1245,7 @@ impl Worker {
         if let Some(n) = &self.net {
             st["podIP"] = json!(n.ip.to_string());
             st["podIPs"] = json!([{ "ip": n.ip.to_string() }]);
-        } else if let Some(prev) = self
-            .posted
-            .as_ref()
-            .and_then(|p| p.get("podIP"))
-            .cloned()
-        {
+        } else if let Some(prev) = self.posted.as_ref().and_then(|p| p.get("podIP")).cloned() {
             // Keep the address a finished pod had.
             st["podIP"] = prev.clone();
             st["podIPs"] = json!([{ "ip": prev }]);
@@ -1348,7 +1350,13 @@ mod tests {
         ] {
             assert!(is_busybox(ok), "{ok}");
         }
-        for bad in ["nginx", "quay.io/busybox", "busybox2", "myreg:5000/busybox", ""] {
+        for bad in [
+            "nginx",
+            "quay.io/busybox",
+            "busybox2",
+            "myreg:5000/busybox",
+            "",
+        ] {
             assert!(!is_busybox(bad), "{bad}");
         }
     }

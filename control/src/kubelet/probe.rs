@@ -56,7 +56,10 @@ pub async fn run(
     let t = timing(p);
     if let Some(h) = &p.http_get {
         let port = port_of(&h.port, ctr)?;
-        if h.scheme.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("HTTPS")) {
+        if h.scheme
+            .as_deref()
+            .is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"))
+        {
             return Err("HTTPS probes are not supported by this kubelet".into());
         }
         let host: IpAddr = match h.host.as_deref() {
@@ -75,7 +78,9 @@ pub async fn run(
             let req = format!(
                 "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: kube-probe/1.33\r\nAccept: */*\r\n{headers}Connection: close\r\n\r\n"
             );
-            s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+            s.write_all(req.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
             let mut buf = Vec::new();
             let mut chunk = [0u8; 1024];
             // The status line is all we need.

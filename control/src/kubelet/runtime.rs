@@ -243,7 +243,11 @@ impl Runtime {
         if !self.root.exists() {
             return Ok(Vec::new());
         }
-        let out = self.cmd().args(["list", "--format", "json"]).output().await?;
+        let out = self
+            .cmd()
+            .args(["list", "--format", "json"])
+            .output()
+            .await?;
         if !out.status.success() {
             bail!("crun list: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
