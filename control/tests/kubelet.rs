@@ -1046,3 +1046,65 @@ async fn apiserver_marks_bound_pods_for_graceful_deletion() {
     api.delete("g", &dp(0)).await.unwrap();
     assert!(api.get_opt("g").await.unwrap().is_none());
 }
+
+/// restartPolicy: Never and OnFailure pods end Failed/Succeeded with the exit
+/// code (and give their network back); Always restarts with back-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_policies_and_back_off() {
+    let dir = TempDir::new("kl-policy");
+    let server = Server::start(&dir.0.join("api"), &[]);
+    let node = Node1::start(&server);
+    let client = server.client().await;
+    let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let ctr =
+        |cmd: &str| json!([{ "name": "c", "image": "busybox", "command": ["sh", "-c", cmd] }]);
+    let mut never = pod_json("never", &node.node, ctr("exit 3"));
+    never.spec.as_mut().unwrap().restart_policy = Some("Never".into());
+    let mut onfail = pod_json("onfail", &node.node, ctr("test -f /tmp/x || exit 0"));
+    onfail.spec.as_mut().unwrap().restart_policy = Some("OnFailure".into());
+    let always = pod_json("always", &node.node, ctr("exit 1"));
+    let never = create(&node, &api, never).await;
+    let onfail = create(&node, &api, onfail).await;
+    create(&node, &api, always).await;
+
+    let exit_of = |p: &Pod| {
+        p.status.as_ref()?.container_statuses.as_ref()?[0]
+            .state
+            .as_ref()?
+            .terminated
+            .as_ref()
+            .map(|t| (t.exit_code, t.reason.clone().unwrap_or_default()))
+    };
+    let p = wait_pod(&api, "never", "Failed", |p| phase(p) == "Failed").await;
+    assert_eq!(exit_of(&p), Some((3, "Error".into())));
+    assert_eq!(restarts(&p), 0);
+    let p = wait_pod(&api, "onfail", "Succeeded", |p| phase(p) == "Succeeded").await;
+    assert_eq!(exit_of(&p), Some((0, "Completed".into())));
+    // Finished pods keep their status but not their network.
+    for p in [&never, &onfail] {
+        let uid = p.metadata.uid.clone().unwrap();
+        let deadline = Instant::now() + DEADLINE;
+        while !leftovers(&node, &uid).is_empty() {
+            assert!(Instant::now() < deadline, "{:?}", leftovers(&node, &uid));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Always: restarted, then back-off (1 s, 2 s, … in this test).
+    let p = wait_pod(&api, "always", "restarted twice", |p| restarts(p) >= 2).await;
+    assert_eq!(phase(&p), "Running");
+    let evs = wait_event(&client, "always", "BackOff").await;
+    assert!(
+        evs.iter()
+            .any(|(r, m)| r == "BackOff" && m.contains("restarting failed container")),
+        "{evs:?}"
+    );
+    wait_pod(&api, "always", "in CrashLoopBackOff", |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c[0].state.as_ref()?.waiting.as_ref()?.reason.clone())
+            .as_deref()
+            == Some("CrashLoopBackOff")
+    })
+    .await;
+}
