@@ -18,6 +18,7 @@
 pub mod apiserver;
 pub mod bpf;
 pub mod client;
+pub mod cluster;
 pub mod fixture;
 pub mod iptables;
 pub mod kproxy;

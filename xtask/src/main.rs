@@ -13,6 +13,8 @@ macro_rules! say {
 
 mod bench;
 mod build;
+mod cluster;
+mod cluster_bench;
 mod setup;
 mod test;
 mod up;
@@ -58,20 +60,29 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Demo: kproxy in network namespaces serving a Service with three
-    /// backends; runs until Ctrl-C
+    /// A single-node cluster on this host (`kcontrol all` + kproxy) with a
+    /// demo Deployment and Service, requested from a client pod; runs until
+    /// Ctrl-C, then stops everything and checks nothing is left
     Up {
-        /// Make the demo connections, then tear down instead of waiting for
-        /// Ctrl-C (fails if a connection was not answered)
+        /// Make the demo requests, then tear down instead of waiting for
+        /// Ctrl-C (fails if a request was not answered)
         #[arg(long)]
         once: bool,
+        /// The older demo instead: kproxy alone in network namespaces, fed
+        /// from manifest files, serving three backends
+        #[arg(long)]
+        manifests_demo: bool,
     },
     /// Build, then benchmark: `cargo xtask bench [compare] [--quick]` runs
     /// eBPF mode against iptables mode side by side (kproxy-compare, report
     /// and plots in bench/results/); `cargo xtask bench dataplane [ARGS...]`
-    /// runs proxy-user's BPF_PROG_TEST_RUN benchmark (kproxy-bench)
+    /// runs proxy-user's BPF_PROG_TEST_RUN benchmark (kproxy-bench);
+    /// `cargo xtask bench apiserver [--quick] [--store sqlite]` measures
+    /// `kcontrol apiserver` (kcontrol-bench); `cargo xtask bench cluster
+    /// [--pods N]` measures pod create → Running/Ready/endpoint programmed
+    /// on a single-node cluster
     Bench {
-        /// `compare` (default) or `dataplane`, then their arguments, e.g.
+        /// `compare` (default), `dataplane` or `apiserver`, then their arguments, e.g.
         /// `--quick`
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -127,7 +138,16 @@ fn main() -> ExitCode {
             setup::run_setup().and_then(|()| build::build_all(!debug).map(drop))
         }
         Cmd::Test { args } => test::run_test(&args),
-        Cmd::Up { once } => up::run_up(once),
+        Cmd::Up {
+            once,
+            manifests_demo,
+        } => {
+            if manifests_demo {
+                up::run_manifests_demo(once)
+            } else {
+                up::run_up(once)
+            }
+        }
         Cmd::Bench { args } => bench::run_bench(&args),
         Cmd::VmTest {
             kernels,

@@ -1,4 +1,6 @@
-//! `cargo xtask up`: a local demo of kproxy on network namespaces.
+//! `cargo xtask up`: a single-node cluster on this host (see [`run_up`]);
+//! `cargo xtask up --manifests-demo`: the older demo of kproxy alone in
+//! network namespaces, fed from manifest files (see [`run_manifests_demo`]):
 //!
 //! ```text
 //!  kpdemo-client            kpdemo-node                kpdemo-be1..3
@@ -8,9 +10,10 @@
 //!                              kpn-b3 10.0.13.1 ─ veth ─ eth0 10.0.13.2:8080
 //! ```
 //!
-//! kproxy runs in kpdemo-node with its programs on kpn-c and serves the
-//! Service `demo` (ClusterIP 10.96.0.10:80 → the three backends on 8080). All
-//! addresses live in namespaces this command creates and removes again.
+//! There kproxy runs in kpdemo-node with its programs on kpn-c and serves
+//! the Service `demo` (ClusterIP 10.96.0.10:80 → the three backends on
+//! 8080). All addresses live in namespaces this command creates and removes
+//! again.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -29,6 +32,279 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use crate::util::{self, output, run};
 use crate::{build, setup};
+
+use crate::cluster::{Cluster, Log, Src};
+
+/// The cluster's data dir (store, kubeconfig, kubelet state, logs).
+pub fn cluster_dir() -> PathBuf {
+    util::target_dir().join("cluster")
+}
+
+/// The demo: three busybox web servers each answering with its own pod name
+/// (the container's hostname), a ClusterIP Service in front, and a client
+/// pod. /tmp is the rootfs's writable tmpfs (the rootfs itself is
+/// read-only).
+const DEMO_YAML: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: demo
+  namespace: default
+spec:
+  replicas: 3
+  selector:
+    matchLabels: {app: demo}
+  template:
+    metadata:
+      labels: {app: demo}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: web
+        image: busybox
+        command: ["sh", "-c", "mkdir -p /tmp/www && hostname > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"]
+        ports:
+        - {name: http, containerPort: 8080}
+        readinessProbe:
+          httpGet: {path: /, port: 8080}
+          periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: demo
+  namespace: default
+spec:
+  selector: {app: demo}
+  ports:
+  - {name: http, port: 80, targetPort: http}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+  namespace: default
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: client
+    image: busybox
+    command: ["sleep", "3600"]
+"#;
+
+/// Requests the demo makes to the ClusterIP: two rounds over 3 pods.
+const REQUESTS: usize = 6;
+const DEMO_REPLICAS: usize = 3;
+
+/// `cargo xtask up`: setup, build, a single-node cluster (`kcontrol all` +
+/// kproxy on this host), the demo applied with kubectl and requested from
+/// a client pod; then up until Ctrl-C, which stops everything and checks
+/// that nothing is left. With `once`, stops after the requests (and fails
+/// if they were not answered round-robin by the three pods).
+pub fn run_up(once: bool) -> Result<()> {
+    setup::run_setup()?;
+    let outputs = build::build_all(true)?;
+
+    let log = Arc::new(Log::default());
+    log.echo_changes
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let on_signal = log.clone();
+    // Ctrl-C (and SIGTERM/SIGHUP) only sets a flag: the cluster has to be
+    // stopped in order and checked.
+    ctrlc::set_handler(move || on_signal.interrupt()).context("installing the Ctrl-C handler")?;
+
+    let dir = cluster_dir();
+    say!("==> [1/5] starting the cluster in {}", dir.display());
+    let mut c = Cluster::start(&outputs.kcontrol, &outputs.kproxy, &dir, log.clone())?;
+    let result = demo(&mut c, once);
+    if let Err(e) = &result {
+        say!("==> error: {e:#}");
+    }
+    say!("==> stopping the cluster");
+    let stopped = c.stop();
+    result.and(stopped)
+}
+
+fn demo(c: &mut Cluster, once: bool) -> Result<()> {
+    let kc = c.kubeconfig.display().to_string();
+    say!();
+    say!("    kubeconfig: {kc}");
+    say!("    try:        kubectl --kubeconfig {kc} get pods -o wide");
+    say!("                export KUBECONFIG={kc}; kubectl get nodes,svc,endpointslices");
+    say!();
+
+    say!("==> [2/5] kubectl apply: Deployment demo (3 × busybox httpd), Service demo, Pod client");
+    let applied = c.kubectl_stdin(&["apply", "-f", "-"], DEMO_YAML)?;
+    for l in applied.lines() {
+        say!("    {l}");
+    }
+
+    say!("==> [3/5] waiting for {DEMO_REPLICAS} ready endpoints of Service demo");
+    let started = Instant::now();
+    let mut last = String::new();
+    let endpoints = loop {
+        let eps = c
+            .kubectl_out(&[
+                "get",
+                "endpointslices",
+                "-l",
+                "kubernetes.io/service-name=demo",
+                "-o",
+                "jsonpath={range .items[*].endpoints[*]}{.addresses[0]}={.conditions.ready} {end}",
+            ])
+            .unwrap_or_default();
+        let ready: Vec<String> = eps
+            .split_whitespace()
+            .filter_map(|e| e.strip_suffix("=true").map(str::to_owned))
+            .collect();
+        let pods = c
+            .kubectl_out(&["get", "pods", "--no-headers"])
+            .unwrap_or_default();
+        let status = format!("{} ready endpoints: {}", ready.len(), ready.join(" "));
+        if status != last {
+            say!("    [{:>5} ms] {status}", started.elapsed().as_millis());
+            for l in pods.lines() {
+                say!("        {l}");
+            }
+            last = status;
+        }
+        if ready.len() >= DEMO_REPLICAS {
+            break ready;
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            bail!(
+                "Service demo has {} ready endpoints after 90 s",
+                ready.len()
+            );
+        }
+        c.log.pause(Duration::from_millis(200))?;
+    };
+
+    // kproxy programs the endpoints when the EndpointSlice says they are
+    // ready: wait for an `applied` line that holds all of them (its
+    // `backends=` count covers every service, so compare with the count
+    // before the demo: the `ready` line).
+    let (base, _) = c
+        .log
+        .wait_for(0, Duration::from_secs(5), "kproxy's ready line", |l| {
+            (l.src == Src::Kproxy && l.text.starts_with("kproxy: ready"))
+                .then(|| field(&l.text, "backends"))
+                .flatten()
+        })?;
+    let (n, _) = c.log.wait_for(
+        0,
+        Duration::from_secs(30),
+        "kproxy to program the endpoints",
+        |l| {
+            (l.src == Src::Kproxy && l.text.starts_with("kproxy: applied"))
+                .then(|| field(&l.text, "backends"))
+                .flatten()
+                .filter(|n| *n >= base + endpoints.len() as u64)
+        },
+    )?;
+    say!("==> kproxy programs {n} backends ({} for demo)", n - base);
+
+    let vip = c.kubectl_out(&["get", "service", "demo", "-o", "jsonpath={.spec.clusterIP}"])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let uid = loop {
+        let s = c.kubectl_out(&[
+            "get",
+            "pod",
+            "client",
+            "-o",
+            "jsonpath={.status.phase} {.metadata.uid}",
+        ])?;
+        if let Some(uid) = s.strip_prefix("Running ") {
+            break uid.to_string();
+        }
+        if Instant::now() > deadline {
+            bail!("pod client is not Running after 60 s ({s})");
+        }
+        c.log.pause(Duration::from_millis(200))?;
+    };
+    let id = Cluster::container_id(&uid, "client");
+    say!(
+        "==> [4/5] {REQUESTS} requests from pod client to http://{vip}/ (Service demo's ClusterIP)"
+    );
+    let mut answers = BTreeMap::new();
+    let mut ok = 0;
+    for i in 1..=REQUESTS {
+        let mut cmd = client_request(&c.crun_root, &id, &vip);
+        if i == 1 {
+            say!("    $ {}", util::display(&cmd));
+        }
+        match output(&mut cmd).and_then(|r| http_body(&r)) {
+            Ok(text) => {
+                say!("    request {i}: {text}");
+                *answers.entry(text).or_insert(0) += 1;
+                ok += 1;
+            }
+            Err(e) => say!("    request {i}: FAILED: {e:#}"),
+        }
+    }
+    say!("==> {ok}/{REQUESTS} answered, by {} pods:", answers.len());
+    for (pod, count) in &answers {
+        say!("    {count} × {pod}");
+    }
+    c.note_pods();
+    if once {
+        if ok < REQUESTS || answers.len() != DEMO_REPLICAS {
+            bail!("expected {REQUESTS} answers from {DEMO_REPLICAS} pods");
+        }
+        return Ok(());
+    }
+    say!();
+    say!("==> [5/5] the cluster is up; Ctrl-C stops it. Try:");
+    say!("    kubectl --kubeconfig {kc} get pods,svc,endpointslices -o wide");
+    say!("    kubectl --kubeconfig {kc} scale deployment demo --replicas=5");
+    say!(
+        "    {}",
+        util::display(&client_request(&c.crun_root, &id, &vip))
+    );
+    loop {
+        match c.log.pause(Duration::from_secs(3600)) {
+            Ok(()) => {}
+            Err(_) if c.log.interrupted() => {
+                say!("==> interrupted");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One HTTP request from inside the client container to `vip`:80, with
+/// busybox `nc` (Debian's busybox-static `wget` dies of SIGSEGV here).
+fn client_request(crun_root: &Path, id: &str, vip: &str) -> Command {
+    let mut cmd = Command::new("crun");
+    cmd.arg("--root")
+        .arg(crun_root)
+        .args(["exec", id, "sh", "-c"])
+        .arg(format!(
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {vip} 80"
+        ));
+    cmd
+}
+
+/// The body of an HTTP/1.0 response, after checking its status line.
+fn http_body(response: &str) -> Result<String> {
+    let status = response.lines().next().unwrap_or("");
+    if !status.contains(" 200 ") {
+        bail!("unexpected response {:?}", status.trim());
+    }
+    let body = response
+        .split_once("\r\n\r\n")
+        .or_else(|| response.split_once("\n\n"))
+        .map(|(_, b)| b)
+        .unwrap_or("");
+    Ok(body.trim().to_string())
+}
+
+/// `key=N` from a `kproxy: …` line.
+pub fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
 
 const NS_PREFIX: &str = "kpdemo-";
 const CLIENT_NS: &str = "kpdemo-client";
@@ -62,7 +338,7 @@ enum Event {
     Interrupted,
 }
 
-pub fn run_up(once: bool) -> Result<()> {
+pub fn run_manifests_demo(once: bool) -> Result<()> {
     setup::run_setup()?;
     let outputs = build::build_all(true)?;
     remove_stale_namespaces()?;

@@ -1,13 +1,18 @@
 //! ClusterIP and NodePort allocation for Services.
 //!
-//! There is no allocator state of its own: what is taken is read from the
-//! stored Services while [`Allocator::lock`] is held, and the lock is kept
-//! until the write that claims the address is committed. One apiserver owns
-//! a data dir, so this is race-free, and nothing can leak after a crash (a
-//! deleted Service frees its addresses by no longer existing).
+//! What is taken is kept in memory: the addresses of every stored Service
+//! (loaded from the store at start, then updated after each committed
+//! Service write or delete, in revision order per key) plus the addresses
+//! claimed by writes in flight. A write claims its addresses under a short
+//! lock ([`Allocator::claim`]), commits without holding it (so Service
+//! writes group-commit like any other), and then settles its claim: kept as
+//! stored on commit, released on failure. One apiserver owns a data dir, so
+//! this is race-free, and nothing can leak after a crash (the state is
+//! rebuilt from the stored Services at start).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
@@ -28,8 +33,220 @@ pub struct Allocator {
     base: u32,
     size: u64,
     node_ports: (i32, i32),
-    /// Held from reading the taken addresses until the claiming write is done.
-    pub lock: tokio::sync::Mutex<()>,
+    claims: Arc<Mutex<Claims>>,
+}
+
+/// The addresses one Service holds.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Addrs {
+    ips: Vec<String>,
+    ports: Vec<i32>,
+}
+
+impl Addrs {
+    pub fn of(svc: &Value) -> Addrs {
+        let mut a = Addrs::default();
+        for ip in svc
+            .pointer("/spec/clusterIPs")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
+            if ip != "None" && !ip.is_empty() {
+                a.ips.push(ip.to_string());
+            }
+        }
+        for p in svc
+            .pointer("/spec/ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(n) = p.get("nodePort").and_then(Value::as_i64) {
+                a.ports.push(n as i32);
+            }
+        }
+        if let Some(ip) = svc.pointer("/spec/clusterIP").and_then(Value::as_str)
+            && ip != "None"
+            && !ip.is_empty()
+            && !a.ips.iter().any(|i| i == ip)
+        {
+            a.ips.push(ip.to_string());
+        }
+        if let Some(n) = svc
+            .pointer("/spec/healthCheckNodePort")
+            .and_then(Value::as_i64)
+        {
+            a.ports.push(n as i32);
+        }
+        a
+    }
+}
+
+/// What is taken: stored Services and claims of writes in flight, with a
+/// count per address (so that removing one holder keeps the others').
+#[derive(Default)]
+struct Claims {
+    /// Stored Service key → (revision of the newest write seen, addresses);
+    /// a deleted Service keeps its revision with no addresses, so that an
+    /// older write settling late cannot bring it back.
+    stored: HashMap<String, (i64, Addrs)>,
+    /// Ticket → (key, addresses) of writes in flight.
+    pending: HashMap<u64, (String, Addrs)>,
+    ips: HashMap<String, u32>,
+    ports: HashMap<i32, u32>,
+    next_ticket: u64,
+}
+
+impl Claims {
+    fn add(&mut self, a: &Addrs) {
+        for ip in &a.ips {
+            *self.ips.entry(ip.clone()).or_default() += 1;
+        }
+        for p in &a.ports {
+            *self.ports.entry(*p).or_default() += 1;
+        }
+    }
+
+    fn remove(&mut self, a: &Addrs) {
+        for ip in &a.ips {
+            if let Some(n) = self.ips.get_mut(ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.ips.remove(ip);
+                }
+            }
+        }
+        for p in &a.ports {
+            if let Some(n) = self.ports.get_mut(p) {
+                *n -= 1;
+                if *n == 0 {
+                    self.ports.remove(p);
+                }
+            }
+        }
+    }
+
+    /// The key's own holdings (stored and in flight): not taken for it.
+    fn own(&self, key: &str) -> Addrs {
+        let mut a = self
+            .stored
+            .get(key)
+            .map(|(_, a)| a.clone())
+            .unwrap_or_default();
+        for (k, p) in self.pending.values() {
+            if k == key {
+                a.ips.extend(p.ips.iter().cloned());
+                a.ports.extend(p.ports.iter().copied());
+            }
+        }
+        a
+    }
+
+    fn record(&mut self, key: &str, rev: i64, addrs: Addrs) {
+        if let Some((r, _)) = self.stored.get(key)
+            && *r >= rev
+        {
+            return;
+        }
+        if let Some((_, old)) = self.stored.remove(key) {
+            self.remove(&old);
+        }
+        self.add(&addrs);
+        self.stored.insert(key.to_string(), (rev, addrs));
+    }
+}
+
+/// Whether an address is taken, for [`Allocator::assign`].
+pub trait Taken {
+    fn ip(&self, ip: &str) -> bool;
+    fn port(&self, port: i32) -> bool;
+}
+
+/// Taken = held by anyone but `own`'s key.
+struct ClaimsExcept<'a> {
+    claims: &'a Claims,
+    own: Addrs,
+}
+
+impl Taken for ClaimsExcept<'_> {
+    fn ip(&self, ip: &str) -> bool {
+        let own = self.own.ips.iter().filter(|i| *i == ip).count() as u32;
+        self.claims.ips.get(ip).copied().unwrap_or(0) > own
+    }
+    fn port(&self, port: i32) -> bool {
+        let own = self.own.ports.iter().filter(|p| **p == port).count() as u32;
+        self.claims.ports.get(&port).copied().unwrap_or(0) > own
+    }
+}
+
+/// Taken = held by one of a list of Services (unit tests).
+#[cfg(test)]
+pub struct Used {
+    ips: BTreeSet<String>,
+    ports: BTreeSet<i32>,
+}
+
+#[cfg(test)]
+impl Used {
+    pub fn from_services(others: &[Value]) -> Used {
+        let mut u = Used {
+            ips: BTreeSet::new(),
+            ports: BTreeSet::new(),
+        };
+        for o in others {
+            let a = Addrs::of(o);
+            u.ips.extend(a.ips);
+            u.ports.extend(a.ports);
+        }
+        u
+    }
+}
+
+#[cfg(test)]
+impl Taken for Used {
+    fn ip(&self, ip: &str) -> bool {
+        self.ips.contains(ip)
+    }
+    fn port(&self, port: i32) -> bool {
+        self.ports.contains(&port)
+    }
+}
+
+/// A claim of a write in flight. Dropped without [`Ticket::settle`] (the
+/// write was not attempted), its addresses are released.
+pub struct Ticket {
+    claims: Arc<Mutex<Claims>>,
+    id: u64,
+    key: String,
+    settled: bool,
+}
+
+impl Ticket {
+    /// The write committed at `rev` (`Some`: the claimed addresses are now
+    /// stored) or did not happen (`None`: released).
+    pub fn settle(mut self, committed: Option<i64>) {
+        self.settled = true;
+        let mut c = self.claims.lock().expect("claims lock");
+        if let Some((_, addrs)) = c.pending.remove(&self.id) {
+            c.remove(&addrs);
+            if let Some(rev) = committed {
+                c.record(&self.key, rev, addrs);
+            }
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.settled {
+            let mut c = self.claims.lock().expect("claims lock");
+            if let Some((_, addrs)) = c.pending.remove(&self.id) {
+                c.remove(&addrs);
+            }
+        }
+    }
 }
 
 fn random_u64() -> u64 {
@@ -67,8 +284,52 @@ impl Allocator {
             base,
             size,
             node_ports: (lo, hi),
-            lock: tokio::sync::Mutex::new(()),
+            claims: Arc::default(),
         })
+    }
+
+    /// The stored Services (key, revision, object), at start.
+    pub fn load(&self, services: impl IntoIterator<Item = (String, i64, Value)>) {
+        let mut c = self.claims.lock().expect("claims lock");
+        for (key, rev, svc) in services {
+            c.record(&key, rev, Addrs::of(&svc));
+        }
+    }
+
+    /// Assigns `svc`'s addresses (see [`Allocator::assign`]) against
+    /// everything held by other keys, and claims them until the returned
+    /// ticket is settled.
+    pub fn claim(
+        &self,
+        key: &str,
+        svc: &mut Value,
+        old: Option<&Value>,
+    ) -> Result<Ticket, Vec<FieldError>> {
+        let mut c = self.claims.lock().expect("claims lock");
+        let taken = ClaimsExcept {
+            own: c.own(key),
+            claims: &c,
+        };
+        self.assign(svc, old, &taken)?;
+        let addrs = Addrs::of(svc);
+        c.add(&addrs);
+        let id = c.next_ticket;
+        c.next_ticket += 1;
+        c.pending.insert(id, (key.to_string(), addrs));
+        Ok(Ticket {
+            claims: self.claims.clone(),
+            id,
+            key: key.to_string(),
+            settled: false,
+        })
+    }
+
+    /// The Service at `key` was deleted at `rev`: its addresses are free.
+    pub fn deleted(&self, key: &str, rev: i64) {
+        self.claims
+            .lock()
+            .expect("claims lock")
+            .record(key, rev, Addrs::default());
     }
 
     /// Usable addresses exclude the network and broadcast addresses.
@@ -80,45 +341,13 @@ impl Allocator {
 
     /// Fills in `spec.clusterIP(s)` and node ports of a normalized Service,
     /// keeping what `old` had (a PUT or patch that leaves them out must not
-    /// move them), and checks requested ones. `others` are all the other
-    /// stored Services.
+    /// move them), and checks requested ones against `taken`.
     pub fn assign(
         &self,
         svc: &mut Value,
         old: Option<&Value>,
-        others: &[Value],
+        taken: &dyn Taken,
     ) -> Result<(), Vec<FieldError>> {
-        let mut used_ips = BTreeSet::new();
-        let mut used_ports = BTreeSet::new();
-        for o in others {
-            for ip in o
-                .pointer("/spec/clusterIPs")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                if let Some(ip) = ip.as_str() {
-                    used_ips.insert(ip.to_string());
-                }
-            }
-            for p in o
-                .pointer("/spec/ports")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                if let Some(n) = p.get("nodePort").and_then(Value::as_i64) {
-                    used_ports.insert(n as i32);
-                }
-            }
-            if let Some(n) = o
-                .pointer("/spec/healthCheckNodePort")
-                .and_then(Value::as_i64)
-            {
-                used_ports.insert(n as i32);
-            }
-        }
-
         let spec = svc["spec"]
             .as_object_mut()
             .expect("normalized service has a spec");
@@ -155,7 +384,7 @@ impl Allocator {
                 .and_then(Value::as_str)
                 == Some(ip.as_str());
             if ip.is_empty() {
-                match self.pick_ip(&used_ips) {
+                match self.pick_ip(taken) {
                     Some(a) => ip = a.to_string(),
                     None => errs.push(FieldError::invalid(
                         "spec.clusterIPs",
@@ -169,7 +398,7 @@ impl Allocator {
             } else if ip != "None" && !unchanged {
                 match ip.parse::<IpAddr>() {
                     Ok(IpAddr::V4(a)) if self.in_range(a) => {
-                        if used_ips.contains(&ip) {
+                        if taken.ip(&ip) {
                             errs.push(FieldError::invalid(
                                 "spec.clusterIPs",
                                 json!([ip]),
@@ -225,9 +454,7 @@ impl Allocator {
                     np = prev.unwrap_or(0);
                 }
                 if np == 0 {
-                    let mut taken = used_ports.clone();
-                    taken.extend(mine.iter().copied());
-                    match self.pick_port(&taken) {
+                    match self.pick_port(|p| taken.port(p) || mine.contains(&p)) {
                         Some(n) => np = n,
                         None => {
                             errs.push(FieldError::invalid(
@@ -248,7 +475,7 @@ impl Allocator {
                                 self.node_ports.0, self.node_ports.1
                             ),
                         ));
-                    } else if used_ports.contains(&np) {
+                    } else if taken.port(np) {
                         errs.push(FieldError::invalid(
                             format!("spec.ports[{i}].nodePort"),
                             np,
@@ -263,22 +490,22 @@ impl Allocator {
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }
 
-    fn pick_ip(&self, used: &BTreeSet<String>) -> Option<Ipv4Addr> {
+    fn pick_ip(&self, taken: &dyn Taken) -> Option<Ipv4Addr> {
         let usable = self.size - 2;
         let start = random_u64() % usable;
         (0..usable).find_map(|i| {
             let a = Ipv4Addr::from(self.base + 1 + ((start + i) % usable) as u32);
-            (!used.contains(&a.to_string())).then_some(a)
+            (!taken.ip(&a.to_string())).then_some(a)
         })
     }
 
-    fn pick_port(&self, used: &BTreeSet<i32>) -> Option<i32> {
+    fn pick_port(&self, taken: impl Fn(i32) -> bool) -> Option<i32> {
         let (lo, hi) = self.node_ports;
         let n = (hi - lo + 1) as u64;
         let start = random_u64() % n;
         (0..n).find_map(|i| {
             let p = lo + ((start + i) % n) as i32;
-            (!used.contains(&p)).then_some(p)
+            (!taken(p)).then_some(p)
         })
     }
 }
@@ -286,6 +513,10 @@ impl Allocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn none() -> Used {
+        Used::from_services(&[])
+    }
 
     fn svc(ty: &str, ip: Option<&str>, node_port: Option<i32>) -> Value {
         let mut port = json!({"port": 80, "protocol": "TCP"});
@@ -303,7 +534,7 @@ mod tests {
     fn allocates_within_ranges_and_rejects_taken() {
         let a = Allocator::new("10.96.0.0/28", "30000-30001").unwrap();
         let mut s1 = svc("NodePort", None, None);
-        a.assign(&mut s1, None, &[]).unwrap();
+        a.assign(&mut s1, None, &none()).unwrap();
         let ip: Ipv4Addr = s1["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
         assert!(a.in_range(ip));
         let np = s1["spec"]["ports"][0]["nodePort"].as_i64().unwrap() as i32;
@@ -311,29 +542,87 @@ mod tests {
 
         let mut dup = svc("NodePort", Some(&ip.to_string()), Some(np));
         let errs = a
-            .assign(&mut dup, None, std::slice::from_ref(&s1))
+            .assign(
+                &mut dup,
+                None,
+                &Used::from_services(std::slice::from_ref(&s1)),
+            )
             .unwrap_err();
         assert_eq!(errs.len(), 2);
         assert!(errs[0].to_string().contains("already allocated"));
         assert!(errs[1].to_string().contains("spec.ports[0].nodePort"));
 
         let mut out = svc("ClusterIP", Some("10.97.0.1"), None);
-        let errs = a.assign(&mut out, None, &[]).unwrap_err();
+        let errs = a.assign(&mut out, None, &none()).unwrap_err();
         assert!(errs[0].to_string().contains("not in the valid range"));
 
         // An update that omits the allocated values keeps them.
         let mut upd = svc("NodePort", None, None);
-        a.assign(&mut upd, Some(&s1), &[]).unwrap();
+        a.assign(&mut upd, Some(&s1), &none()).unwrap();
         assert_eq!(upd["spec"]["clusterIP"], s1["spec"]["clusterIP"]);
         assert_eq!(upd["spec"]["ports"][0]["nodePort"], np);
 
         // NodePort → ClusterIP drops the node ports.
         let mut back = svc("ClusterIP", None, Some(np));
-        a.assign(&mut back, Some(&s1), &[]).unwrap();
+        a.assign(&mut back, Some(&s1), &none()).unwrap();
         assert!(back["spec"]["ports"][0].get("nodePort").is_none());
 
         let mut headless = svc("ClusterIP", Some("None"), None);
-        a.assign(&mut headless, None, &[]).unwrap();
+        a.assign(&mut headless, None, &none()).unwrap();
         assert_eq!(headless["spec"]["clusterIPs"], json!(["None"]));
+    }
+}
+
+#[cfg(test)]
+mod claim_tests {
+    use super::*;
+
+    fn svc(ip: Option<&str>) -> Value {
+        let mut s =
+            json!({"spec": {"type": "ClusterIP", "ports": [{"port": 80, "protocol": "TCP"}]}});
+        if let Some(ip) = ip {
+            s["spec"]["clusterIP"] = json!(ip);
+        }
+        s
+    }
+
+    #[test]
+    fn claims_hold_until_settled_and_deletes_free() {
+        let a = Allocator::new("10.96.0.0/24", "30000-30001").unwrap();
+        // In flight: another key cannot take the address.
+        let mut s1 = svc(Some("10.96.0.10"));
+        let t1 = a.claim("/s/a", &mut s1, None).unwrap();
+        let mut s2 = svc(Some("10.96.0.10"));
+        assert!(a.claim("/s/b", &mut s2, None).is_err());
+        // The same key (an update racing it) may.
+        let mut again = svc(Some("10.96.0.10"));
+        drop(a.claim("/s/a", &mut again, None).unwrap());
+        // A write that did not happen releases it.
+        drop(t1);
+        let t2 = a.claim("/s/b", &mut s2, None).unwrap();
+        t2.settle(Some(5));
+        let mut s3 = svc(Some("10.96.0.10"));
+        assert!(a.claim("/s/c", &mut s3, None).is_err());
+        // An older write settling after the delete does not bring it back.
+        a.deleted("/s/b", 7);
+        let mut late = svc(Some("10.96.0.11"));
+        let t = a.claim("/s/b", &mut late, None).unwrap();
+        t.settle(Some(6));
+        let t3 = a.claim("/s/c", &mut s3, None).unwrap();
+        t3.settle(Some(8));
+        let mut s4 = svc(Some("10.96.0.11"));
+        drop(a.claim("/s/d", &mut s4, None).unwrap());
+        // Loaded state counts as stored.
+        a.load([("/s/e".to_string(), 9, svc(Some("10.96.0.12")))]);
+        let mut s5 = svc(Some("10.96.0.12"));
+        assert!(a.claim("/s/f", &mut s5, None).is_err());
+        // Automatic picks avoid everything held.
+        for i in 0..200 {
+            let mut s = svc(None);
+            let t = a.claim(&format!("/s/auto{i}"), &mut s, None).unwrap();
+            let ip = s["spec"]["clusterIP"].as_str().unwrap().to_string();
+            assert!(ip != "10.96.0.10" && ip != "10.96.0.12", "{ip}");
+            t.settle(Some(100 + i));
+        }
     }
 }

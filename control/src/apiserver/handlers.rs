@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Response, header};
@@ -20,7 +21,7 @@ use super::http::{Body, Output, Query, decode_body, encode};
 use super::patch;
 use super::resources::{RESOURCES, ResourceType, lookup};
 use super::selectors::{FieldSelector, LabelSelector};
-use super::status::{ApiError, ApiResult, success};
+use super::status::{ApiError, ApiResult, FieldError, success};
 use super::table;
 use super::validate::normalize;
 
@@ -118,6 +119,25 @@ fn without_rv(v: &Value) -> Value {
 
 fn to_bytes(v: &Value) -> Vec<u8> {
     serde_json::to_vec(&without_rv(v)).expect("JSON values serialize")
+}
+
+/// Runs a Service write that holds an address claim in a task of its own,
+/// settling the claim with the outcome: a client that goes away cannot stop
+/// it between the commit and the bookkeeping. Other writes run inline.
+async fn settle(
+    ticket: Option<super::allocate::Ticket>,
+    write: impl std::future::Future<Output = Result<Revision, StoreError>> + Send + 'static,
+) -> ApiResult<Result<Revision, StoreError>> {
+    let Some(ticket) = ticket else {
+        return Ok(write.await);
+    };
+    tokio::spawn(async move {
+        let res = write.await;
+        ticket.settle(res.as_ref().ok().copied());
+        res
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("store write task: {e}")))
 }
 
 fn internal(e: StoreError) -> ApiError {
@@ -231,6 +251,72 @@ fn decode_continue(token: &str) -> ApiResult<(Revision, String)> {
     let rv = v.get("rv").and_then(Value::as_i64).ok_or_else(bad)?;
     let key = v.get("start").and_then(Value::as_str).ok_or_else(bad)?;
     Ok((rv, key.to_string()))
+}
+
+/// Checks a DELETE's options (body and query) before anything is read or
+/// written: wrong types are a 400 naming the field, unsupported values a
+/// 422, as upstream.
+pub fn check_delete_options(opts: &Value, q: &Query) -> ApiResult<()> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::DeleteOptions;
+    let mut typed = opts.clone();
+    if let Some(m) = typed.as_object_mut() {
+        m.remove("apiVersion");
+        m.remove("kind");
+    } else {
+        return Err(ApiError::bad_request(
+            "DeleteOptions in body must be a JSON object",
+        ));
+    }
+    let o: DeleteOptions = serde_path_to_error::deserialize(&typed).map_err(|e| {
+        ApiError::bad_request(format!(
+            "DeleteOptions in body is invalid: {}: {}",
+            e.path(),
+            e.inner()
+        ))
+    })?;
+    let mut errs = Vec::new();
+    let policy = q
+        .get("propagationPolicy")
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .or(o.propagation_policy);
+    if let Some(p) = policy
+        && !["Orphan", "Background", "Foreground"].contains(&p.as_str())
+    {
+        errs.push(FieldError::invalid(
+            "propagationPolicy",
+            json!(p),
+            "supported values: \"Orphan\", \"Background\", \"Foreground\"",
+        ));
+    }
+    if let Some(g) = q.get("gracePeriodSeconds").filter(|g| !g.is_empty())
+        && g.parse::<i64>().is_err()
+    {
+        return Err(ApiError::bad_request(format!(
+            "invalid value for gracePeriodSeconds: {g:?} is not an integer"
+        )));
+    }
+    for d in o.dry_run.iter().flatten() {
+        if d != "All" {
+            errs.push(FieldError::invalid(
+                "dryRun",
+                json!(d),
+                "supported values: \"All\"",
+            ));
+        }
+    }
+    if let Some(rv) = o
+        .preconditions
+        .as_ref()
+        .and_then(|p| p.resource_version.as_deref())
+    {
+        parse_rv(rv)?;
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid("meta.k8s.io", "DeleteOptions", "", &errs))
+    }
 }
 
 pub fn parse_rv(s: &str) -> ApiResult<Revision> {
@@ -376,27 +462,28 @@ impl State {
         Ok(())
     }
 
-    /// Every stored Service but the one at `except`.
-    async fn other_services(&self, except: &str) -> ApiResult<Vec<Value>> {
+    /// Tells the allocator which addresses the stored Services hold
+    /// (once, at start, before anything is served).
+    pub async fn load_service_addresses(&self) -> anyhow::Result<()> {
         let svc = lookup("", "v1", "services").expect("services");
-        let mut out = Vec::new();
         let mut after: Option<String> = None;
         let mut at = None;
         loop {
             let page = self
                 .store
                 .list(&svc.prefix(None), at, after.as_deref(), Some(1000))
-                .await
-                .map_err(internal)?;
+                .await?;
             at = Some(page.revision);
+            let mut items = Vec::new();
             for kv in &page.items {
                 after = Some(kv.key.clone());
-                if kv.key != except {
-                    out.push(from_kv(kv)?);
-                }
+                let obj: Value = serde_json::from_slice(&kv.value)
+                    .with_context(|| format!("stored Service {} is not JSON", kv.key))?;
+                items.push((kv.key.clone(), kv.mod_revision, obj));
             }
+            self.alloc.load(items);
             if !page.more {
-                return Ok(out);
+                return Ok(());
             }
         }
     }
@@ -564,20 +651,21 @@ impl State {
             let mut out = norm.object;
             let name = meta_str(&out, "name").unwrap_or_default().to_string();
             let key = rt.key(ns, &name);
-            let _guard = if rt.kind == "Service" {
-                let guard = self.alloc.lock.lock().await;
-                let others = self.other_services(&key).await?;
-                self.alloc
-                    .assign(&mut out, None, &others)
-                    .map_err(|errs| ApiError::invalid(rt.group, rt.kind, &name, &errs))?;
-                Some(guard)
+            let ticket = if rt.kind == "Service" {
+                Some(
+                    self.alloc
+                        .claim(&key, &mut out, None)
+                        .map_err(|errs| ApiError::invalid(rt.group, rt.kind, &name, &errs))?,
+                )
             } else {
                 None
             };
             if dry_run {
                 return Ok((out, warnings(&norm.unknown_fields)));
             }
-            match self.store.create(&key, to_bytes(&out)).await {
+            let store = self.store.clone();
+            let (k, bytes) = (key.clone(), to_bytes(&out));
+            match settle(ticket, async move { store.create(&k, bytes).await }).await? {
                 Ok(rev) => {
                     set_rv(&mut out, rev);
                     return Ok((out, warnings(&norm.unknown_fields)));
@@ -684,13 +772,12 @@ impl State {
         let warns = warnings(&norm.unknown_fields);
         let mut out = norm.object;
         let key = rt.key(ns, name);
-        let _guard = if rt.kind == "Service" && mode == Mode::Main {
-            let guard = self.alloc.lock.lock().await;
-            let others = self.other_services(&key).await?;
-            self.alloc
-                .assign(&mut out, Some(&old), &others)
-                .map_err(|errs| ApiError::invalid(rt.group, rt.kind, name, &errs))?;
-            Some(guard)
+        let ticket = if rt.kind == "Service" && mode == Mode::Main {
+            Some(
+                self.alloc
+                    .claim(&key, &mut out, Some(&old))
+                    .map_err(|errs| ApiError::invalid(rt.group, rt.kind, name, &errs))?,
+            )
         } else {
             None
         };
@@ -716,6 +803,9 @@ impl State {
         if finalized {
             return match self.store.delete(&key, Some(kv.mod_revision)).await {
                 Ok((rev, _)) => {
+                    if rt.kind == "Service" {
+                        self.alloc.deleted(&key, rev);
+                    }
                     set_rv(&mut out, rev);
                     Ok((out, warns))
                 }
@@ -726,10 +816,13 @@ impl State {
                 Err(e) => Err(internal(e)),
             };
         }
-        match self
-            .store
-            .update(&key, to_bytes(&out), kv.mod_revision)
-            .await
+        let store = self.store.clone();
+        let (k, bytes, expected) = (key.clone(), to_bytes(&out), kv.mod_revision);
+        match settle(
+            ticket,
+            async move { store.update(&k, bytes, expected).await },
+        )
+        .await?
         {
             Ok(rev) => {
                 set_rv(&mut out, rev);
@@ -1001,7 +1094,12 @@ impl State {
             return Ok(obj);
         }
         match self.store.delete(&key, Some(kv.mod_revision)).await {
-            Ok(_) => Ok(obj),
+            Ok((rev, _)) => {
+                if rt.kind == "Service" {
+                    self.alloc.deleted(&key, rev);
+                }
+                Ok(obj)
+            }
             Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(rt.group, rt.plural, name)),
             Err(StoreError::NotFound(_)) => Err(ApiError::not_found(rt.group, rt.plural, name)),
             Err(e) => Err(internal(e)),
@@ -1020,6 +1118,7 @@ impl State {
                     .map_err(internal)?;
                 for kv in &page.items {
                     match self.store.delete(&kv.key, None).await {
+                        Ok((rev, _)) if rt.kind == "Service" => self.alloc.deleted(&kv.key, rev),
                         Ok(_) | Err(StoreError::NotFound(_)) => {}
                         Err(e) => return Err(internal(e)),
                     }
@@ -1034,6 +1133,7 @@ impl State {
 
     /// Creates `default`, `kube-system`, … if missing.
     pub async fn bootstrap(&self) -> anyhow::Result<()> {
+        self.load_service_addresses().await?;
         let nsrt = lookup("", "v1", "namespaces").expect("namespaces");
         for ns in SYSTEM_NAMESPACES {
             let obj =
@@ -1364,6 +1464,7 @@ pub async fn serve(
                     } else {
                         body_value()?
                     };
+                    check_delete_options(&opts, &q)?;
                     let res = state.list_objects(rt, ns, &q).await?;
                     let mut deleted = Vec::new();
                     for item in &res.items {
@@ -1403,6 +1504,12 @@ pub async fn serve(
             }
             match *method {
                 Method::GET => {
+                    // Any resourceVersion is served from the newest state
+                    // (upstream's "0" and "" behave so too), but it must
+                    // be one.
+                    if let Some(rv) = q.get("resourceVersion").filter(|r| !r.is_empty()) {
+                        parse_rv(rv)?;
+                    }
                     let obj = from_kv(&state.get_kv(rt, ns, name).await?)?;
                     Ok(respond(
                         200,
@@ -1429,6 +1536,7 @@ pub async fn serve(
                     } else {
                         body_value()?
                     };
+                    check_delete_options(&opts, &q)?;
                     let obj = state.delete(rt, ns, name, &opts, &q).await?;
                     let pending = obj.pointer("/metadata/deletionTimestamp").is_some();
                     if rt.delete_returns_object || pending {
