@@ -573,18 +573,6 @@ fn ensure_bpffs(summary: &mut Summary) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_llvm_major() {
-        let vv = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nhost: x86_64-unknown-linux-gnu\nLLVM version: 22.1.4\n";
-        assert_eq!(llvm_major(vv), Some(22));
-        assert_eq!(llvm_major("rustc 1.0"), None);
-    }
-}
-
 /// Where the kubelet finds the image it resolves `busybox` (any tag) to; the
 /// same default as kcontrol's `--busybox-rootfs`.
 pub const BUSYBOX_ROOTFS: &str = "/var/lib/kcontrol/images/busybox";
@@ -687,4 +675,16 @@ fn ensure_crun_cgroups(summary: &mut Summary) -> Result<()> {
         format!("moved {} from cgroup2 to v1 hierarchies", left.join(", ")),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_llvm_major() {
+        let vv = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nhost: x86_64-unknown-linux-gnu\nLLVM version: 22.1.4\n";
+        assert_eq!(llvm_major(vv), Some(22));
+        assert_eq!(llvm_major("rustc 1.0"), None);
+    }
 }

@@ -225,6 +225,9 @@ fn check_cgroups() -> Result<()> {
 /// what it made (see [`shutdown`]). When the future is dropped instead, call
 /// [`shutdown`] with the same config.
 pub async fn run(client: Client, cfg: Config) -> Result<()> {
+    // First, so that a signal during start-up still ends in the clean-up.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let cidr = Cidr::parse(&cfg.pod_cidr)?;
     if cfg.bridge.is_empty() || cfg.bridge.len() > 15 {
         bail!("bridge name {:?} must be 1 to 15 characters", cfg.bridge);
@@ -248,7 +251,9 @@ pub async fn run(client: Client, cfg: Config) -> Result<()> {
     }
     // Whatever a previous run left (it crashed, or was killed): its
     // containers are stopped and its pods set up afresh.
-    cleanup(&cfg, false).await?;
+    if let Err(e) = cleanup(&cfg, false).await {
+        eprintln!("kubelet: leftovers of an earlier run: {e:#}");
+    }
     let h = net::connect()?;
     let bridge_index = net::ensure_bridge(&h, &cfg.bridge, cidr).await?;
     let node_ip = net::node_ip(&h, cidr).await?;
@@ -271,13 +276,10 @@ pub async fn run(client: Client, cfg: Config) -> Result<()> {
     let hb = tokio::spawn(node::heartbeat(sh.clone(), since, version));
 
     let mut workers: HashMap<String, (watch::Sender<Desired>, JoinHandle<()>)> = HashMap::new();
-    let result = {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = dispatch(sh.clone(), &mut workers) => r,
-            _ = tokio::signal::ctrl_c() => Ok(()),
-            _ = term.recv() => Ok(()),
-        }
+    let result = tokio::select! {
+        r = dispatch(sh.clone(), &mut workers) => r,
+        _ = int.recv() => Ok(()),
+        _ = term.recv() => Ok(()),
     };
     eprintln!("kubelet: shutting down: stopping {} pod(s)", workers.len());
     hb.abort();

@@ -1187,8 +1187,8 @@ impl Worker {
                 .iter()
                 .all(|c| matches!(&c.state, CState::Terminated(t) if t.exit_code == 0));
             // A pod whose containers always restart ends only by deletion;
-            // report what its containers did.
-            if ok && policy != "Always" {
+            // then it reports what its containers did.
+            if ok && (policy != "Always" || self.stopping) {
                 "Succeeded"
             } else {
                 "Failed"

@@ -215,7 +215,11 @@ impl Runtime {
     pub async fn delete(&self, id: &str) -> Result<()> {
         let out = self.cmd().args(["delete", "--force", id]).output().await?;
         let err = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() && !err.contains("does not exist") && !err.contains("not exist") {
+        // A `crun run` whose container just ended may remove it first.
+        let gone = ["does not exist", "not exist", "No such file or directory"]
+            .iter()
+            .any(|m| err.contains(m));
+        if !out.status.success() && !gone {
             bail!("crun delete {id}: {}", err.trim());
         }
         Ok(())
