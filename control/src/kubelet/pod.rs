@@ -401,8 +401,6 @@ impl Worker {
     }
 
     pub async fn run(mut self, mut desired: watch::Receiver<Desired>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let d = desired.borrow_and_update().clone();
             self.pod = d.pod.clone();
@@ -422,6 +420,26 @@ impl Worker {
                 self.teardown(false).await;
             }
             self.publish().await;
+            // Wake for the next due probe (readiness is then reported as
+            // soon as the probe passes), at the latest after 500 ms.
+            // Only probes `probe_due` would run now count, so a due but
+            // gated probe (liveness before startup passed) cannot spin.
+            let wake = self
+                .ctrs
+                .iter()
+                .filter(|c| c.running() && !c.killing && self.net.is_some())
+                .flat_map(|c| {
+                    [Kind::Startup, Kind::Liveness, Kind::Readiness]
+                        .into_iter()
+                        .filter(move |k| {
+                            k.spec(&c.spec).is_some() && (*k == Kind::Startup) != c.started
+                        })
+                        .map(move |k| &c.probes[k as usize])
+                })
+                .filter(|p| !p.in_flight)
+                .filter_map(|p| p.next_at)
+                .fold(Instant::now() + Duration::from_millis(500), |a, b| a.min(b))
+                .max(Instant::now() + Duration::from_millis(5));
             tokio::select! {
                 r = desired.changed() => {
                     if r.is_err() {
@@ -432,7 +450,7 @@ impl Worker {
                     }
                 }
                 Some(m) = self.rx.recv() => self.handle(m),
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep_until(wake.into()) => {}
             }
         }
     }
