@@ -1,6 +1,8 @@
-//! kcontrol: a small Kubernetes control plane. So far: `kcontrol apiserver`.
+//! kcontrol: a small Kubernetes control plane. So far: `kcontrol apiserver`
+//! and `kcontrol migrate` (embedded store → etcd).
 
 mod apiserver;
+mod migrate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,6 +24,11 @@ enum Command {
         /// Store, CA, admin token and admin kubeconfig (DIR/kubeconfig.yaml).
         #[arg(long)]
         data_dir: PathBuf,
+        /// `etcd://HOST:PORT[,HOST:PORT…]` keeps the objects in an etcd
+        /// cluster (several apiservers can share it); by default they are
+        /// in the embedded store in --data-dir.
+        #[arg(long)]
+        store: Option<String>,
         /// Address to listen on (port 0 picks a free port; the kubeconfig
         /// and the "listening on" line name the real one).
         #[arg(long, default_value = "127.0.0.1:6443")]
@@ -40,6 +47,16 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         bookmark_interval_seconds: u64,
     },
+    /// Copy the embedded store of a data dir into etcd (stop the apiserver
+    /// first; start it again with --store etcd://…).
+    Migrate {
+        /// The apiserver's --data-dir (its store.db is read).
+        #[arg(long)]
+        from: PathBuf,
+        /// `etcd://HOST:PORT[,HOST:PORT…]`.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +64,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Apiserver {
             data_dir,
+            store,
             listen,
             service_cidr,
             node_port_range,
@@ -58,12 +76,29 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(apiserver::run(apiserver::Config {
                 data_dir,
+                store,
                 listen,
                 service_cidr,
                 node_port_range,
                 compaction_interval: Duration::from_secs(compaction_interval_seconds.max(1)),
                 bookmark_interval: Duration::from_secs(bookmark_interval_seconds.max(1)),
             }))
+        }
+        Command::Migrate { from, to } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let r = rt.block_on(migrate::run(&from, &to))?;
+            println!(
+                "kcontrol: migrated {} keys ({} were already there) from {} (revision {}) to {to} (revision {}); \
+                 resourceVersions are etcd's from now on: clients relist",
+                r.copied + r.already,
+                r.already,
+                from.display(),
+                r.source_revision,
+                r.target_revision
+            );
+            Ok(())
         }
     }
 }

@@ -1,15 +1,24 @@
 //! ClusterIP and NodePort allocation for Services.
 //!
-//! There is no allocator state of its own: what is taken is read from the
-//! stored Services while [`Allocator::lock`] is held, and the lock is kept
-//! until the write that claims the address is committed. One apiserver owns
-//! a data dir, so this is race-free, and nothing can leak after a crash (a
-//! deleted Service frees its addresses by no longer existing).
+//! What is taken is read from the stored Services while [`Allocator::lock`]
+//! is held, and the lock is kept until the write that claims the address is
+//! committed. That serializes one apiserver's allocations; several
+//! apiservers on one etcd also need each address *claimed* in the store:
+//! a claim is a key per address (`/registry/kcontrol/allocations/clusterips/IP`,
+//! `…/nodeports/PORT`) made with the store's create, which only one writer
+//! can win, before the Service that holds the address is written (as
+//! upstream's IPAddress objects). A claim names its Service (key and uid);
+//! it is released when that Service lets the address go, and a claim whose
+//! Service does not hold the address (a crash between claim and write) is
+//! taken over once it is older than [`CLAIM_GRACE_SECS`]. Services stored
+//! before claims existed (or migrated) hold their addresses through the
+//! stored-Services check.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context, bail};
+use kcontrol_store::{Store, StoreError};
 use serde_json::{Value, json};
 
 use super::status::FieldError;
@@ -281,6 +290,172 @@ impl Allocator {
             (!used.contains(&p)).then_some(p)
         })
     }
+}
+
+/// Where address claims live (outside every resource's prefix).
+pub const CLAIM_PREFIX: &str = "/registry/kcontrol/allocations/";
+/// A claim whose Service does not hold its address is stale after this.
+pub const CLAIM_GRACE_SECS: u64 = 60;
+
+/// The claim keys of the addresses a Service holds: its cluster IPs and
+/// node ports.
+pub fn claim_keys(svc: &Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for ip in svc
+        .pointer("/spec/clusterIPs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .filter(|ip| !ip.is_empty() && *ip != "None")
+    {
+        out.insert(format!("{CLAIM_PREFIX}clusterips/{ip}"));
+    }
+    for p in svc
+        .pointer("/spec/ports")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(n) = p.get("nodePort").and_then(Value::as_i64) {
+            out.insert(format!("{CLAIM_PREFIX}nodeports/{n}"));
+        }
+    }
+    out
+}
+
+/// A stand-in Service holding the address of a claim key, so that
+/// [`Allocator::assign`] treats it as taken.
+pub fn holder_of(claim_key: &str) -> Value {
+    let rest = claim_key.strip_prefix(CLAIM_PREFIX).unwrap_or_default();
+    match rest.split_once('/') {
+        Some(("clusterips", ip)) => json!({ "spec": { "clusterIPs": [ip] } }),
+        Some(("nodeports", p)) => {
+            json!({ "spec": { "ports": [{ "nodePort": p.parse::<i64>().unwrap_or(0) }] } })
+        }
+        _ => json!({}),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn claim_value(owner: &str, uid: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({ "owner": owner, "uid": uid, "claimedAt": unix_now() }))
+        .expect("json")
+}
+
+fn uid_of(v: &Value) -> &str {
+    v.pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+pub enum ClaimError {
+    /// Another Service holds (or is about to hold) the address of this key.
+    Taken(String),
+    Store(StoreError),
+}
+
+/// Claims one key for `owner`/`uid`: true if it is now ours.
+async fn claim_one(store: &dyn Store, key: &str, owner: &str, uid: &str) -> Result<bool, StoreError> {
+    for _ in 0..3 {
+        match store.create(key, claim_value(owner, uid)).await {
+            Ok(_) => return Ok(true),
+            Err(StoreError::AlreadyExists(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let Some(kv) = store.get(key).await? else {
+            continue; // released meanwhile: try again
+        };
+        let claim: Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+        let c_owner = claim["owner"].as_str().unwrap_or_default();
+        let c_uid = claim["uid"].as_str().unwrap_or_default();
+        if c_owner == owner && c_uid == uid {
+            return Ok(true);
+        }
+        // Does the claiming Service hold the address?
+        let held = match store.get(c_owner).await? {
+            Some(svc) => serde_json::from_slice::<Value>(&svc.value)
+                .map(|s| uid_of(&s) == c_uid && claim_keys(&s).contains(key))
+                .unwrap_or(false),
+            None => false,
+        };
+        let age = unix_now().saturating_sub(claim["claimedAt"].as_u64().unwrap_or(0));
+        if held || age < CLAIM_GRACE_SECS {
+            return Ok(false);
+        }
+        // Stale: take it over, unless it changed meanwhile.
+        match store.delete(key, Some(kv.mod_revision)).await {
+            Ok(_) | Err(StoreError::NotFound(_)) | Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
+}
+
+/// Claims every key for the Service `owner` (its key) with `uid`; on
+/// failure releases what it claimed.
+pub async fn claim(
+    store: &dyn Store,
+    keys: &BTreeSet<String>,
+    owner: &str,
+    uid: &str,
+) -> Result<Vec<String>, ClaimError> {
+    let mut claimed = Vec::new();
+    for k in keys {
+        match claim_one(store, k, owner, uid).await {
+            Ok(true) => claimed.push(k.clone()),
+            Ok(false) => {
+                release(store, &claimed, owner, uid).await;
+                return Err(ClaimError::Taken(k.clone()));
+            }
+            Err(e) => {
+                release(store, &claimed, owner, uid).await;
+                return Err(ClaimError::Store(e));
+            }
+        }
+    }
+    Ok(claimed)
+}
+
+/// Releases the claims among `keys` that belong to `owner`/`uid`. Errors
+/// are only logged: a claim left behind goes stale and is taken over.
+pub async fn release<'a>(
+    store: &dyn Store,
+    keys: impl IntoIterator<Item = &'a String>,
+    owner: &str,
+    uid: &str,
+) {
+    for key in keys {
+        let kv = match store.get(key).await {
+            Ok(Some(kv)) => kv,
+            Ok(None) => continue,
+            Err(e) => {
+                eprintln!("kcontrol: releasing {key}: {e}");
+                continue;
+            }
+        };
+        let claim: Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+        if claim["owner"].as_str() != Some(owner) || claim["uid"].as_str() != Some(uid) {
+            continue;
+        }
+        match store.delete(key, Some(kv.mod_revision)).await {
+            Ok(_) | Err(StoreError::NotFound(_)) | Err(StoreError::Conflict { .. }) => {}
+            Err(e) => eprintln!("kcontrol: releasing {key}: {e}"),
+        }
+    }
+}
+
+/// After a Service went from `old` to `new` (`None`: deleted): releases the
+/// claims of the addresses it no longer holds.
+pub async fn release_dropped(store: &dyn Store, owner: &str, old: &Value, new: Option<&Value>) {
+    let keep = new.map(claim_keys).unwrap_or_default();
+    let gone: Vec<String> = claim_keys(old).difference(&keep).cloned().collect();
+    release(store, &gone, owner, uid_of(old)).await;
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use http::{HeaderMap, Method, Response, header};
 use kcontrol_store::{KeyValue, Revision, Store, StoreError};
 use serde_json::{Map, Value, json};
 
-use super::allocate::Allocator;
+use super::allocate::{self, Allocator, ClaimError};
 use super::http::{Body, Output, Query, decode_body, encode};
 use super::patch;
 use super::resources::{RESOURCES, ResourceType, lookup};
@@ -122,6 +122,10 @@ fn to_bytes(v: &Value) -> Vec<u8> {
 
 fn internal(e: StoreError) -> ApiError {
     ApiError::internal(format!("storage: {e}"))
+}
+
+fn uid_of(v: &Value) -> &str {
+    meta_str(v, "uid").unwrap_or_default()
 }
 
 fn meta_str<'a>(v: &'a Value, field: &str) -> Option<&'a str> {
@@ -356,6 +360,50 @@ impl State {
         }
     }
 
+    /// Fills in a Service's addresses (see [`Allocator::assign`]) and, for
+    /// a real write, claims the ones `old` did not hold, so that no other
+    /// apiserver on the same store hands them out. An address claimed
+    /// meanwhile by someone else counts as taken: auto-picked ones are
+    /// picked again, requested ones are refused. Returns the new claims
+    /// (to release if the write fails).
+    async fn allocate_service(
+        &self,
+        rt: &ResourceType,
+        name: &str,
+        key: &str,
+        out: &mut Value,
+        old: Option<&Value>,
+        dry_run: bool,
+    ) -> ApiResult<Vec<String>> {
+        let mut others = self.other_services(key).await?;
+        let held = old.map(allocate::claim_keys).unwrap_or_default();
+        for _ in 0..16 {
+            let mut candidate = out.clone();
+            self.alloc
+                .assign(&mut candidate, old, &others)
+                .map_err(|errs| ApiError::invalid(rt.group, rt.kind, name, &errs))?;
+            if dry_run {
+                *out = candidate;
+                return Ok(Vec::new());
+            }
+            let wanted = allocate::claim_keys(&candidate)
+                .difference(&held)
+                .cloned()
+                .collect();
+            match allocate::claim(&*self.store, &wanted, key, uid_of(&candidate)).await {
+                Ok(claimed) => {
+                    *out = candidate;
+                    return Ok(claimed);
+                }
+                Err(ClaimError::Taken(k)) => others.push(allocate::holder_of(&k)),
+                Err(ClaimError::Store(e)) => return Err(internal(e)),
+            }
+        }
+        Err(ApiError::internal(
+            "could not claim free Service addresses after 16 tries",
+        ))
+    }
+
     /// List with selectors, limit/continue and resourceVersion semantics.
     pub async fn list_objects(
         &self,
@@ -519,12 +567,12 @@ impl State {
             let mut out = norm.object;
             let name = meta_str(&out, "name").unwrap_or_default().to_string();
             let key = rt.key(ns, &name);
+            let mut claimed = Vec::new();
             let _guard = if rt.kind == "Service" {
                 let guard = self.alloc.lock.lock().await;
-                let others = self.other_services(&key).await?;
-                self.alloc
-                    .assign(&mut out, None, &others)
-                    .map_err(|errs| ApiError::invalid(rt.group, rt.kind, &name, &errs))?;
+                claimed = self
+                    .allocate_service(rt, &name, &key, &mut out, None, dry_run)
+                    .await?;
                 Some(guard)
             } else {
                 None
@@ -532,7 +580,11 @@ impl State {
             if dry_run {
                 return Ok((out, warnings(&norm.unknown_fields)));
             }
-            match self.store.create(&key, to_bytes(&out)).await {
+            let result = self.store.create(&key, to_bytes(&out)).await;
+            if result.is_err() {
+                allocate::release(&*self.store, &claimed, &key, uid_of(&out)).await;
+            }
+            match result {
                 Ok(rev) => {
                     set_rv(&mut out, rev);
                     return Ok((out, warnings(&norm.unknown_fields)));
@@ -639,20 +691,53 @@ impl State {
         let warns = warnings(&norm.unknown_fields);
         let mut out = norm.object;
         let key = rt.key(ns, name);
+        let mut claimed = Vec::new();
         let _guard = if rt.kind == "Service" && mode == Mode::Main {
             let guard = self.alloc.lock.lock().await;
-            let others = self.other_services(&key).await?;
-            self.alloc
-                .assign(&mut out, Some(&old), &others)
-                .map_err(|errs| ApiError::invalid(rt.group, rt.kind, name, &errs))?;
+            claimed = self
+                .allocate_service(rt, name, &key, &mut out, Some(&old), dry_run)
+                .await?;
             Some(guard)
         } else {
             None
         };
+        let result = self
+            .write_update(rt, name, &key, &kv, &old, out, warns, dry_run)
+            .await;
+        // A write that failed or did not happen leaves the new claims unused.
+        let release_new = match &result {
+            Ok((stored, _)) => claimed.iter().any(|k| !allocate::claim_keys(stored).contains(k)),
+            Err(_) => true,
+        };
+        if release_new {
+            let keep = result
+                .as_ref()
+                .map(|(stored, _)| allocate::claim_keys(stored))
+                .unwrap_or_default();
+            let unused: Vec<String> = claimed.into_iter().filter(|k| !keep.contains(k)).collect();
+            allocate::release(&*self.store, &unused, &key, uid_of(&old)).await;
+        }
+        result
+    }
+
+    /// The store write of [`State::update_from`]: an update, or the delete
+    /// of an object whose last finalizer went.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_update(
+        &self,
+        rt: &ResourceType,
+        name: &str,
+        key: &str,
+        kv: &KeyValue,
+        old: &Value,
+        mut out: Value,
+        warns: Vec<String>,
+        dry_run: bool,
+    ) -> ApiResult<(Value, Vec<String>)> {
         // A write that changes nothing is not a write (no new revision, no
         // watch event), as upstream.
-        if without_rv(&out) == without_rv(&old) {
-            return Ok((old, warns));
+        if without_rv(&out) == without_rv(old) {
+            return Ok((old.clone(), warns));
         }
         set_rv(&mut out, kv.mod_revision);
         if dry_run {
@@ -665,8 +750,11 @@ impl State {
                 .and_then(Value::as_array)
                 .is_none_or(Vec::is_empty);
         if finalized {
-            return match self.store.delete(&key, Some(kv.mod_revision)).await {
+            return match self.store.delete(key, Some(kv.mod_revision)).await {
                 Ok((rev, _)) => {
+                    if rt.kind == "Service" {
+                        allocate::release_dropped(&*self.store, key, old, None).await;
+                    }
                     set_rv(&mut out, rev);
                     Ok((out, warns))
                 }
@@ -677,12 +765,11 @@ impl State {
                 Err(e) => Err(internal(e)),
             };
         }
-        match self
-            .store
-            .update(&key, to_bytes(&out), kv.mod_revision)
-            .await
-        {
+        match self.store.update(key, to_bytes(&out), kv.mod_revision).await {
             Ok(rev) => {
+                if rt.kind == "Service" {
+                    allocate::release_dropped(&*self.store, key, old, Some(&out)).await;
+                }
                 set_rv(&mut out, rev);
                 Ok((out, warns))
             }
@@ -920,7 +1007,12 @@ impl State {
             return Ok(obj);
         }
         match self.store.delete(&key, Some(kv.mod_revision)).await {
-            Ok(_) => Ok(obj),
+            Ok(_) => {
+                if rt.kind == "Service" {
+                    allocate::release_dropped(&*self.store, &key, &obj, None).await;
+                }
+                Ok(obj)
+            }
             Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(rt.group, rt.plural, name)),
             Err(StoreError::NotFound(_)) => Err(ApiError::not_found(rt.group, rt.plural, name)),
             Err(e) => Err(internal(e)),
@@ -939,7 +1031,15 @@ impl State {
                     .map_err(internal)?;
                 for kv in &page.items {
                     match self.store.delete(&kv.key, None).await {
-                        Ok(_) | Err(StoreError::NotFound(_)) => {}
+                        Ok((_, last)) => {
+                            if rt.kind == "Service"
+                                && let Ok(svc) = from_kv(&last)
+                            {
+                                allocate::release_dropped(&*self.store, &kv.key, &svc, None)
+                                    .await;
+                            }
+                        }
+                        Err(StoreError::NotFound(_)) => {}
                         Err(e) => return Err(internal(e)),
                     }
                 }
