@@ -59,7 +59,7 @@ async fn start_etcd(members: usize) -> EtcdCluster {
 }
 
 /// Three etcd members, two apiservers. A writer keeps creating ConfigMaps
-/// through both while first an etcd member and then apiserver 1 are
+/// through both while first the etcd leader and then apiserver 1 are
 /// SIGKILLed; a watcher on apiserver 2 sees the writes made through
 /// apiserver 1; every write acknowledged with 2xx is there at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -104,9 +104,11 @@ async fn two_apiservers_on_three_etcd_members() {
     cms1.create(&PostParams::default(), &cm("first"))
         .await
         .unwrap();
-    eventually("the watcher on apiserver 2 sees a write through 1", Duration::from_secs(10), || {
-        seen.lock().unwrap().contains("first")
-    })
+    eventually(
+        "the watcher on apiserver 2 sees a write through 1",
+        Duration::from_secs(10),
+        || seen.lock().unwrap().contains("first"),
+    )
     .await;
 
     // The writer: alternates apiservers; records what was acknowledged.
@@ -137,21 +139,36 @@ async fn two_apiservers_on_three_etcd_members() {
     let count = || acked.lock().unwrap().len();
 
     let n = count();
-    eventually("writes before any failure", Duration::from_secs(30), || count() >= n + 40).await;
-    assert_eq!(*failed.lock().unwrap(), 0, "writes failed with every member up");
+    eventually("writes before any failure", Duration::from_secs(30), || {
+        count() >= n + 40
+    })
+    .await;
+    assert_eq!(
+        *failed.lock().unwrap(),
+        0,
+        "writes failed with every member up"
+    );
 
-    // SIGKILL an etcd member (maybe the leader): writes go on.
-    cluster.kill(0);
+    // SIGKILL the etcd leader: writes go on once the others elect one.
+    let leader = cluster.leader().expect("an etcd leader");
+    cluster.kill(leader);
     let n = count();
-    eventually("writes after an etcd member died", Duration::from_secs(60), || count() >= n + 40).await;
+    eventually(
+        "writes after an etcd member died",
+        Duration::from_secs(60),
+        || count() >= n + 40,
+    )
+    .await;
     let failed_member = *failed.lock().unwrap();
 
     // SIGKILL apiserver 1: the clients of apiserver 2 go on.
     s1.kill9();
     let n = count();
-    eventually("writes through apiserver 2 after apiserver 1 died", Duration::from_secs(60), || {
-        count() >= n + 40
-    })
+    eventually(
+        "writes through apiserver 2 after apiserver 1 died",
+        Duration::from_secs(60),
+        || count() >= n + 40,
+    )
     .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await.unwrap();
@@ -173,10 +190,14 @@ async fn two_apiservers_on_three_etcd_members() {
             .unwrap_or_else(|| panic!("acknowledged write {name} is missing"));
         assert_eq!(c.data.as_ref().unwrap()["k"], *name);
     }
-    eventually("the watcher saw every acknowledged write", Duration::from_secs(20), || {
-        let seen = seen.lock().unwrap();
-        acked.iter().all(|n| seen.contains(n))
-    })
+    eventually(
+        "the watcher saw every acknowledged write",
+        Duration::from_secs(20),
+        || {
+            let seen = seen.lock().unwrap();
+            acked.iter().all(|n| seen.contains(n))
+        },
+    )
     .await;
     watch_task.abort();
     eprintln!(
@@ -243,23 +264,40 @@ async fn service_addresses_unique_across_apiservers() {
         ports.insert(v["spec"]["ports"][0]["nodePort"].as_i64().unwrap());
     }
     assert_eq!(ips.len(), 14, "a ClusterIP was handed out twice: {ips:?}");
-    assert_eq!(ports.len(), 14, "a NodePort was handed out twice: {ports:?}");
+    assert_eq!(
+        ports.len(),
+        14,
+        "a NodePort was handed out twice: {ports:?}"
+    );
 
     // The range is full, whichever apiserver is asked.
     for c in &clients {
-        let r = post_json(c, "/api/v1/namespaces/default/services", &node_port_service("extra")).await;
+        let r = post_json(
+            c,
+            "/api/v1/namespaces/default/services",
+            &node_port_service("extra"),
+        )
+        .await;
         assert_eq!(r.code, 422, "{}", String::from_utf8_lossy(&r.body));
     }
     // A deleted Service frees its addresses for the other apiserver.
     let svcs: Api<Service> = Api::namespaced(clients[0].clone(), "default");
     let gone = svcs.get("s3").await.unwrap();
     svcs.delete("s3", &Default::default()).await.unwrap();
-    let r = post_json(&clients[1], "/api/v1/namespaces/default/services", &node_port_service("extra")).await;
+    let r = post_json(
+        &clients[1],
+        "/api/v1/namespaces/default/services",
+        &node_port_service("extra"),
+    )
+    .await;
     assert_eq!(r.code, 201, "{}", String::from_utf8_lossy(&r.body));
     let v = r.json();
     let spec = gone.spec.unwrap();
     assert_eq!(v["spec"]["clusterIP"], json!(spec.cluster_ip.unwrap()));
-    assert_eq!(v["spec"]["ports"][0]["nodePort"], json!(spec.ports.unwrap()[0].node_port.unwrap()));
+    assert_eq!(
+        v["spec"]["ports"][0]["nodePort"],
+        json!(spec.ports.unwrap()[0].node_port.unwrap())
+    );
     // Asking for an address another Service holds is refused.
     let mut dup = node_port_service("dup");
     dup["spec"]["clusterIP"] = v["spec"]["clusterIP"].clone();
@@ -304,13 +342,24 @@ async fn migrate_embedded_store_to_etcd() {
         for i in 0..5 {
             let name = format!("c{i:02}");
             let mut c = cms.get(&name).await.unwrap();
-            c.data.as_mut().unwrap().insert("k".into(), "updated".into());
-            let c = cms.replace(&name, &PostParams::default(), &c).await.unwrap();
+            c.data
+                .as_mut()
+                .unwrap()
+                .insert("k".into(), "updated".into());
+            let c = cms
+                .replace(&name, &PostParams::default(), &c)
+                .await
+                .unwrap();
             before.insert(name, c);
         }
         cms.delete("c29", &Default::default()).await.unwrap();
         before.remove("c29");
-        let r = post_json(&client, "/api/v1/namespaces/mig/services", &node_port_service("web")).await;
+        let r = post_json(
+            &client,
+            "/api/v1/namespaces/mig/services",
+            &node_port_service("web"),
+        )
+        .await;
         assert_eq!(r.code, 201);
         svc_ip = r.json()["spec"]["clusterIP"].clone();
         server.kill9();
@@ -321,7 +370,13 @@ async fn migrate_embedded_store_to_etcd() {
     let from = dir.0.to_str().unwrap();
 
     // Bad input: no store there; not an etcd URL. Clear errors.
-    let missing = kcontrol(&["migrate", "--from", "/nonexistent-kcontrol-dir", "--to", &url]);
+    let missing = kcontrol(&[
+        "migrate",
+        "--from",
+        "/nonexistent-kcontrol-dir",
+        "--to",
+        &url,
+    ]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no embedded store"));
     let bad = kcontrol(&["migrate", "--from", from, "--to", "http://127.0.0.1:1"]);
@@ -329,10 +384,18 @@ async fn migrate_embedded_store_to_etcd() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("etcd://"));
 
     let out = kcontrol(&["migrate", "--from", from, "--to", &url]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Again: everything is already there (an interrupted run resumes).
     let again = kcontrol(&["migrate", "--from", from, "--to", &url]);
-    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     assert!(String::from_utf8_lossy(&again.stdout).contains("were already there"));
 
     let server = Server::start(&dir.0, &["--store", &url]);
@@ -346,12 +409,18 @@ async fn migrate_embedded_store_to_etcd() {
         .into_iter()
         .map(|c| (c.metadata.name.clone().unwrap(), c))
         .collect();
-    assert_eq!(after.keys().collect::<Vec<_>>(), before.keys().collect::<Vec<_>>());
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>()
+    );
     for (name, old) in &before {
         let new = &after[name];
         assert_eq!(new.metadata.uid, old.metadata.uid, "{name}");
         assert_eq!(new.metadata.labels, old.metadata.labels, "{name}");
-        assert_eq!(new.metadata.creation_timestamp, old.metadata.creation_timestamp);
+        assert_eq!(
+            new.metadata.creation_timestamp,
+            old.metadata.creation_timestamp
+        );
         assert_eq!(new.data, old.data, "{name}");
     }
     let svc: Api<Service> = Api::namespaced(client.clone(), "mig");
@@ -378,8 +447,13 @@ async fn migrate_embedded_store_to_etcd() {
             _ => {}
         }
     }
-    assert_eq!(initial.iter().collect::<Vec<_>>(), before.keys().collect::<Vec<_>>());
-    cms.create(&PostParams::default(), &cm("new")).await.unwrap();
+    assert_eq!(
+        initial.iter().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>()
+    );
+    cms.create(&PostParams::default(), &cm("new"))
+        .await
+        .unwrap();
     loop {
         let ev = tokio::time::timeout(Duration::from_secs(15), w.try_next())
             .await

@@ -361,7 +361,12 @@ pub enum ClaimError {
 }
 
 /// Claims one key for `owner`/`uid`: true if it is now ours.
-async fn claim_one(store: &dyn Store, key: &str, owner: &str, uid: &str) -> Result<bool, StoreError> {
+async fn claim_one(
+    store: &dyn Store,
+    key: &str,
+    owner: &str,
+    uid: &str,
+) -> Result<bool, StoreError> {
     for _ in 0..3 {
         match store.create(key, claim_value(owner, uid)).await {
             Ok(_) => return Ok(true),

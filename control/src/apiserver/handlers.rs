@@ -706,7 +706,9 @@ impl State {
             .await;
         // A write that failed or did not happen leaves the new claims unused.
         let release_new = match &result {
-            Ok((stored, _)) => claimed.iter().any(|k| !allocate::claim_keys(stored).contains(k)),
+            Ok((stored, _)) => claimed
+                .iter()
+                .any(|k| !allocate::claim_keys(stored).contains(k)),
             Err(_) => true,
         };
         if release_new {
@@ -765,7 +767,11 @@ impl State {
                 Err(e) => Err(internal(e)),
             };
         }
-        match self.store.update(key, to_bytes(&out), kv.mod_revision).await {
+        match self
+            .store
+            .update(key, to_bytes(&out), kv.mod_revision)
+            .await
+        {
             Ok(rev) => {
                 if rt.kind == "Service" {
                     allocate::release_dropped(&*self.store, key, old, Some(&out)).await;
@@ -1035,8 +1041,7 @@ impl State {
                             if rt.kind == "Service"
                                 && let Ok(svc) = from_kv(&last)
                             {
-                                allocate::release_dropped(&*self.store, &kv.key, &svc, None)
-                                    .await;
+                                allocate::release_dropped(&*self.store, &kv.key, &svc, None).await;
                             }
                         }
                         Err(StoreError::NotFound(_)) => {}

@@ -31,8 +31,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
-    GetResponse, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, GetResponse,
+    Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -388,9 +388,7 @@ impl EtcdStore {
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         let k = self.key(key);
-        let r = self
-            .range_at("get", k, GetOptions::new(), None)
-            .await?;
+        let r = self.range_at("get", k, GetOptions::new(), None).await?;
         r.kvs().first().map(|kv| self.kv(kv)).transpose()
     }
 
@@ -694,16 +692,13 @@ impl Watcher {
             .with_prev_key();
         let mut client = self.store.inner.client.clone();
         let attempt = self.store.inner.opts.attempt_timeout;
-        let mut stream = match tokio::time::timeout(
-            attempt,
-            client.watch(self.start.clone(), Some(opts)),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Stop::Broken(e.to_string()),
-            Err(_) => return Stop::Broken(format!("no watch within {attempt:?}")),
-        };
+        let mut stream =
+            match tokio::time::timeout(attempt, client.watch(self.start.clone(), Some(opts))).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Stop::Broken(e.to_string()),
+                Err(_) => return Stop::Broken(format!("no watch within {attempt:?}")),
+            };
         loop {
             let msg = tokio::select! {
                 _ = self.tx.closed() => return Stop::Done,

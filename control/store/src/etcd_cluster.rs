@@ -80,18 +80,36 @@ fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
         .collect()
 }
 
+/// One HTTP/1.0 exchange with a member's client port; the whole answer.
+fn http(port: u16, request: &str) -> Option<String> {
+    let mut s =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))
+            .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(request.as_bytes()).ok()?;
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    Some(answer)
+}
+
+/// The string value of `"field":"…"` in a JSON text.
+fn json_field<'a>(text: &'a str, field: &str) -> Option<&'a str> {
+    let pat = format!("\"{field}\":\"");
+    let start = text.find(&pat)? + pat.len();
+    let len = text[start..].find('"')?;
+    Some(&text[start..start + len])
+}
+
 /// `GET /health` on a member: true once it answers `"health":"true"` (it
 /// has a leader and serves reads).
 fn healthy(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(
-        &([127, 0, 0, 1], port).into(),
-        Duration::from_millis(500),
-    ) else {
+    let Ok(mut s) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))
+    else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s
-        .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         .is_err()
     {
         return false;
@@ -218,6 +236,32 @@ impl EtcdCluster {
             }
         }
         Ok(())
+    }
+
+    /// The index of the member that is the raft leader, as the running
+    /// members report it (etcd's JSON gateway, `/v3/maintenance/status`).
+    pub fn leader(&self) -> Option<usize> {
+        for m in self.members.iter().filter(|m| m.is_running()) {
+            let body = "{}";
+            let req = format!(
+                "POST /v3/maintenance/status HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let Some(answer) = http(m.client_port, &req) else {
+                continue;
+            };
+            let (Some(me), Some(leader)) = (
+                json_field(&answer, "member_id"),
+                json_field(&answer, "leader"),
+            ) else {
+                continue;
+            };
+            if me == leader {
+                return self.members.iter().position(|x| x.name == m.name);
+            }
+            // Ask the others: the leader reports itself.
+        }
+        None
     }
 
     /// The client endpoints of the members (`http://127.0.0.1:PORT`).

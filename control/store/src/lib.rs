@@ -23,8 +23,8 @@ pub mod etcd_cluster;
 pub mod logstructured;
 pub mod sqlite;
 
-pub use logstructured::{Compactor, LogStore, spawn_compactor};
 pub use etcd::{EtcdOptions, EtcdStore};
+pub use logstructured::{Compactor, LogStore, spawn_compactor};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
 
 /// A global, strictly increasing write counter (etcd's revision).
