@@ -1,4 +1,4 @@
-//! `cargo run --release -p kcontrol-store --features test-support --example store-bench-etcd -- [N] [etcd://…]`:
+//! `cargo run --release -p kcontrol-store --example store-bench-etcd -- [N] [etcd://…]`:
 //! the store benchmark on the embedded store (SQLite, synchronous=FULL, in
 //! a temporary directory) and on etcd side by side: a one-member and a
 //! three-member etcd started on loopback (`/usr/bin/etcd`, data in a
