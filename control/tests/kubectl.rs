@@ -1,9 +1,12 @@
 //! The real kubectl against `kcontrol apiserver`, with the generated admin
 //! kubeconfig: get, apply (create and three-way patch), tables, patch types,
-//! scale, delete.
+//! scale, delete; and the same core workflow (apply, get columns, get -w,
+//! describe, delete) with the oldest and the newest versioned kubectl on the
+//! machine and the default one.
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{Server, TempDir};
@@ -11,6 +14,8 @@ use common::{Server, TempDir};
 struct Kubectl<'a> {
     server: &'a Server,
     cache: std::path::PathBuf,
+    /// The kubectl binary (`kubectl` from PATH unless a version is pinned).
+    bin: PathBuf,
 }
 
 impl Kubectl<'_> {
@@ -29,14 +34,14 @@ impl Kubectl<'_> {
     }
 
     fn run(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new("kubectl")
+        let out = Command::new(&self.bin)
             .arg("--kubeconfig")
             .arg(&self.server.kubeconfig)
             .arg("--cache-dir")
             .arg(&self.cache)
             .args(args)
             .output()
-            .expect("running kubectl (is it installed?)");
+            .unwrap_or_else(|e| panic!("running {} failed: {e}", self.bin.display()));
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -102,6 +107,7 @@ fn kubectl_end_to_end() {
     let k = Kubectl {
         server: &server,
         cache: dir.0.join("kube-cache"),
+        bin: "kubectl".into(),
     };
 
     // Namespaces that exist from the start, as a server-side table.
@@ -381,4 +387,274 @@ fn kubectl_end_to_end() {
         "{err}"
     );
     assert!(k.ok(&["get", "deploy", "-o", "name"]).trim().is_empty());
+}
+
+/// The folder the machine's `kubectl` dispatcher lives in (it holds the
+/// versioned binaries `kubectl.1.27` … `kubectl.1.33`).
+fn kubectl_dir() -> PathBuf {
+    let path = std::env::var_os("PATH").expect("PATH is set");
+    let found = std::env::split_paths(&path)
+        .map(|d| d.join("kubectl"))
+        .find(|p| p.is_file())
+        .expect("no kubectl on PATH (cargo xtask setup installs it)");
+    std::fs::canonicalize(&found)
+        .unwrap_or_else(|e| panic!("resolving {}: {e}", found.display()))
+        .parent()
+        .expect("kubectl has a folder")
+        .to_path_buf()
+}
+
+/// `kubectl.VERSION` next to the dispatcher; a missing one fails the test.
+fn versioned(version: &str) -> PathBuf {
+    let dir = kubectl_dir();
+    let bin = dir.join(format!("kubectl.{version}"));
+    assert!(
+        bin.is_file(),
+        "kubectl {version} is required for this test but {} does not exist \
+         (the versioned kubectl binaries ship next to the kubectl dispatcher in {})",
+        bin.display(),
+        dir.display()
+    );
+    bin
+}
+
+/// The header line of a `kubectl get` table, split into its columns
+/// (multi-word headers such as `NOMINATED NODE` are not used here).
+fn header(table: &str) -> Vec<String> {
+    table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The line in `description` that starts with `field:`, with the value
+/// after it (describe's `Name:   value` layout).
+fn described<'a>(description: &'a str, field: &str) -> &'a str {
+    description
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix(&format!("{field}:")))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {field}: in\n{description}"))
+}
+
+/// apply -f (Deployment + Service), get with the upstream columns, get -w
+/// printing a change another client made, describe, delete — with `bin`.
+fn core_workflow(bin: &Path, tag: &str) {
+    let dir = TempDir::new(tag);
+    let server = Server::start(&dir.0, &[]);
+    let k = Kubectl {
+        server: &server,
+        cache: dir.0.join("kube-cache"),
+        bin: bin.to_path_buf(),
+    };
+    let client_version = k.ok(&["version", "--client", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&client_version).unwrap();
+    eprintln!(
+        "{}: client {}",
+        bin.display(),
+        v["clientVersion"]["gitVersion"]
+    );
+
+    // apply -f creates both (plain apply: client-side validation against
+    // /openapi/v2, three-way merge patch on later applies).
+    let app = dir.0.join("app.yaml");
+    std::fs::write(&app, APP).unwrap();
+    let out = k.ok(&["apply", "-f", app.to_str().unwrap()]);
+    assert!(
+        out.contains("service/web created") && out.contains("deployment.apps/web created"),
+        "{out}"
+    );
+    std::fs::write(&app, APP.replace("replicas: 2", "replicas: 3")).unwrap();
+    let out = k.ok(&["apply", "-f", app.to_str().unwrap()]);
+    assert!(
+        out.contains("service/web unchanged") && out.contains("deployment.apps/web configured"),
+        "{out}"
+    );
+
+    // get: the columns real kubectl shows.
+    let svc = k.ok(&["get", "svc"]);
+    assert_eq!(
+        header(&svc),
+        [
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "AGE"
+        ],
+        "{svc}"
+    );
+    assert_eq!(column(&svc, "TYPE", "web"), "ClusterIP");
+    assert_eq!(column(&svc, "EXTERNAL-IP", "web"), "<none>");
+    assert_eq!(column(&svc, "PORT(S)", "web"), "80/TCP,443/TCP");
+    let cluster_ip = column(&svc, "CLUSTER-IP", "web");
+    cluster_ip
+        .parse::<std::net::Ipv4Addr>()
+        .unwrap_or_else(|_| panic!("CLUSTER-IP {cluster_ip:?}"));
+    let dep = k.ok(&["get", "deployments"]);
+    assert_eq!(
+        header(&dep),
+        ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"],
+        "{dep}"
+    );
+    assert_eq!(column(&dep, "READY", "web"), "0/3");
+    let wide = k.ok(&["get", "deploy", "-o", "wide"]);
+    assert_eq!(
+        header(&wide),
+        [
+            "NAME",
+            "READY",
+            "UP-TO-DATE",
+            "AVAILABLE",
+            "AGE",
+            "CONTAINERS",
+            "IMAGES",
+            "SELECTOR"
+        ],
+        "{wide}"
+    );
+    assert_eq!(column(&wide, "SELECTOR", "web"), "app=web");
+    k.ok(&[
+        "run",
+        "p1",
+        "--image=busybox:1.36",
+        "--labels=app=p",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let pods = k.ok(&["get", "pods"]);
+    assert_eq!(
+        header(&pods),
+        ["NAME", "READY", "STATUS", "RESTARTS", "AGE"],
+        "{pods}"
+    );
+    assert_eq!(column(&pods, "READY", "p1"), "0/1");
+    assert_eq!(column(&pods, "STATUS", "p1"), "Pending");
+
+    // get -w: after the initial row, a change made by another client
+    // (kube-rs, scaling the deployment to 7) is printed.
+    let mut watch = Command::new(bin)
+        .arg("--kubeconfig")
+        .arg(&server.kubeconfig)
+        .arg("--cache-dir")
+        .arg(&k.cache)
+        .args(["get", "deploy", "web", "-w"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let wait = std::time::Duration::from_secs(20);
+    let mut lines = Vec::new();
+    // The header and the current row come from the list the watch
+    // starts at; anything written after they are printed is watched.
+    while !lines
+        .iter()
+        .any(|l: &String| l.split_whitespace().next() == Some("web"))
+    {
+        match rx.recv_timeout(wait) {
+            Ok(l) => lines.push(l),
+            Err(_) => {
+                let _ = watch.kill();
+                panic!("kubectl get -w printed {lines:?} within {wait:?}");
+            }
+        }
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let c = server.client().await;
+            let r = common::patch(
+                &c,
+                "/apis/apps/v1/namespaces/default/deployments/web",
+                "application/merge-patch+json",
+                &serde_json::json!({"spec": {"replicas": 7}}),
+            )
+            .await;
+            assert_eq!(r.code, 200, "{}", String::from_utf8_lossy(&r.body));
+        });
+    let changed = loop {
+        match rx.recv_timeout(wait) {
+            Ok(l) if l.split_whitespace().nth(1) == Some("0/7") => break l,
+            Ok(l) => lines.push(l),
+            Err(_) => {
+                let _ = watch.kill();
+                panic!("kubectl get -w did not print the scaled deployment: {lines:?}");
+            }
+        }
+    };
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(changed.starts_with("web"), "{changed}");
+
+    // describe: deployment, service, pod.
+    let d = k.ok(&["describe", "deployment", "web"]);
+    assert_eq!(described(&d, "Name"), "web");
+    assert_eq!(described(&d, "Selector"), "app=web");
+    assert!(described(&d, "Replicas").starts_with("7 desired"), "{d}");
+    assert_eq!(described(&d, "StrategyType"), "RollingUpdate");
+    assert_eq!(described(&d, "Image"), "nginx:1.27");
+    let d = k.ok(&["describe", "service", "web"]);
+    assert_eq!(described(&d, "Type"), "ClusterIP");
+    assert_eq!(described(&d, "IP"), cluster_ip);
+    assert_eq!(described(&d, "Selector"), "app=web");
+    let ports: Vec<&str> = d
+        .lines()
+        .filter_map(|l| l.strip_prefix("Port:"))
+        .map(str::trim)
+        .collect();
+    assert_eq!(ports, ["http  80/TCP", "https  443/TCP"], "{d}");
+    let d = k.ok(&["describe", "pod", "p1"]);
+    assert_eq!(described(&d, "Status"), "Pending");
+    assert_eq!(described(&d, "Node"), "<none>");
+    assert_eq!(described(&d, "Image"), "busybox:1.36");
+    assert_eq!(described(&d, "Labels"), "app=p");
+
+    // delete: by file and by name; gone afterwards.
+    let out = k.ok(&["delete", "-f", app.to_str().unwrap()]);
+    assert!(
+        out.contains("service \"web\" deleted") && out.contains("deployment.apps \"web\" deleted"),
+        "{out}"
+    );
+    let out = k.ok(&["delete", "pod", "p1"]);
+    assert!(out.contains("pod \"p1\" deleted"), "{out}");
+    for what in ["svc/web", "deploy/web", "pod/p1"] {
+        let err = k.fails(&["get", what]);
+        assert!(
+            err.contains("NotFound") || err.contains("not found"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn kubectl_1_27_oldest() {
+    core_workflow(&versioned("1.27"), "kubectl127");
+}
+
+#[test]
+fn kubectl_1_33_newest() {
+    core_workflow(&versioned("1.33"), "kubectl133");
+}
+
+#[test]
+fn kubectl_default() {
+    core_workflow(Path::new("kubectl"), "kubectldefault");
 }

@@ -621,6 +621,56 @@ impl Dataplane {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Whether the programs are attached to `iface`.
+    pub fn is_attached(&self, iface: &str) -> bool {
+        self.attachments.iter().any(|a| a.iface == iface)
+    }
+
+    /// Drops the attachment to an interface that is gone (the kernel already
+    /// released its tcx links / filters with the device): unpins its links
+    /// and forgets it. Returns whether it was attached.
+    pub fn forget(&mut self, iface: &str) -> bool {
+        let Some(pos) = self.attachments.iter().position(|a| a.iface == iface) else {
+            return false;
+        };
+        let a = self.attachments.swap_remove(pos);
+        // Detaching a link of a vanished device fails harmlessly; it also
+        // closes our fds so the programs are not held by a dead link.
+        if let Ok(p) = self.program_mut(INGRESS_PROG) {
+            let _ = p.detach(a.ingress);
+        }
+        if let Ok(p) = self.program_mut(EGRESS_PROG) {
+            let _ = p.detach(a.egress);
+        }
+        for pin in &a.pins {
+            let _ = std::fs::remove_file(pin);
+        }
+        true
+    }
+
+    /// Removes pinned links of interfaces that no longer exist (left by an
+    /// agent that stopped while pods went away). Returns their names.
+    pub fn prune_stale_link_pins(&self) -> Vec<String> {
+        let Some(root) = &self.pin_root else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(root.join("links")) else {
+            return Vec::new();
+        };
+        let mut pruned = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((iface, _dir)) = name.rsplit_once('_') else {
+                continue;
+            };
+            if !Path::new("/sys/class/net").join(iface).exists() {
+                let _ = std::fs::remove_file(e.path());
+                pruned.push(name);
+            }
+        }
+        pruned
+    }
+
     pub fn attached(&self) -> Vec<(String, AttachMode)> {
         self.attachments
             .iter()

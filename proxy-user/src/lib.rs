@@ -7,6 +7,7 @@
 pub mod dataplane;
 pub mod iptables;
 pub mod kube_source;
+pub mod links;
 pub mod manifests;
 pub mod metrics;
 pub mod model;

@@ -15,6 +15,7 @@ use proxy_common::{MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS};
 use proxy_user::dataplane::{AttachMode, Dataplane, LoadOptions};
 use proxy_user::iptables::Iptables;
 use proxy_user::kube_source::{self, ApiEvent, ApiState};
+use proxy_user::links;
 use proxy_user::metrics::{self, Metrics, ScrapeRequest, Snapshot};
 use proxy_user::model::DesiredState;
 use proxy_user::reconcile;
@@ -58,13 +59,13 @@ struct Args {
     /// Interfaces that face clients (comma-separated): ingress translates
     /// ClusterIP traffic, egress restores replies. Required in eBPF mode;
     /// iptables rules apply to the whole network namespace.
-    #[arg(
-        long,
-        value_name = "IF[,IF…]",
-        value_delimiter = ',',
-        required_if_eq("mode", "ebpf")
-    )]
+    #[arg(long, value_name = "IF[,IF…]", value_delimiter = ',')]
     iface: Vec<String>,
+    /// eBPF mode: also attach to every interface whose name starts with one
+    /// of these prefixes, now and as they appear (rtnetlink link events) —
+    /// e.g. the kubelet's pod veths (`kcv`). Vanished ones are released.
+    #[arg(long, value_name = "PREFIX[,PREFIX…]", value_delimiter = ',')]
+    iface_prefix: Vec<String>,
     /// iptables mode: masquerade service traffic from outside this pod CIDR
     /// (kube-proxy's --cluster-cidr). Without it only hairpin traffic is
     /// masqueraded.
@@ -187,6 +188,23 @@ async fn run(args: Args) -> Result<()> {
     }
     let load_us = load_started.elapsed().as_micros();
 
+    if args.mode == Mode::Ebpf
+        && args
+            .iface
+            .iter()
+            .chain(&args.iface_prefix)
+            .all(|i| i.is_empty())
+    {
+        bail!("eBPF mode needs --iface IF[,IF…] or --iface-prefix PREFIX");
+    }
+    // Subscribed before the first listing, so no interface slips between.
+    let links = if args.mode == Mode::Ebpf && !args.iface_prefix.is_empty() {
+        let w = links::LinkWatcher::new().context("subscribing to rtnetlink link events")?;
+        // SAFETY: the watcher owns its fd and lives inside the AsyncFd.
+        Some(unsafe { AsyncFd::register_with_interest(w, Interest::READABLE) }?)
+    } else {
+        None
+    };
     let mut proxier = match args.mode {
         Mode::Ebpf => Proxier::Ebpf(Box::new(start_ebpf(&args)?)),
         Mode::Iptables => {
@@ -269,6 +287,15 @@ async fn run(args: Args) -> Result<()> {
             _ = sigint.recv() => break,
             _ = tick.tick(), if args.manifests.is_some() => Input::Files(None),
             Some(ev) = next_api_event(api.as_mut()) => Input::Api(ev),
+            events = next_link_events(links.as_ref()) => {
+                if let Proxier::Ebpf(dp) = &mut proxier {
+                    match events {
+                        Ok(events) => follow_links(dp, &args, events),
+                        Err(e) => log::warn!("reading link events: {e}"),
+                    }
+                }
+                continue;
+            }
             Some(reply) = scrape_rx.recv() => {
                 let snap = match &proxier {
                     Proxier::Ebpf(dp) => snapshot(dp),
@@ -390,6 +417,85 @@ async fn next_events(fd: Option<&AsyncFd<Inotify>>) -> std::io::Result<Events> {
     }
 }
 
+/// The next batch of rtnetlink link events, or never without a watcher.
+async fn next_link_events(
+    fd: Option<&AsyncFd<links::LinkWatcher>>,
+) -> std::io::Result<Vec<links::LinkEvent>> {
+    let Some(fd) = fd else {
+        return std::future::pending().await;
+    };
+    loop {
+        let mut guard = fd.readable().await?;
+        match guard.get_inner().read() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => guard.clear_ready(),
+            other => return other,
+        }
+    }
+}
+
+/// Attaches to interfaces matching `--iface-prefix` that appeared and
+/// releases those that vanished.
+fn follow_links(dp: &mut Dataplane, args: &Args, events: Vec<links::LinkEvent>) {
+    let mut rescan = false;
+    for ev in events {
+        match ev {
+            links::LinkEvent::Present(name) if links::matches(&args.iface_prefix, &name) => {
+                attach_followed(dp, args, &name);
+            }
+            links::LinkEvent::Gone(name) if dp.forget(&name) => {
+                println!("kproxy: released {name}");
+            }
+            links::LinkEvent::Rescan => rescan = true,
+            _ => {}
+        }
+    }
+    if rescan {
+        attach_matching(dp, args);
+    }
+}
+
+/// Compares the attachments with the interfaces that exist now: attaches to
+/// matching ones not attached yet, releases the vanished.
+fn attach_matching(dp: &mut Dataplane, args: &Args) {
+    let present = match links::current_links() {
+        Ok(p) => p,
+        Err(e) => {
+            log::warn!("listing interfaces: {e}");
+            return;
+        }
+    };
+    for (name, _) in dp.attached() {
+        if !present.contains(&name) && dp.forget(&name) {
+            println!("kproxy: released {name}");
+        }
+    }
+    for name in present {
+        if links::matches(&args.iface_prefix, &name) {
+            attach_followed(dp, args, &name);
+        }
+    }
+}
+
+fn attach_followed(dp: &mut Dataplane, args: &Args, name: &str) {
+    if dp.is_attached(name) {
+        return;
+    }
+    let mode = attach_mode(args);
+    match dp.attach(name, mode) {
+        Ok(()) => println!("kproxy: attached {name} mode={mode}"),
+        // It may already be gone again (or moved into a pod's namespace).
+        Err(e) => log::warn!("attaching to {name}: {e:#}"),
+    }
+}
+
+fn attach_mode(args: &Args) -> AttachMode {
+    match args.attach {
+        AttachArg::Auto => AttachMode::auto(),
+        AttachArg::Tcx => AttachMode::Tcx,
+        AttachArg::Netlink => AttachMode::Netlink,
+    }
+}
+
 /// The datapath the agent drives; both take the same changes.
 enum Proxier {
     Ebpf(Box<Dataplane>),
@@ -444,15 +550,17 @@ fn start_ebpf(args: &Args) -> Result<Dataplane> {
     if !matches!(args.bpf_log_level, BpfLogLevel::Off) {
         spawn_bpf_logger(&mut dp)?;
     }
-    let mode = match args.attach {
-        AttachArg::Auto => AttachMode::auto(),
-        AttachArg::Tcx => AttachMode::Tcx,
-        AttachArg::Netlink => AttachMode::Netlink,
-    };
-    for iface in &args.iface {
+    let mode = attach_mode(args);
+    for name in dp.prune_stale_link_pins() {
+        log::info!("removed pinned link {name}: its interface is gone");
+    }
+    for iface in args.iface.iter().filter(|i| !i.is_empty()) {
         // On error `dp` drops and detaches what was attached so far.
         dp.attach(iface, mode)?;
         println!("kproxy: attached {iface} mode={mode}");
+    }
+    if !args.iface_prefix.is_empty() {
+        attach_matching(&mut dp, args);
     }
     Ok(dp)
 }

@@ -152,6 +152,8 @@ impl Kproxy {
         };
         match mode {
             // kproxy's default mode: no `--mode`.
+            // No interfaces: the caller follows them by `--iface-prefix`.
+            Mode::Ebpf if ifaces.is_empty() => &mut cmd,
             Mode::Ebpf => cmd.arg("--iface").arg(ifaces.join(",")),
             Mode::Iptables => cmd.args(["--mode", Mode::Iptables.as_str()]),
         };

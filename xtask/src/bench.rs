@@ -5,9 +5,13 @@
 //!   `--quick`): `kproxy-compare` from bench/, eBPF mode against iptables
 //!   mode in network namespaces; report and plots in bench/results/;
 //! - `dataplane`: `kproxy-bench dataplane` from proxy-user, the
-//!   BPF_PROG_TEST_RUN ns/packet table.
+//!   BPF_PROG_TEST_RUN ns/packet table;
+//! - `apiserver [--store sqlite[,etcd]] [ARGS...]`: `kcontrol-bench` from
+//!   bench/ against a real `kcontrol apiserver` per store (10,000 Service
+//!   creates, watch delivery latency); report and plots in bench/results/.
+//!   Needs no root and no eBPF build.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::build::{self, BPF_OBJ_ENV};
 use crate::setup;
@@ -19,16 +23,97 @@ fn split(args: &[String]) -> Result<(&'static str, &[String])> {
         None => Ok(("compare", args)),
         Some("compare") => Ok(("compare", &args[1..])),
         Some("dataplane") => Ok(("dataplane", &args[1..])),
+        Some("apiserver") => Ok(("apiserver", &args[1..])),
         Some(flag) if flag.starts_with('-') => Ok(("compare", args)),
         Some(other) => bail!(
             "unknown benchmark {other:?}: `cargo xtask bench [--quick]` (eBPF against iptables, \
-             kproxy-compare) or `cargo xtask bench dataplane [--quick]` (BPF_PROG_TEST_RUN)"
+             kproxy-compare), `cargo xtask bench dataplane [--quick]` (BPF_PROG_TEST_RUN) or \
+             `cargo xtask bench apiserver [--quick] [--store sqlite,etcd]` (kcontrol apiserver)"
         ),
     }
 }
 
+/// One `--backend LABEL=ARGS` of kcontrol-bench per store named by
+/// `--store` (comma-separated or repeated; default `sqlite`), and the other
+/// arguments. A store that needs a server of its own starts it here and
+/// passes its address in the apiserver arguments.
+fn apiserver_backends(args: &[String]) -> Result<(Vec<String>, Vec<String>)> {
+    let mut stores = Vec::new();
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--store" {
+            let v = it.next().context("--store needs a value: sqlite, etcd")?;
+            stores.extend(v.split(',').map(str::to_owned));
+        } else if let Some(v) = a.strip_prefix("--store=") {
+            stores.extend(v.split(',').map(str::to_owned));
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    if stores.is_empty() {
+        stores.push("sqlite".into());
+    }
+    let mut backends = Vec::new();
+    for s in stores {
+        match s.as_str() {
+            // The embedded store is kcontrol's default: no extra arguments.
+            "sqlite" => backends.push("sqlite".to_owned()),
+            // Hook for the etcd backend: start etcd on a free loopback port
+            // (and stop it afterwards), then run the same measurement with
+            // `etcd=--store etcd://127.0.0.1:PORT`.
+            "etcd" => bail!(
+                "--store etcd: kcontrol has no etcd store backend yet \
+                 (`kcontrol apiserver --store etcd://HOST:PORT`); see xtask/src/bench.rs"
+            ),
+            other => bail!("--store {other:?}: expected sqlite or etcd"),
+        }
+    }
+    Ok((backends, rest))
+}
+
+fn run_apiserver_bench(args: &[String], rest: &[String]) -> Result<()> {
+    let (backends, rest) = apiserver_backends(rest)?;
+    let root = util::workspace_root();
+    let mut build = util::cargo(Toolchain::Active);
+    build
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "kcontrol", "--target-dir"])
+        .arg(util::target_dir());
+    run(&mut build)?;
+    let mut invocation = String::from("cargo xtask bench");
+    for a in args {
+        invocation.push(' ');
+        invocation.push_str(a);
+    }
+    let mut cmd = util::cargo(Toolchain::Active);
+    cmd.current_dir(&root)
+        .env("KCONTROL_BENCH_INVOCATION", invocation)
+        .args([
+            "run",
+            "--release",
+            "-p",
+            "kproxy-compare",
+            "--bin",
+            "kcontrol-bench",
+            "--target-dir",
+        ])
+        .arg(util::target_dir())
+        .arg("--")
+        .arg("--kcontrol")
+        .arg(util::target_dir().join("release/kcontrol"));
+    for b in backends {
+        cmd.arg("--backend").arg(b);
+    }
+    cmd.args(rest);
+    run(&mut cmd)
+}
+
 pub fn run_bench(args: &[String]) -> Result<()> {
     let (what, rest) = split(args)?;
+    if what == "apiserver" {
+        return run_apiserver_bench(args, rest);
+    }
     setup::run_setup()?;
     let outputs = build::build_all(true)?;
     let mut cmd = util::cargo(Toolchain::Active);
@@ -81,5 +166,22 @@ mod tests {
         let d = s(&["dataplane", "--services", "1,100000"]);
         assert_eq!(split(&d).unwrap(), ("dataplane", &d[1..]));
         assert!(split(&s(&["nonsense"])).is_err());
+        let a = s(&["apiserver", "--quick"]);
+        assert_eq!(split(&a).unwrap(), ("apiserver", &a[1..]));
+    }
+
+    #[test]
+    fn apiserver_stores_become_backends() {
+        let (b, rest) = super::apiserver_backends(&s(&["--quick"])).unwrap();
+        assert_eq!((b, rest), (s(&["sqlite"]), s(&["--quick"])));
+        let (b, _) = super::apiserver_backends(&s(&["--store=sqlite"])).unwrap();
+        assert_eq!(b, s(&["sqlite"]));
+        let err = super::apiserver_backends(&s(&["--store", "sqlite,etcd"])).unwrap_err();
+        assert!(
+            err.to_string().contains("no etcd store backend yet"),
+            "{err}"
+        );
+        assert!(super::apiserver_backends(&s(&["--store", "redis"])).is_err());
+        assert!(super::apiserver_backends(&s(&["--store"])).is_err());
     }
 }

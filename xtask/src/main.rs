@@ -69,9 +69,11 @@ enum Cmd {
     /// Build, then benchmark: `cargo xtask bench [compare] [--quick]` runs
     /// eBPF mode against iptables mode side by side (kproxy-compare, report
     /// and plots in bench/results/); `cargo xtask bench dataplane [ARGS...]`
-    /// runs proxy-user's BPF_PROG_TEST_RUN benchmark (kproxy-bench)
+    /// runs proxy-user's BPF_PROG_TEST_RUN benchmark (kproxy-bench);
+    /// `cargo xtask bench apiserver [--quick] [--store sqlite]` measures
+    /// `kcontrol apiserver` (kcontrol-bench)
     Bench {
-        /// `compare` (default) or `dataplane`, then their arguments, e.g.
+        /// `compare` (default), `dataplane` or `apiserver`, then their arguments, e.g.
         /// `--quick`
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,

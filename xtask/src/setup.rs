@@ -41,6 +41,10 @@ const APT_REQUIRED: &[&str] = &[
     "musl-tools",
     "protobuf-compiler",
     "etcd-server",
+    // kcontrol's kubelet runs pod containers with crun, from a rootfs made of
+    // busybox-static (see `ensure_busybox_rootfs`).
+    "crun",
+    "busybox-static",
 ];
 /// Nice to have for debugging (`bpftool prog/map/link show`), not needed by
 /// any test; not every release packages it.
@@ -71,6 +75,8 @@ pub fn run_setup() -> Result<()> {
     ensure_bpf_linker(&mut summary, &nightly)?;
     ensure_apt_packages(&mut summary)?;
     ensure_python_kubernetes(&mut summary)?;
+    ensure_busybox_rootfs(&mut summary)?;
+    ensure_crun_cgroups(&mut summary)?;
     ensure_bpffs(&mut summary);
 
     say!("==> setup done in {}:", util::secs(started.elapsed()));
@@ -582,4 +588,108 @@ mod tests {
         assert_eq!(llvm_major(vv), Some(22));
         assert_eq!(llvm_major("rustc 1.0"), None);
     }
+}
+
+/// Where the kubelet finds the image it resolves `busybox` (any tag) to; the
+/// same default as kcontrol's `--busybox-rootfs`.
+pub const BUSYBOX_ROOTFS: &str = "/var/lib/kcontrol/images/busybox";
+
+/// Builds the busybox root filesystem the kubelet's containers run on, from
+/// Debian's busybox-static: /bin/busybox plus one symlink per applet, the
+/// mount points crun needs in a read-only root, and a minimal /etc. Rebuilt
+/// only when the busybox binary changed (a stamp records its size and mtime).
+fn ensure_busybox_rootfs(summary: &mut Summary) -> Result<()> {
+    let busybox = Path::new("/bin/busybox");
+    let meta = fs::metadata(busybox)
+        .context("/bin/busybox is missing: install the Debian package busybox-static")?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let stamp_text = format!("busybox {} {mtime} layout 1\n", meta.len());
+    let root = Path::new(BUSYBOX_ROOTFS);
+    let stamp = root.join(".kcontrol-rootfs");
+    if fs::read_to_string(&stamp).ok().as_deref() == Some(stamp_text.as_str()) {
+        summary.note("busybox rootfs", format!("{BUSYBOX_ROOTFS} up to date"));
+        return Ok(());
+    }
+    let tmp = root.with_extension("tmp");
+    let _ = fs::remove_dir_all(&tmp);
+    for d in [
+        "bin", "dev", "proc", "sys", "tmp", "etc", "root", "run", "var/www", "home", "usr",
+    ] {
+        fs::create_dir_all(tmp.join(d))
+            .with_context(|| format!("creating {}", tmp.join(d).display()))?;
+    }
+    fs::copy(busybox, tmp.join("bin/busybox")).context("copying /bin/busybox")?;
+    let list = output(Command::new(busybox).arg("--list"))?;
+    for applet in list
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && *a != "busybox")
+    {
+        std::os::unix::fs::symlink("busybox", tmp.join("bin").join(applet))
+            .with_context(|| format!("linking applet {applet}"))?;
+    }
+    for (link, target) in [
+        ("sbin", "bin"),
+        ("usr/bin", "../bin"),
+        ("usr/sbin", "../bin"),
+    ] {
+        std::os::unix::fs::symlink(target, tmp.join(link))?;
+    }
+    let files = [
+        (
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/home:/bin/false\n",
+        ),
+        ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
+        // Mount points for the per-pod files the kubelet bind-mounts.
+        ("etc/hosts", ""),
+        ("etc/hostname", ""),
+        ("etc/resolv.conf", ""),
+    ];
+    for (name, text) in files {
+        fs::write(tmp.join(name), text)?;
+    }
+    fs::write(tmp.join(".kcontrol-rootfs"), &stamp_text)?;
+    if root.exists() {
+        fs::remove_dir_all(root).with_context(|| format!("removing the old {BUSYBOX_ROOTFS}"))?;
+    }
+    fs::rename(&tmp, root).with_context(|| format!("moving the rootfs into {BUSYBOX_ROOTFS}"))?;
+    summary.note("busybox rootfs", format!("built {BUSYBOX_ROOTFS}"));
+    Ok(())
+}
+
+/// crun refuses a hybrid cgroup layout (v1 controllers plus a cgroup2 tree
+/// at /sys/fs/cgroup/unified) while the cgroup2 tree still owns a
+/// controller ("cgroups in hybrid mode not supported"). Some machines leave
+/// e.g. hugetlb there: give each such controller its own v1 hierarchy, the
+/// layout systemd's hybrid mode makes.
+fn ensure_crun_cgroups(summary: &mut Summary) -> Result<()> {
+    let base = Path::new("/sys/fs/cgroup");
+    if base.join("cgroup.controllers").exists() {
+        summary.note("cgroups for crun", "unified (v2)");
+        return Ok(());
+    }
+    let left = fs::read_to_string(base.join("unified/cgroup.controllers")).unwrap_or_default();
+    let left: Vec<&str> = left.split_whitespace().collect();
+    if left.is_empty() {
+        summary.note("cgroups for crun", "v1/hybrid, no controller in cgroup2");
+        return Ok(());
+    }
+    for c in &left {
+        let dir = base.join(c);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        run(Command::new("mount")
+            .args(["-t", "cgroup", "-o", c, "cgroup"])
+            .arg(&dir))
+        .with_context(|| format!("mounting a cgroup v1 hierarchy for {c}"))?;
+    }
+    summary.note(
+        "cgroups for crun",
+        format!("moved {} from cgroup2 to v1 hierarchies", left.join(", ")),
+    );
+    Ok(())
 }

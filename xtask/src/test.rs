@@ -24,7 +24,7 @@ const TESTS_PACKAGE: &str = "kproxy-tests";
 const TESTS_DIR: &str = "tests/tests";
 /// Integration test targets that exercise the eBPF object itself
 /// (BPF_PROG_TEST_RUN), not a kproxy datapath: not run again in iptables mode.
-const EBPF_ONLY_TESTS: &[&str] = &["packet_classes"];
+const EBPF_ONLY_TESTS: &[&str] = &["packet_classes", "follow_links"];
 
 /// `args` are what followed `--` on the command line: arguments for
 /// `cargo test` (e.g. a test-name filter); a second `--` in them starts the
@@ -160,6 +160,21 @@ fn steps(args: &[String], timings: &mut Vec<(&'static str, std::time::Duration)>
         cmd.args(cargo_args);
         run(with_test_args(&mut cmd, test_args))
     })?;
+
+    // The dataplane suite inside qemu on Debian's 6.1 and 6.12 kernel lines
+    // (netlink attach on 6.1, tcx on 6.12), reusing the builds above. A
+    // filtered run (`cargo xtask test -- NAME`) asked for a subset: skip it.
+    if cargo_args.is_empty() && test_args.is_empty() {
+        step("vm-test", &mut || {
+            crate::vmtest::run_vm_test(&crate::vmtest::Options {
+                kernels: Vec::new(),
+                quick: false,
+                break_program: false,
+                dynamic: true,
+                timeout: None,
+            })
+        })?;
+    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Response, header};
@@ -20,7 +21,7 @@ use super::http::{Body, Output, Query, decode_body, encode};
 use super::patch;
 use super::resources::{RESOURCES, ResourceType, lookup};
 use super::selectors::{FieldSelector, LabelSelector};
-use super::status::{ApiError, ApiResult, success};
+use super::status::{ApiError, ApiResult, FieldError, success};
 use super::table;
 use super::validate::normalize;
 
@@ -120,6 +121,25 @@ fn to_bytes(v: &Value) -> Vec<u8> {
     serde_json::to_vec(&without_rv(v)).expect("JSON values serialize")
 }
 
+/// Runs a Service write that holds an address claim in a task of its own,
+/// settling the claim with the outcome: a client that goes away cannot stop
+/// it between the commit and the bookkeeping. Other writes run inline.
+async fn settle(
+    ticket: Option<super::allocate::Ticket>,
+    write: impl std::future::Future<Output = Result<Revision, StoreError>> + Send + 'static,
+) -> ApiResult<Result<Revision, StoreError>> {
+    let Some(ticket) = ticket else {
+        return Ok(write.await);
+    };
+    tokio::spawn(async move {
+        let res = write.await;
+        ticket.settle(res.as_ref().ok().copied());
+        res
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("store write task: {e}")))
+}
+
 fn internal(e: StoreError) -> ApiError {
     ApiError::internal(format!("storage: {e}"))
 }
@@ -138,6 +158,51 @@ fn now() -> String {
     jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string()
+}
+
+/// `now` plus `secs`, in the same format.
+fn after_seconds(secs: i64) -> String {
+    let t = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_secs(secs))
+        .unwrap_or_else(|_| jiff::Timestamp::now());
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// The grace period a DELETE of `pod` gets, `None` when it goes at once:
+/// unbound pods, pods that already ended, and gracePeriodSeconds=0 (from
+/// DeleteOptions or the query) are removed immediately; a bound pod
+/// otherwise gets the requested period, else its
+/// spec.terminationGracePeriodSeconds, else 30 s.
+fn pod_grace_period(pod: &Value, opts: &Value, q: &Query) -> ApiResult<Option<i64>> {
+    let requested = match opts.get("gracePeriodSeconds") {
+        Some(Value::Null) | None => match q.get("gracePeriodSeconds") {
+            None | Some("") => None,
+            Some(s) => Some(s.parse::<i64>().map_err(|_| {
+                ApiError::bad_request(format!("gracePeriodSeconds: invalid integer {s:?}"))
+            })?),
+        },
+        Some(v) => Some(v.as_i64().ok_or_else(|| {
+            ApiError::bad_request(format!("gracePeriodSeconds: not an integer: {v}"))
+        })?),
+    };
+    let bound = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .is_some_and(|n| !n.is_empty());
+    let ended = matches!(
+        pod.pointer("/status/phase").and_then(Value::as_str),
+        Some("Succeeded" | "Failed")
+    );
+    if !bound || ended {
+        return Ok(None);
+    }
+    let grace = requested
+        .or_else(|| {
+            pod.pointer("/spec/terminationGracePeriodSeconds")
+                .and_then(Value::as_i64)
+        })
+        .unwrap_or(30);
+    Ok((grace > 0).then_some(grace))
 }
 
 fn random_bytes<const N: usize>() -> [u8; N] {
@@ -190,6 +255,72 @@ fn decode_continue(token: &str) -> ApiResult<(Revision, String)> {
     let rv = v.get("rv").and_then(Value::as_i64).ok_or_else(bad)?;
     let key = v.get("start").and_then(Value::as_str).ok_or_else(bad)?;
     Ok((rv, key.to_string()))
+}
+
+/// Checks a DELETE's options (body and query) before anything is read or
+/// written: wrong types are a 400 naming the field, unsupported values a
+/// 422, as upstream.
+pub fn check_delete_options(opts: &Value, q: &Query) -> ApiResult<()> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::DeleteOptions;
+    let mut typed = opts.clone();
+    if let Some(m) = typed.as_object_mut() {
+        m.remove("apiVersion");
+        m.remove("kind");
+    } else {
+        return Err(ApiError::bad_request(
+            "DeleteOptions in body must be a JSON object",
+        ));
+    }
+    let o: DeleteOptions = serde_path_to_error::deserialize(&typed).map_err(|e| {
+        ApiError::bad_request(format!(
+            "DeleteOptions in body is invalid: {}: {}",
+            e.path(),
+            e.inner()
+        ))
+    })?;
+    let mut errs = Vec::new();
+    let policy = q
+        .get("propagationPolicy")
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .or(o.propagation_policy);
+    if let Some(p) = policy
+        && !["Orphan", "Background", "Foreground"].contains(&p.as_str())
+    {
+        errs.push(FieldError::invalid(
+            "propagationPolicy",
+            json!(p),
+            "supported values: \"Orphan\", \"Background\", \"Foreground\"",
+        ));
+    }
+    if let Some(g) = q.get("gracePeriodSeconds").filter(|g| !g.is_empty())
+        && g.parse::<i64>().is_err()
+    {
+        return Err(ApiError::bad_request(format!(
+            "invalid value for gracePeriodSeconds: {g:?} is not an integer"
+        )));
+    }
+    for d in o.dry_run.iter().flatten() {
+        if d != "All" {
+            errs.push(FieldError::invalid(
+                "dryRun",
+                json!(d),
+                "supported values: \"All\"",
+            ));
+        }
+    }
+    if let Some(rv) = o
+        .preconditions
+        .as_ref()
+        .and_then(|p| p.resource_version.as_deref())
+    {
+        parse_rv(rv)?;
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid("meta.k8s.io", "DeleteOptions", "", &errs))
+    }
 }
 
 pub fn parse_rv(s: &str) -> ApiResult<Revision> {
@@ -335,37 +466,62 @@ impl State {
         Ok(())
     }
 
-    /// Every stored Service but the one at `except`.
-    async fn other_services(&self, except: &str) -> ApiResult<Vec<Value>> {
+    /// Tells the allocator which addresses the stored Services hold — and,
+    /// on a shared store, which are claimed — as of one revision (at start,
+    /// before anything is served; on a shared store again whenever an
+    /// allocation finds its picture out of date).
+    pub async fn load_service_addresses(&self) -> anyhow::Result<()> {
         let svc = lookup("", "v1", "services").expect("services");
-        let mut out = Vec::new();
+        let services = self.list_all(&svc.prefix(None), None).await?;
+        let at = services.0;
+        let mut items = Vec::with_capacity(services.1.len());
+        for kv in services.1 {
+            let obj: Value = serde_json::from_slice(&kv.value)
+                .with_context(|| format!("stored Service {} is not JSON", kv.key))?;
+            items.push((kv.key, kv.mod_revision, obj));
+        }
+        let claims = if self.alloc.shared() {
+            self.list_all(allocate::CLAIM_PREFIX, Some(at)).await?.1
+        } else {
+            Vec::new()
+        };
+        self.alloc.resynced(at, items, &claims);
+        Ok(())
+    }
+
+    /// Every key under `prefix` at revision `at` (latest if `None`), and
+    /// the revision read at.
+    async fn list_all(
+        &self,
+        prefix: &str,
+        mut at: Option<Revision>,
+    ) -> Result<(Revision, Vec<KeyValue>), StoreError> {
         let mut after: Option<String> = None;
-        let mut at = None;
+        let mut out = Vec::new();
         loop {
             let page = self
                 .store
-                .list(&svc.prefix(None), at, after.as_deref(), Some(1000))
-                .await
-                .map_err(internal)?;
+                .list(prefix, at, after.as_deref(), Some(1000))
+                .await?;
             at = Some(page.revision);
-            for kv in &page.items {
-                after = Some(kv.key.clone());
-                if kv.key != except {
-                    out.push(from_kv(kv)?);
-                }
-            }
+            after = page.items.last().map(|kv| kv.key.clone()).or(after);
+            out.extend(page.items);
             if !page.more {
-                return Ok(out);
+                return Ok((page.revision, out));
             }
         }
     }
 
-    /// Fills in a Service's addresses (see [`Allocator::assign`]) and, for
-    /// a real write, claims the ones `old` did not hold, so that no other
-    /// apiserver on the same store hands them out. An address claimed
-    /// meanwhile by someone else counts as taken: auto-picked ones are
-    /// picked again, requested ones are refused. Returns the new claims
-    /// (to release if the write fails).
+    /// Fills in a Service's addresses (see [`Allocator::assign`]) and claims
+    /// them in memory until the returned ticket is settled. On a shared
+    /// store a real write also claims, in the store, the addresses `old`
+    /// did not hold, so that no other apiserver hands them out; those
+    /// claims are returned (to release if the write fails). An address
+    /// claimed in the store by someone else, or a range that looks full,
+    /// makes the allocator re-read the store and try again (a range still
+    /// full with a fresh picture waits for writes in flight here first):
+    /// auto-picked addresses are picked again, requested ones taken are
+    /// refused.
     async fn allocate_service(
         &self,
         rt: &ResourceType,
@@ -374,17 +530,35 @@ impl State {
         out: &mut Value,
         old: Option<&Value>,
         dry_run: bool,
-    ) -> ApiResult<Vec<String>> {
-        let mut others = self.other_services(key).await?;
+    ) -> ApiResult<(allocate::Ticket, Vec<String>)> {
         let held = old.map(allocate::claim_keys).unwrap_or_default();
+        let shared = self.alloc.shared();
+        // The picture in memory was just re-read and nothing learned since.
+        let mut fresh = false;
         for _ in 0..16 {
             let mut candidate = out.clone();
-            self.alloc
-                .assign(&mut candidate, old, &others)
-                .map_err(|errs| ApiError::invalid(rt.group, rt.kind, name, &errs))?;
-            if dry_run {
+            let ticket = match self.alloc.claim(key, &mut candidate, old) {
+                Ok(t) => t,
+                Err(errs) if shared => {
+                    // Taken or full even so: only writes in flight here can
+                    // still free something.
+                    if fresh
+                        && !self
+                            .alloc
+                            .settled_elsewhere(key, Duration::from_secs(5))
+                            .await
+                    {
+                        return Err(ApiError::invalid(rt.group, rt.kind, name, &errs));
+                    }
+                    self.resync_service_addresses().await?;
+                    fresh = true;
+                    continue;
+                }
+                Err(errs) => return Err(ApiError::invalid(rt.group, rt.kind, name, &errs)),
+            };
+            if !shared || dry_run {
                 *out = candidate;
-                return Ok(Vec::new());
+                return Ok((ticket, Vec::new()));
             }
             let wanted = allocate::claim_keys(&candidate)
                 .difference(&held)
@@ -393,15 +567,35 @@ impl State {
             match allocate::claim(&*self.store, &wanted, key, uid_of(&candidate)).await {
                 Ok(claimed) => {
                     *out = candidate;
-                    return Ok(claimed);
+                    return Ok((ticket, claimed));
                 }
-                Err(ClaimError::Taken(k)) => others.push(allocate::holder_of(&k)),
+                Err(ClaimError::Taken(k)) => {
+                    drop(ticket);
+                    self.resync_service_addresses().await?;
+                    self.alloc.claimed_elsewhere(&k);
+                    fresh = false;
+                }
                 Err(ClaimError::Store(e)) => return Err(internal(e)),
             }
         }
         Err(ApiError::internal(
             "could not claim free Service addresses after 16 tries",
         ))
+    }
+
+    /// The Service `svc` at `key` was deleted at `rev`: its addresses are
+    /// free, here and (shared store) for the other apiservers.
+    async fn service_deleted(&self, key: &str, rev: Revision, svc: &Value) {
+        self.alloc.deleted(key, rev);
+        if self.alloc.shared() {
+            allocate::release_dropped(&*self.store, key, svc, None).await;
+        }
+    }
+
+    async fn resync_service_addresses(&self) -> ApiResult<()> {
+        self.load_service_addresses()
+            .await
+            .map_err(|e| ApiError::internal(format!("reading Service addresses: {e:#}")))
     }
 
     /// List with selectors, limit/continue and resourceVersion semantics.
@@ -568,20 +762,22 @@ impl State {
             let name = meta_str(&out, "name").unwrap_or_default().to_string();
             let key = rt.key(ns, &name);
             let mut claimed = Vec::new();
-            let _guard = if rt.kind == "Service" {
-                let guard = self.alloc.lock.lock().await;
-                claimed = self
+            let ticket = if rt.kind == "Service" {
+                let (ticket, c) = self
                     .allocate_service(rt, &name, &key, &mut out, None, dry_run)
                     .await?;
-                Some(guard)
+                claimed = c;
+                Some(ticket)
             } else {
                 None
             };
             if dry_run {
                 return Ok((out, warnings(&norm.unknown_fields)));
             }
-            let result = self.store.create(&key, to_bytes(&out)).await;
-            if result.is_err() {
+            let store = self.store.clone();
+            let (k, bytes) = (key.clone(), to_bytes(&out));
+            let result = settle(ticket, async move { store.create(&k, bytes).await }).await?;
+            if result.is_err() && !claimed.is_empty() {
                 allocate::release(&*self.store, &claimed, &key, uid_of(&out)).await;
             }
             match result {
@@ -692,17 +888,17 @@ impl State {
         let mut out = norm.object;
         let key = rt.key(ns, name);
         let mut claimed = Vec::new();
-        let _guard = if rt.kind == "Service" && mode == Mode::Main {
-            let guard = self.alloc.lock.lock().await;
-            claimed = self
+        let ticket = if rt.kind == "Service" && mode == Mode::Main {
+            let (ticket, c) = self
                 .allocate_service(rt, name, &key, &mut out, Some(&old), dry_run)
                 .await?;
-            Some(guard)
+            claimed = c;
+            Some(ticket)
         } else {
             None
         };
         let result = self
-            .write_update(rt, name, &key, &kv, &old, out, warns, dry_run)
+            .write_update(rt, name, &key, &kv, &old, out, warns, dry_run, ticket)
             .await;
         // A write that failed or did not happen leaves the new claims unused.
         let release_new = match &result {
@@ -711,7 +907,7 @@ impl State {
                 .any(|k| !allocate::claim_keys(stored).contains(k)),
             Err(_) => true,
         };
-        if release_new {
+        if release_new && !claimed.is_empty() {
             let keep = result
                 .as_ref()
                 .map(|(stored, _)| allocate::claim_keys(stored))
@@ -735,6 +931,7 @@ impl State {
         mut out: Value,
         warns: Vec<String>,
         dry_run: bool,
+        ticket: Option<allocate::Ticket>,
     ) -> ApiResult<(Value, Vec<String>)> {
         // A write that changes nothing is not a write (no new revision, no
         // watch event), as upstream.
@@ -748,6 +945,10 @@ impl State {
         // The last finalizer removed from an object being deleted ends it.
         let finalized = out.pointer("/metadata/deletionTimestamp").is_some()
             && out
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .is_none_or(|g| g == 0)
+            && out
                 .pointer("/metadata/finalizers")
                 .and_then(Value::as_array)
                 .is_none_or(Vec::is_empty);
@@ -755,7 +956,7 @@ impl State {
             return match self.store.delete(key, Some(kv.mod_revision)).await {
                 Ok((rev, _)) => {
                     if rt.kind == "Service" {
-                        allocate::release_dropped(&*self.store, key, old, None).await;
+                        self.service_deleted(key, rev, old).await;
                     }
                     set_rv(&mut out, rev);
                     Ok((out, warns))
@@ -767,13 +968,16 @@ impl State {
                 Err(e) => Err(internal(e)),
             };
         }
-        match self
-            .store
-            .update(key, to_bytes(&out), kv.mod_revision)
-            .await
+        let store = self.store.clone();
+        let (k, bytes, expected) = (key.to_string(), to_bytes(&out), kv.mod_revision);
+        match settle(
+            ticket,
+            async move { store.update(&k, bytes, expected).await },
+        )
+        .await?
         {
             Ok(rev) => {
-                if rt.kind == "Service" {
+                if rt.kind == "Service" && self.alloc.shared() {
                     allocate::release_dropped(&*self.store, key, old, Some(&out)).await;
                 }
                 set_rv(&mut out, rev);
@@ -984,12 +1188,44 @@ impl State {
                 self.delete_namespace_contents(name).await?;
             }
         }
+        if rt.kind == "Pod"
+            && let Some(grace) = pod_grace_period(&obj, opts, q)?
+        {
+            // Graceful deletion: the kubelet running the pod stops it and
+            // then deletes it again with gracePeriodSeconds=0.
+            let current = obj
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64);
+            if current.is_none_or(|c| grace < c) {
+                let meta = meta_mut(&mut obj);
+                meta.insert("deletionTimestamp".into(), json!(after_seconds(grace)));
+                meta.insert("deletionGracePeriodSeconds".into(), json!(grace));
+                if !dry_run {
+                    let rev = self
+                        .store
+                        .update(&key, to_bytes(&obj), kv.mod_revision)
+                        .await
+                        .map_err(|e| match e {
+                            StoreError::Conflict { .. } => {
+                                ApiError::conflict(rt.group, rt.plural, name)
+                            }
+                            other => internal(other),
+                        })?;
+                    set_rv(&mut obj, rev);
+                }
+            }
+            return Ok(obj);
+        }
         let has_finalizers = obj
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
             .is_some_and(|f| !f.is_empty());
         if has_finalizers && rt.kind != "Namespace" {
-            if obj.pointer("/metadata/deletionTimestamp").is_none() {
+            let graceful = obj
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .is_some_and(|g| g != 0);
+            if obj.pointer("/metadata/deletionTimestamp").is_none() || graceful {
                 let meta = meta_mut(&mut obj);
                 meta.insert("deletionTimestamp".into(), json!(now()));
                 meta.insert("deletionGracePeriodSeconds".into(), json!(0));
@@ -1013,9 +1249,9 @@ impl State {
             return Ok(obj);
         }
         match self.store.delete(&key, Some(kv.mod_revision)).await {
-            Ok(_) => {
+            Ok((rev, _)) => {
                 if rt.kind == "Service" {
-                    allocate::release_dropped(&*self.store, &key, &obj, None).await;
+                    self.service_deleted(&key, rev, &obj).await;
                 }
                 Ok(obj)
             }
@@ -1037,14 +1273,11 @@ impl State {
                     .map_err(internal)?;
                 for kv in &page.items {
                     match self.store.delete(&kv.key, None).await {
-                        Ok((_, last)) => {
-                            if rt.kind == "Service"
-                                && let Ok(svc) = from_kv(&last)
-                            {
-                                allocate::release_dropped(&*self.store, &kv.key, &svc, None).await;
-                            }
+                        Ok((rev, last)) if rt.kind == "Service" => {
+                            let svc = from_kv(&last).unwrap_or_default();
+                            self.service_deleted(&kv.key, rev, &svc).await;
                         }
-                        Err(StoreError::NotFound(_)) => {}
+                        Ok(_) | Err(StoreError::NotFound(_)) => {}
                         Err(e) => return Err(internal(e)),
                     }
                 }
@@ -1058,6 +1291,7 @@ impl State {
 
     /// Creates `default`, `kube-system`, … if missing.
     pub async fn bootstrap(&self) -> anyhow::Result<()> {
+        self.load_service_addresses().await?;
         let nsrt = lookup("", "v1", "namespaces").expect("namespaces");
         for ns in SYSTEM_NAMESPACES {
             let obj =
@@ -1388,6 +1622,7 @@ pub async fn serve(
                     } else {
                         body_value()?
                     };
+                    check_delete_options(&opts, &q)?;
                     let res = state.list_objects(rt, ns, &q).await?;
                     let mut deleted = Vec::new();
                     for item in &res.items {
@@ -1427,6 +1662,12 @@ pub async fn serve(
             }
             match *method {
                 Method::GET => {
+                    // Any resourceVersion is served from the newest state
+                    // (upstream's "0" and "" behave so too), but it must
+                    // be one.
+                    if let Some(rv) = q.get("resourceVersion").filter(|r| !r.is_empty()) {
+                        parse_rv(rv)?;
+                    }
                     let obj = from_kv(&state.get_kv(rt, ns, name).await?)?;
                     Ok(respond(
                         200,
@@ -1453,6 +1694,7 @@ pub async fn serve(
                     } else {
                         body_value()?
                     };
+                    check_delete_options(&opts, &q)?;
                     let obj = state.delete(rt, ns, name, &opts, &q).await?;
                     let pending = obj.pointer("/metadata/deletionTimestamp").is_some();
                     if rt.delete_returns_object || pending {

@@ -82,7 +82,13 @@ pub async fn open_store(dir: &std::path::Path, url: Option<&str>) -> Result<Arc<
 pub async fn run(cfg: Config) -> Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-    let alloc = allocate::Allocator::new(&cfg.service_cidr, &cfg.node_port_range)?;
+    // etcd may be shared with other apiservers; the embedded store is ours.
+    let shared = cfg
+        .store
+        .as_deref()
+        .is_some_and(|u| u.starts_with("etcd://"));
+    let alloc =
+        allocate::Allocator::new(&cfg.service_cidr, &cfg.node_port_range)?.shared_store(shared);
     let store = open_store(&cfg.data_dir, cfg.store.as_deref()).await?;
     let token = auth::ensure_token(&cfg.data_dir)?;
     let pki = tls::ensure(&cfg.data_dir, cfg.listen.ip())?;

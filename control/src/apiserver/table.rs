@@ -566,10 +566,11 @@ fn cells(kind: &str, o: &Value, now: jiff::Timestamp) -> Vec<Value> {
             let ready = arr(o, "/status/conditions")
                 .iter()
                 .find(|c| s(c, "/type") == "Ready")
+                // As upstream's printer: any status but True (False or
+                // Unknown) prints NotReady; only a missing condition Unknown.
                 .map(|c| match s(c, "/status") {
                     "True" => "Ready",
-                    "False" => "NotReady",
-                    _ => "Unknown",
+                    _ => "NotReady",
                 })
                 .unwrap_or("Unknown");
             let mut status = ready.to_string();

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod fake_kubelet;
+
 use http_body_util::BodyExt;
 use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -52,11 +54,17 @@ const START_DEADLINE: Duration = Duration::from_secs(30);
 impl Server {
     /// Starts on `data_dir` (created if needed) with extra flags.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        Server::start_on(data_dir, "127.0.0.1:0", extra)
+    }
+
+    /// Starts listening on `listen` (a restart on the same port: the
+    /// address of a previous [`Server::url`]).
+    pub fn start_on(data_dir: &Path, listen: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kcontrol"))
             .arg("apiserver")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -156,6 +164,11 @@ impl Server {
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// `127.0.0.1:PORT` of [`Server::url`].
+    pub fn addr(&self) -> &str {
+        self.url.trim_start_matches("https://")
     }
 
     pub fn pid(&self) -> u32 {
