@@ -57,6 +57,7 @@ async fn run_async(o: Options) -> Result<()> {
 
     let mut api = tokio::spawn(apiserver::run(apiserver::Config {
         data_dir: o.data_dir.clone(),
+        store: None,
         listen: o.listen,
         service_cidr: o.service_cidr,
         node_port_range: "30000-32767".into(),

@@ -1,6 +1,7 @@
 //! kcontrol: a small Kubernetes control plane: `kcontrol apiserver`,
-//! `kcontrol scheduler`, `kcontrol controller-manager`, `kcontrol kubelet`, and
-//! `kcontrol all` (all four in one process for a single-node cluster, as k3s).
+//! `kcontrol scheduler`, `kcontrol controller-manager`, `kcontrol kubelet`,
+//! `kcontrol all` (all four in one process for a single-node cluster, as k3s),
+//! and `kcontrol migrate` (embedded store → etcd).
 
 mod all;
 mod apiserver;
@@ -8,6 +9,7 @@ mod controllers;
 mod events;
 mod informer;
 mod kubelet;
+mod migrate;
 mod podutil;
 mod quantity;
 mod scheduler;
@@ -32,6 +34,11 @@ enum Command {
         /// Store, CA, admin token and admin kubeconfig (DIR/kubeconfig.yaml).
         #[arg(long)]
         data_dir: PathBuf,
+        /// `etcd://HOST:PORT[,HOST:PORT…]` keeps the objects in an etcd
+        /// cluster (several apiservers can share it); by default they are
+        /// in the embedded store in --data-dir.
+        #[arg(long)]
+        store: Option<String>,
         /// Address to listen on (port 0 picks a free port; the kubeconfig
         /// and the "listening on" line name the real one).
         #[arg(long, default_value = "127.0.0.1:6443")]
@@ -49,6 +56,16 @@ enum Command {
         /// Period of BOOKMARK events on watches that allow them.
         #[arg(long, default_value_t = 60)]
         bookmark_interval_seconds: u64,
+    },
+    /// Copy the embedded store of a data dir into etcd (stop the apiserver
+    /// first; start it again with --store etcd://…).
+    Migrate {
+        /// The apiserver's --data-dir (its store.db is read).
+        #[arg(long)]
+        from: PathBuf,
+        /// `etcd://HOST:PORT[,HOST:PORT…]`.
+        #[arg(long)]
+        to: String,
     },
     /// Assign pending pods to nodes (filters, least-allocated score, binding).
     Scheduler {
@@ -187,6 +204,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Apiserver {
             data_dir,
+            store,
             listen,
             service_cidr,
             node_port_range,
@@ -198,12 +216,29 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(apiserver::run(apiserver::Config {
                 data_dir,
+                store,
                 listen,
                 service_cidr,
                 node_port_range,
                 compaction_interval: Duration::from_secs(compaction_interval_seconds.max(1)),
                 bookmark_interval: Duration::from_secs(bookmark_interval_seconds.max(1)),
             }))
+        }
+        Command::Migrate { from, to } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let r = rt.block_on(migrate::run(&from, &to))?;
+            println!(
+                "kcontrol: migrated {} keys ({} were already there) from {} (revision {}) to {to} (revision {}); \
+                 resourceVersions are etcd's from now on: clients relist",
+                r.copied + r.already,
+                r.already,
+                from.display(),
+                r.source_revision,
+                r.target_revision
+            );
+            Ok(())
         }
         Command::Scheduler {
             kubeconfig,

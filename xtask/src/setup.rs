@@ -25,6 +25,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// vm-test` boots kernels in qemu (qemu-system-x86), unpacks their .ko.xz
 /// modules (xz-utils) and builds static musl binaries, some with C inside
 /// (ring, through kube's rustls): musl-tools has `x86_64-linux-musl-gcc`.
+/// kcontrol's etcd store: the `etcd-client` crate compiles etcd's protobufs
+/// with `protoc` (protobuf-compiler), and the etcd tests, the `--store etcd`
+/// benchmark and users' etcd clusters run `/usr/bin/etcd` (etcd-server).
 const APT_REQUIRED: &[&str] = &[
     "iproute2",
     "iptables",
@@ -36,6 +39,8 @@ const APT_REQUIRED: &[&str] = &[
     "qemu-system-x86",
     "xz-utils",
     "musl-tools",
+    "protobuf-compiler",
+    "etcd-server",
     // kcontrol's kubelet runs pod containers with crun, from a rootfs made of
     // busybox-static (see `ensure_busybox_rootfs`).
     "crun",

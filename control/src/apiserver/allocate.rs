@@ -6,15 +6,32 @@
 //! claimed by writes in flight. A write claims its addresses under a short
 //! lock ([`Allocator::claim`]), commits without holding it (so Service
 //! writes group-commit like any other), and then settles its claim: kept as
-//! stored on commit, released on failure. One apiserver owns a data dir, so
-//! this is race-free, and nothing can leak after a crash (the state is
-//! rebuilt from the stored Services at start).
+//! stored on commit, released on failure. Nothing can leak after a crash
+//! (the state is rebuilt from the stored Services at start).
+//!
+//! That is the whole story on the embedded store, which one apiserver owns.
+//! Several apiservers sharing one etcd ([`Allocator::shared_store`]) also
+//! need each address *claimed in the store*: a claim is a key per address
+//! (`/registry/kcontrol/allocations/clusterips/IP`, `…/nodeports/PORT`)
+//! made with the store's create, which only one writer can win, after the
+//! in-memory claim and before the Service that holds the address is written
+//! (as upstream's IPAddress objects); again no lock is held while it is
+//! written. A claim names its Service (key and uid); it is released when
+//! that Service lets the address go, and a claim whose Service does not
+//! hold the address (a crash between claim and write) is taken over once it
+//! is older than [`CLAIM_GRACE_SECS`]. The memory of such an apiserver is
+//! a cache in front of the claims: an address found claimed elsewhere, or a
+//! range that looks full, makes it re-read the stored Services and claims
+//! ([`Allocator::resynced`]) and try again. Services stored before claims
+//! existed (or migrated) hold their addresses through the stored-Services
+//! part.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
+use kcontrol_store::{KeyValue, Revision, Store, StoreError};
 use serde_json::{Value, json};
 
 use super::status::FieldError;
@@ -34,6 +51,10 @@ pub struct Allocator {
     size: u64,
     node_ports: (i32, i32),
     claims: Arc<Mutex<Claims>>,
+    /// Notified whenever a ticket is settled or dropped.
+    settled_signal: Arc<tokio::sync::Notify>,
+    /// The store is shared with other apiservers: claim addresses in it too.
+    shared: bool,
 }
 
 /// The addresses one Service holds.
@@ -96,6 +117,11 @@ struct Claims {
     pending: HashMap<u64, (String, Addrs)>,
     ips: HashMap<String, u32>,
     ports: HashMap<i32, u32>,
+    /// Shared store only: addresses claimed in the store for which no
+    /// stored Service known here holds the address (writes in flight on
+    /// another apiserver). Taken; replaced by each resync.
+    foreign_ips: HashSet<String>,
+    foreign_ports: HashSet<i32>,
     next_ticket: u64,
 }
 
@@ -172,10 +198,16 @@ struct ClaimsExcept<'a> {
 
 impl Taken for ClaimsExcept<'_> {
     fn ip(&self, ip: &str) -> bool {
+        if self.claims.foreign_ips.contains(ip) {
+            return true;
+        }
         let own = self.own.ips.iter().filter(|i| *i == ip).count() as u32;
         self.claims.ips.get(ip).copied().unwrap_or(0) > own
     }
     fn port(&self, port: i32) -> bool {
+        if self.claims.foreign_ports.contains(&port) {
+            return true;
+        }
         let own = self.own.ports.iter().filter(|p| **p == port).count() as u32;
         self.claims.ports.get(&port).copied().unwrap_or(0) > own
     }
@@ -218,6 +250,7 @@ impl Taken for Used {
 /// write was not attempted), its addresses are released.
 pub struct Ticket {
     claims: Arc<Mutex<Claims>>,
+    settled_signal: Arc<tokio::sync::Notify>,
     id: u64,
     key: String,
     settled: bool,
@@ -246,6 +279,7 @@ impl Drop for Ticket {
                 c.remove(&addrs);
             }
         }
+        self.settled_signal.notify_waiters();
     }
 }
 
@@ -285,10 +319,24 @@ impl Allocator {
             size,
             node_ports: (lo, hi),
             claims: Arc::default(),
+            settled_signal: Arc::default(),
+            shared: false,
         })
     }
 
+    /// Whether other apiservers share the store (etcd): addresses are then
+    /// claimed in the store as well (see the module doc).
+    pub fn shared_store(mut self, shared: bool) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    pub fn shared(&self) -> bool {
+        self.shared
+    }
+
     /// The stored Services (key, revision, object), at start.
+    #[cfg(test)]
     pub fn load(&self, services: impl IntoIterator<Item = (String, i64, Value)>) {
         let mut c = self.claims.lock().expect("claims lock");
         for (key, rev, svc) in services {
@@ -318,10 +366,97 @@ impl Allocator {
         c.pending.insert(id, (key.to_string(), addrs));
         Ok(Ticket {
             claims: self.claims.clone(),
+            settled_signal: self.settled_signal.clone(),
             id,
             key: key.to_string(),
             settled: false,
         })
+    }
+
+    /// What the store held at revision `at`: every stored Service (key,
+    /// revision, object) and every address claim key. Services known here
+    /// but not listed were deleted (through another apiserver); claims no
+    /// listed Service holds are taken (in flight elsewhere) unless older
+    /// than [`CLAIM_GRACE_SECS`] (stale: [`claim`] takes them over).
+    pub fn resynced(&self, at: Revision, services: Vec<(String, i64, Value)>, claims: &[KeyValue]) {
+        let holds: HashMap<&str, (&str, BTreeSet<String>)> = services
+            .iter()
+            .map(|(k, _, v)| (k.as_str(), (uid_of(v), claim_keys(v))))
+            .collect();
+        let now = unix_now();
+        let mut foreign_ips = HashSet::new();
+        let mut foreign_ports = HashSet::new();
+        for kv in claims {
+            let claim: Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+            let owner = claim["owner"].as_str().unwrap_or_default();
+            let uid = claim["uid"].as_str().unwrap_or_default();
+            let held = holds
+                .get(owner)
+                .is_some_and(|(u, keys)| *u == uid && keys.contains(&kv.key));
+            let age = now.saturating_sub(claim["claimedAt"].as_u64().unwrap_or(0));
+            if held || age >= CLAIM_GRACE_SECS {
+                continue;
+            }
+            match claim_target(&kv.key) {
+                Some(ClaimTarget::Ip(ip)) => {
+                    foreign_ips.insert(ip.to_string());
+                }
+                Some(ClaimTarget::Port(p)) => {
+                    foreign_ports.insert(p);
+                }
+                None => {}
+            }
+        }
+        let mut c = self.claims.lock().expect("claims lock");
+        let gone: Vec<String> = c
+            .stored
+            .iter()
+            .filter(|(k, (rev, a))| {
+                *rev < at && *a != Addrs::default() && !holds.contains_key(k.as_str())
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            c.record(&k, at, Addrs::default());
+        }
+        for (key, rev, svc) in services {
+            c.record(&key, rev, Addrs::of(&svc));
+        }
+        c.foreign_ips = foreign_ips;
+        c.foreign_ports = foreign_ports;
+    }
+
+    /// Waits (at most `within`) until a write in flight here for a key
+    /// other than `key` settles: what it holds may come free (a write that
+    /// loses its store claim lets its in-memory one go). False at once if
+    /// there is none, or when the time is up.
+    pub async fn settled_elsewhere(&self, key: &str, within: std::time::Duration) -> bool {
+        let signal = self.settled_signal.notified();
+        tokio::pin!(signal);
+        signal.as_mut().enable();
+        let others = self
+            .claims
+            .lock()
+            .expect("claims lock")
+            .pending
+            .values()
+            .any(|(k, _)| k != key);
+        others && tokio::time::timeout(within, signal).await.is_ok()
+    }
+
+    /// The store claim `claim_key` belongs to someone else: taken until the
+    /// next resync.
+    pub fn claimed_elsewhere(&self, claim_key: &str) {
+        let mut c = self.claims.lock().expect("claims lock");
+        match claim_target(claim_key) {
+            Some(ClaimTarget::Ip(ip)) => {
+                c.foreign_ips.insert(ip.to_string());
+            }
+            Some(ClaimTarget::Port(p)) => {
+                c.foreign_ports.insert(p);
+            }
+            None => {}
+        }
     }
 
     /// The Service at `key` was deleted at `rev`: its addresses are free.
@@ -510,6 +645,167 @@ impl Allocator {
     }
 }
 
+/// Where address claims live (outside every resource's prefix).
+pub const CLAIM_PREFIX: &str = "/registry/kcontrol/allocations/";
+/// A claim whose Service does not hold its address is stale after this.
+pub const CLAIM_GRACE_SECS: u64 = 60;
+
+/// The claim keys of the addresses a Service holds: its cluster IPs and
+/// node ports.
+pub fn claim_keys(svc: &Value) -> BTreeSet<String> {
+    let a = Addrs::of(svc);
+    let ips = a
+        .ips
+        .iter()
+        .map(|ip| format!("{CLAIM_PREFIX}clusterips/{ip}"));
+    let ports = a
+        .ports
+        .iter()
+        .map(|p| format!("{CLAIM_PREFIX}nodeports/{p}"));
+    ips.chain(ports).collect()
+}
+
+enum ClaimTarget<'a> {
+    Ip(&'a str),
+    Port(i32),
+}
+
+/// The address a claim key is for.
+fn claim_target(claim_key: &str) -> Option<ClaimTarget<'_>> {
+    let rest = claim_key.strip_prefix(CLAIM_PREFIX)?;
+    match rest.split_once('/')? {
+        ("clusterips", ip) => Some(ClaimTarget::Ip(ip)),
+        ("nodeports", p) => p.parse().ok().map(ClaimTarget::Port),
+        _ => None,
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn claim_value(owner: &str, uid: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({ "owner": owner, "uid": uid, "claimedAt": unix_now() }))
+        .expect("json")
+}
+
+fn uid_of(v: &Value) -> &str {
+    v.pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+pub enum ClaimError {
+    /// Another Service holds (or is about to hold) the address of this key.
+    Taken(String),
+    Store(StoreError),
+}
+
+/// Claims one key for `owner`/`uid`: true if it is now ours.
+async fn claim_one(
+    store: &dyn Store,
+    key: &str,
+    owner: &str,
+    uid: &str,
+) -> Result<bool, StoreError> {
+    for _ in 0..3 {
+        match store.create(key, claim_value(owner, uid)).await {
+            Ok(_) => return Ok(true),
+            Err(StoreError::AlreadyExists(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let Some(kv) = store.get(key).await? else {
+            continue; // released meanwhile: try again
+        };
+        let claim: Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+        let c_owner = claim["owner"].as_str().unwrap_or_default();
+        let c_uid = claim["uid"].as_str().unwrap_or_default();
+        if c_owner == owner && c_uid == uid {
+            return Ok(true);
+        }
+        // Does the claiming Service hold the address?
+        let held = match store.get(c_owner).await? {
+            Some(svc) => serde_json::from_slice::<Value>(&svc.value)
+                .map(|s| uid_of(&s) == c_uid && claim_keys(&s).contains(key))
+                .unwrap_or(false),
+            None => false,
+        };
+        let age = unix_now().saturating_sub(claim["claimedAt"].as_u64().unwrap_or(0));
+        if held || age < CLAIM_GRACE_SECS {
+            return Ok(false);
+        }
+        // Stale: take it over, unless it changed meanwhile.
+        match store.delete(key, Some(kv.mod_revision)).await {
+            Ok(_) | Err(StoreError::NotFound(_)) | Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
+}
+
+/// Claims every key for the Service `owner` (its key) with `uid`; on
+/// failure releases what it claimed.
+pub async fn claim(
+    store: &dyn Store,
+    keys: &BTreeSet<String>,
+    owner: &str,
+    uid: &str,
+) -> Result<Vec<String>, ClaimError> {
+    let mut claimed = Vec::new();
+    for k in keys {
+        match claim_one(store, k, owner, uid).await {
+            Ok(true) => claimed.push(k.clone()),
+            Ok(false) => {
+                release(store, &claimed, owner, uid).await;
+                return Err(ClaimError::Taken(k.clone()));
+            }
+            Err(e) => {
+                release(store, &claimed, owner, uid).await;
+                return Err(ClaimError::Store(e));
+            }
+        }
+    }
+    Ok(claimed)
+}
+
+/// Releases the claims among `keys` that belong to `owner`/`uid`. Errors
+/// are only logged: a claim left behind goes stale and is taken over.
+pub async fn release<'a>(
+    store: &dyn Store,
+    keys: impl IntoIterator<Item = &'a String>,
+    owner: &str,
+    uid: &str,
+) {
+    for key in keys {
+        let kv = match store.get(key).await {
+            Ok(Some(kv)) => kv,
+            Ok(None) => continue,
+            Err(e) => {
+                eprintln!("kcontrol: releasing {key}: {e}");
+                continue;
+            }
+        };
+        let claim: Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+        if claim["owner"].as_str() != Some(owner) || claim["uid"].as_str() != Some(uid) {
+            continue;
+        }
+        match store.delete(key, Some(kv.mod_revision)).await {
+            Ok(_) | Err(StoreError::NotFound(_)) | Err(StoreError::Conflict { .. }) => {}
+            Err(e) => eprintln!("kcontrol: releasing {key}: {e}"),
+        }
+    }
+}
+
+/// After a Service went from `old` to `new` (`None`: deleted): releases the
+/// claims of the addresses it no longer holds.
+pub async fn release_dropped(store: &dyn Store, owner: &str, old: &Value, new: Option<&Value>) {
+    let keep = new.map(claim_keys).unwrap_or_default();
+    let gone: Vec<String> = claim_keys(old).difference(&keep).cloned().collect();
+    release(store, &gone, owner, uid_of(old)).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -624,5 +920,61 @@ mod claim_tests {
             assert!(ip != "10.96.0.10" && ip != "10.96.0.12", "{ip}");
             t.settle(Some(100 + i));
         }
+    }
+
+    fn claim_kv(addr: &str, owner: &str, uid: &str, claimed_at: u64) -> KeyValue {
+        KeyValue {
+            key: format!("{CLAIM_PREFIX}{addr}"),
+            value: serde_json::to_vec(
+                &json!({"owner": owner, "uid": uid, "claimedAt": claimed_at}),
+            )
+            .unwrap(),
+            create_revision: 1,
+            mod_revision: 1,
+        }
+    }
+
+    #[test]
+    fn resync_learns_what_other_apiservers_did() {
+        let a = Allocator::new("10.96.0.0/24", "30000-30001")
+            .unwrap()
+            .shared_store(true);
+        let mut s = svc(Some("10.96.0.10"));
+        a.claim("/s/a", &mut s, None).unwrap().settle(Some(3));
+        let mut held = svc(Some("10.96.0.11"));
+        held["metadata"] = json!({"uid": "u-b"});
+        // At revision 10: /s/a was deleted elsewhere, /s/b holds .11 with
+        // its claim, .12 is claimed by a write in flight elsewhere, .13 by
+        // a stale claim.
+        let now = unix_now();
+        a.resynced(
+            10,
+            vec![("/s/b".into(), 9, held)],
+            &[
+                claim_kv("clusterips/10.96.0.11", "/s/b", "u-b", now),
+                claim_kv("clusterips/10.96.0.12", "/s/c", "u-c", now),
+                claim_kv(
+                    "clusterips/10.96.0.13",
+                    "/s/d",
+                    "u-d",
+                    now - CLAIM_GRACE_SECS - 1,
+                ),
+            ],
+        );
+        for (ip, free) in [
+            ("10.96.0.10", true),
+            ("10.96.0.11", false),
+            ("10.96.0.12", false),
+            ("10.96.0.13", true),
+        ] {
+            let mut s = svc(Some(ip));
+            assert_eq!(a.claim("/s/new", &mut s, None).is_ok(), free, "{ip}");
+        }
+        // A claim found in the store by a write counts until the next resync.
+        a.claimed_elsewhere(&format!("{CLAIM_PREFIX}clusterips/10.96.0.14"));
+        let mut s = svc(Some("10.96.0.14"));
+        assert!(a.claim("/s/new", &mut s, None).is_err());
+        a.resynced(11, vec![], &[]);
+        assert!(a.claim("/s/new", &mut s, None).is_ok());
     }
 }

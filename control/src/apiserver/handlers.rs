@@ -16,7 +16,7 @@ use http::{HeaderMap, Method, Response, header};
 use kcontrol_store::{KeyValue, Revision, Store, StoreError};
 use serde_json::{Map, Value, json};
 
-use super::allocate::Allocator;
+use super::allocate::{self, Allocator, ClaimError};
 use super::http::{Body, Output, Query, decode_body, encode};
 use super::patch;
 use super::resources::{RESOURCES, ResourceType, lookup};
@@ -142,6 +142,10 @@ async fn settle(
 
 fn internal(e: StoreError) -> ApiError {
     ApiError::internal(format!("storage: {e}"))
+}
+
+fn uid_of(v: &Value) -> &str {
+    meta_str(v, "uid").unwrap_or_default()
 }
 
 fn meta_str<'a>(v: &'a Value, field: &str) -> Option<&'a str> {
@@ -462,30 +466,136 @@ impl State {
         Ok(())
     }
 
-    /// Tells the allocator which addresses the stored Services hold
-    /// (once, at start, before anything is served).
+    /// Tells the allocator which addresses the stored Services hold — and,
+    /// on a shared store, which are claimed — as of one revision (at start,
+    /// before anything is served; on a shared store again whenever an
+    /// allocation finds its picture out of date).
     pub async fn load_service_addresses(&self) -> anyhow::Result<()> {
         let svc = lookup("", "v1", "services").expect("services");
+        let services = self.list_all(&svc.prefix(None), None).await?;
+        let at = services.0;
+        let mut items = Vec::with_capacity(services.1.len());
+        for kv in services.1 {
+            let obj: Value = serde_json::from_slice(&kv.value)
+                .with_context(|| format!("stored Service {} is not JSON", kv.key))?;
+            items.push((kv.key, kv.mod_revision, obj));
+        }
+        let claims = if self.alloc.shared() {
+            self.list_all(allocate::CLAIM_PREFIX, Some(at)).await?.1
+        } else {
+            Vec::new()
+        };
+        self.alloc.resynced(at, items, &claims);
+        Ok(())
+    }
+
+    /// Every key under `prefix` at revision `at` (latest if `None`), and
+    /// the revision read at.
+    async fn list_all(
+        &self,
+        prefix: &str,
+        mut at: Option<Revision>,
+    ) -> Result<(Revision, Vec<KeyValue>), StoreError> {
         let mut after: Option<String> = None;
-        let mut at = None;
+        let mut out = Vec::new();
         loop {
             let page = self
                 .store
-                .list(&svc.prefix(None), at, after.as_deref(), Some(1000))
+                .list(prefix, at, after.as_deref(), Some(1000))
                 .await?;
             at = Some(page.revision);
-            let mut items = Vec::new();
-            for kv in &page.items {
-                after = Some(kv.key.clone());
-                let obj: Value = serde_json::from_slice(&kv.value)
-                    .with_context(|| format!("stored Service {} is not JSON", kv.key))?;
-                items.push((kv.key.clone(), kv.mod_revision, obj));
-            }
-            self.alloc.load(items);
+            after = page.items.last().map(|kv| kv.key.clone()).or(after);
+            out.extend(page.items);
             if !page.more {
-                return Ok(());
+                return Ok((page.revision, out));
             }
         }
+    }
+
+    /// Fills in a Service's addresses (see [`Allocator::assign`]) and claims
+    /// them in memory until the returned ticket is settled. On a shared
+    /// store a real write also claims, in the store, the addresses `old`
+    /// did not hold, so that no other apiserver hands them out; those
+    /// claims are returned (to release if the write fails). An address
+    /// claimed in the store by someone else, or a range that looks full,
+    /// makes the allocator re-read the store and try again (a range still
+    /// full with a fresh picture waits for writes in flight here first):
+    /// auto-picked addresses are picked again, requested ones taken are
+    /// refused.
+    async fn allocate_service(
+        &self,
+        rt: &ResourceType,
+        name: &str,
+        key: &str,
+        out: &mut Value,
+        old: Option<&Value>,
+        dry_run: bool,
+    ) -> ApiResult<(allocate::Ticket, Vec<String>)> {
+        let held = old.map(allocate::claim_keys).unwrap_or_default();
+        let shared = self.alloc.shared();
+        // The picture in memory was just re-read and nothing learned since.
+        let mut fresh = false;
+        for _ in 0..16 {
+            let mut candidate = out.clone();
+            let ticket = match self.alloc.claim(key, &mut candidate, old) {
+                Ok(t) => t,
+                Err(errs) if shared => {
+                    // Taken or full even so: only writes in flight here can
+                    // still free something.
+                    if fresh
+                        && !self
+                            .alloc
+                            .settled_elsewhere(key, Duration::from_secs(5))
+                            .await
+                    {
+                        return Err(ApiError::invalid(rt.group, rt.kind, name, &errs));
+                    }
+                    self.resync_service_addresses().await?;
+                    fresh = true;
+                    continue;
+                }
+                Err(errs) => return Err(ApiError::invalid(rt.group, rt.kind, name, &errs)),
+            };
+            if !shared || dry_run {
+                *out = candidate;
+                return Ok((ticket, Vec::new()));
+            }
+            let wanted = allocate::claim_keys(&candidate)
+                .difference(&held)
+                .cloned()
+                .collect();
+            match allocate::claim(&*self.store, &wanted, key, uid_of(&candidate)).await {
+                Ok(claimed) => {
+                    *out = candidate;
+                    return Ok((ticket, claimed));
+                }
+                Err(ClaimError::Taken(k)) => {
+                    drop(ticket);
+                    self.resync_service_addresses().await?;
+                    self.alloc.claimed_elsewhere(&k);
+                    fresh = false;
+                }
+                Err(ClaimError::Store(e)) => return Err(internal(e)),
+            }
+        }
+        Err(ApiError::internal(
+            "could not claim free Service addresses after 16 tries",
+        ))
+    }
+
+    /// The Service `svc` at `key` was deleted at `rev`: its addresses are
+    /// free, here and (shared store) for the other apiservers.
+    async fn service_deleted(&self, key: &str, rev: Revision, svc: &Value) {
+        self.alloc.deleted(key, rev);
+        if self.alloc.shared() {
+            allocate::release_dropped(&*self.store, key, svc, None).await;
+        }
+    }
+
+    async fn resync_service_addresses(&self) -> ApiResult<()> {
+        self.load_service_addresses()
+            .await
+            .map_err(|e| ApiError::internal(format!("reading Service addresses: {e:#}")))
     }
 
     /// List with selectors, limit/continue and resourceVersion semantics.
@@ -651,12 +761,13 @@ impl State {
             let mut out = norm.object;
             let name = meta_str(&out, "name").unwrap_or_default().to_string();
             let key = rt.key(ns, &name);
+            let mut claimed = Vec::new();
             let ticket = if rt.kind == "Service" {
-                Some(
-                    self.alloc
-                        .claim(&key, &mut out, None)
-                        .map_err(|errs| ApiError::invalid(rt.group, rt.kind, &name, &errs))?,
-                )
+                let (ticket, c) = self
+                    .allocate_service(rt, &name, &key, &mut out, None, dry_run)
+                    .await?;
+                claimed = c;
+                Some(ticket)
             } else {
                 None
             };
@@ -665,7 +776,11 @@ impl State {
             }
             let store = self.store.clone();
             let (k, bytes) = (key.clone(), to_bytes(&out));
-            match settle(ticket, async move { store.create(&k, bytes).await }).await? {
+            let result = settle(ticket, async move { store.create(&k, bytes).await }).await?;
+            if result.is_err() && !claimed.is_empty() {
+                allocate::release(&*self.store, &claimed, &key, uid_of(&out)).await;
+            }
+            match result {
                 Ok(rev) => {
                     set_rv(&mut out, rev);
                     return Ok((out, warnings(&norm.unknown_fields)));
@@ -772,19 +887,56 @@ impl State {
         let warns = warnings(&norm.unknown_fields);
         let mut out = norm.object;
         let key = rt.key(ns, name);
+        let mut claimed = Vec::new();
         let ticket = if rt.kind == "Service" && mode == Mode::Main {
-            Some(
-                self.alloc
-                    .claim(&key, &mut out, Some(&old))
-                    .map_err(|errs| ApiError::invalid(rt.group, rt.kind, name, &errs))?,
-            )
+            let (ticket, c) = self
+                .allocate_service(rt, name, &key, &mut out, Some(&old), dry_run)
+                .await?;
+            claimed = c;
+            Some(ticket)
         } else {
             None
         };
+        let result = self
+            .write_update(rt, name, &key, &kv, &old, out, warns, dry_run, ticket)
+            .await;
+        // A write that failed or did not happen leaves the new claims unused.
+        let release_new = match &result {
+            Ok((stored, _)) => claimed
+                .iter()
+                .any(|k| !allocate::claim_keys(stored).contains(k)),
+            Err(_) => true,
+        };
+        if release_new && !claimed.is_empty() {
+            let keep = result
+                .as_ref()
+                .map(|(stored, _)| allocate::claim_keys(stored))
+                .unwrap_or_default();
+            let unused: Vec<String> = claimed.into_iter().filter(|k| !keep.contains(k)).collect();
+            allocate::release(&*self.store, &unused, &key, uid_of(&old)).await;
+        }
+        result
+    }
+
+    /// The store write of [`State::update_from`]: an update, or the delete
+    /// of an object whose last finalizer went.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_update(
+        &self,
+        rt: &ResourceType,
+        name: &str,
+        key: &str,
+        kv: &KeyValue,
+        old: &Value,
+        mut out: Value,
+        warns: Vec<String>,
+        dry_run: bool,
+        ticket: Option<allocate::Ticket>,
+    ) -> ApiResult<(Value, Vec<String>)> {
         // A write that changes nothing is not a write (no new revision, no
         // watch event), as upstream.
-        if without_rv(&out) == without_rv(&old) {
-            return Ok((old, warns));
+        if without_rv(&out) == without_rv(old) {
+            return Ok((old.clone(), warns));
         }
         set_rv(&mut out, kv.mod_revision);
         if dry_run {
@@ -801,10 +953,10 @@ impl State {
                 .and_then(Value::as_array)
                 .is_none_or(Vec::is_empty);
         if finalized {
-            return match self.store.delete(&key, Some(kv.mod_revision)).await {
+            return match self.store.delete(key, Some(kv.mod_revision)).await {
                 Ok((rev, _)) => {
                     if rt.kind == "Service" {
-                        self.alloc.deleted(&key, rev);
+                        self.service_deleted(key, rev, old).await;
                     }
                     set_rv(&mut out, rev);
                     Ok((out, warns))
@@ -817,7 +969,7 @@ impl State {
             };
         }
         let store = self.store.clone();
-        let (k, bytes, expected) = (key.clone(), to_bytes(&out), kv.mod_revision);
+        let (k, bytes, expected) = (key.to_string(), to_bytes(&out), kv.mod_revision);
         match settle(
             ticket,
             async move { store.update(&k, bytes, expected).await },
@@ -825,6 +977,9 @@ impl State {
         .await?
         {
             Ok(rev) => {
+                if rt.kind == "Service" && self.alloc.shared() {
+                    allocate::release_dropped(&*self.store, key, old, Some(&out)).await;
+                }
                 set_rv(&mut out, rev);
                 Ok((out, warns))
             }
@@ -1096,7 +1251,7 @@ impl State {
         match self.store.delete(&key, Some(kv.mod_revision)).await {
             Ok((rev, _)) => {
                 if rt.kind == "Service" {
-                    self.alloc.deleted(&key, rev);
+                    self.service_deleted(&key, rev, &obj).await;
                 }
                 Ok(obj)
             }
@@ -1118,7 +1273,10 @@ impl State {
                     .map_err(internal)?;
                 for kv in &page.items {
                     match self.store.delete(&kv.key, None).await {
-                        Ok((rev, _)) if rt.kind == "Service" => self.alloc.deleted(&kv.key, rev),
+                        Ok((rev, last)) if rt.kind == "Service" => {
+                            let svc = from_kv(&last).unwrap_or_default();
+                            self.service_deleted(&kv.key, rev, &svc).await;
+                        }
                         Ok(_) | Err(StoreError::NotFound(_)) => {}
                         Err(e) => return Err(internal(e)),
                     }

@@ -42,7 +42,12 @@ use self::http::{Body, Output, Query};
 use self::status::ApiError;
 
 pub struct Config {
+    /// Certificates, token and kubeconfig; the embedded store too unless
+    /// `store` names another.
     pub data_dir: PathBuf,
+    /// `etcd://HOST:PORT[,HOST:PORT…]`, or `None` for the embedded store in
+    /// the data dir.
+    pub store: Option<String>,
     pub listen: SocketAddr,
     pub service_cidr: String,
     pub node_port_range: String,
@@ -51,19 +56,40 @@ pub struct Config {
     pub bookmark_interval: Duration,
 }
 
-/// Opens the store in the data dir.
-fn open_store(dir: &std::path::Path) -> Result<Arc<dyn Store>> {
-    let path = dir.join("store.db");
-    let store = kcontrol_store::SqliteStore::open(&path)
-        .with_context(|| format!("opening the store {}", path.display()))?;
-    Ok(Arc::new(store))
+/// Opens the store: etcd when `url` names it, else the embedded store in
+/// the data dir.
+pub async fn open_store(dir: &std::path::Path, url: Option<&str>) -> Result<Arc<dyn Store>> {
+    match url {
+        None | Some("") => {
+            let path = dir.join("store.db");
+            let store = kcontrol_store::SqliteStore::open(&path)
+                .with_context(|| format!("opening the store {}", path.display()))?;
+            Ok(Arc::new(store))
+        }
+        Some(url) if url.starts_with("etcd://") => {
+            let store =
+                kcontrol_store::EtcdStore::connect_url(url, kcontrol_store::EtcdOptions::default())
+                    .await
+                    .with_context(|| format!("--store {url}"))?;
+            Ok(Arc::new(store))
+        }
+        Some(other) => anyhow::bail!(
+            "--store {other:?}: expected etcd://HOST:PORT[,HOST:PORT…] (leave it out for the embedded store in --data-dir)"
+        ),
+    }
 }
 
 pub async fn run(cfg: Config) -> Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-    let alloc = allocate::Allocator::new(&cfg.service_cidr, &cfg.node_port_range)?;
-    let store = open_store(&cfg.data_dir)?;
+    // etcd may be shared with other apiservers; the embedded store is ours.
+    let shared = cfg
+        .store
+        .as_deref()
+        .is_some_and(|u| u.starts_with("etcd://"));
+    let alloc =
+        allocate::Allocator::new(&cfg.service_cidr, &cfg.node_port_range)?.shared_store(shared);
+    let store = open_store(&cfg.data_dir, cfg.store.as_deref()).await?;
     let token = auth::ensure_token(&cfg.data_dir)?;
     let pki = tls::ensure(&cfg.data_dir, cfg.listen.ip())?;
 
@@ -149,7 +175,8 @@ async fn shutdown_signal() {
 
 /// Compacts history older than one interval, every interval (like the
 /// real apiserver's etcd compaction), so watches from very old
-/// resourceVersions get 410 and relist.
+/// resourceVersions get 410 and relist. On etcd every apiserver does it;
+/// compacting at a revision already compacted is a no-op.
 async fn compactor(store: Arc<dyn Store>, every: Duration) {
     let mut previous = None;
     let mut ticker = tokio::time::interval(every);

@@ -8,7 +8,8 @@
 //! Layout: [`logstructured`] is the revision log (kine's design: one row per
 //! write, compare-and-swap on the previous revision, watch = tail of the
 //! log) over a [`driver::Log`]; [`sqlite`] is the embedded driver
-//! ([`SqliteStore`]); [`conformance`] is the suite; [`mod@bench`] measures a
+//! ([`SqliteStore`]); [`etcd`] maps the trait onto an etcd cluster
+//! ([`EtcdStore`]); [`conformance`] is the suite; [`mod@bench`] measures a
 //! store.
 
 use async_trait::async_trait;
@@ -16,9 +17,13 @@ use async_trait::async_trait;
 pub mod bench;
 pub mod conformance;
 pub mod driver;
+pub mod etcd;
+#[cfg(feature = "test-support")]
+pub mod etcd_cluster;
 pub mod logstructured;
 pub mod sqlite;
 
+pub use etcd::{EtcdOptions, EtcdStore};
 pub use logstructured::{Compactor, LogStore, spawn_compactor};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
 
