@@ -13,6 +13,7 @@ macro_rules! say {
 
 mod bench;
 mod build;
+mod etcd;
 mod setup;
 mod test;
 mod up;
