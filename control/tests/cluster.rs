@@ -862,6 +862,8 @@ spec:
             .any(|e| e.reason.as_deref() == Some("NodeNotReady")),
         "no NodeNotReady event"
     );
+    // Evicted = deleted gracefully: with its kubelet gone nobody finishes
+    // the deletion, so the pods stay Terminating, as upstream.
     wait_for("pods of n1 evicted", || {
         let pods = pods.clone();
         async move {
@@ -870,7 +872,9 @@ spec:
                 .await
                 .map_err(|e| e.to_string())?
                 .items
-                .len();
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .count();
             if n == 0 {
                 Ok(())
             } else {

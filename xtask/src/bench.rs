@@ -17,6 +17,7 @@
 use anyhow::{Context, Result, bail};
 
 use crate::build::{self, BPF_OBJ_ENV};
+use crate::etcd;
 use crate::setup;
 use crate::util::{self, Toolchain, run};
 
@@ -40,9 +41,13 @@ fn split(args: &[String]) -> Result<(&'static str, &[String])> {
 
 /// One `--backend LABEL=ARGS` of kcontrol-bench per store named by
 /// `--store` (comma-separated or repeated; default `sqlite`), and the other
-/// arguments. A store that needs a server of its own starts it here and
-/// passes its address in the apiserver arguments.
-fn apiserver_backends(args: &[String]) -> Result<(Vec<String>, Vec<String>)> {
+/// arguments. A store that needs a server of its own is started by
+/// `start_etcd` (called at most once; it returns the `--store` URL) and its
+/// address passed in the apiserver arguments.
+fn apiserver_backends(
+    args: &[String],
+    mut start_etcd: impl FnMut() -> Result<String>,
+) -> Result<(Vec<String>, Vec<String>)> {
     let mut stores = Vec::new();
     let mut rest = Vec::new();
     let mut it = args.iter();
@@ -64,13 +69,9 @@ fn apiserver_backends(args: &[String]) -> Result<(Vec<String>, Vec<String>)> {
         match s.as_str() {
             // The embedded store is kcontrol's default: no extra arguments.
             "sqlite" => backends.push("sqlite".to_owned()),
-            // Hook for the etcd backend: start etcd on a free loopback port
-            // (and stop it afterwards), then run the same measurement with
-            // `etcd=--store etcd://127.0.0.1:PORT`.
-            "etcd" => bail!(
-                "--store etcd: kcontrol has no etcd store backend yet \
-                 (`kcontrol apiserver --store etcd://HOST:PORT`); see xtask/src/bench.rs"
-            ),
+            // One etcd member on a free loopback port (stopped afterwards),
+            // then the same measurement with `--store etcd://127.0.0.1:PORT`.
+            "etcd" => backends.push(format!("etcd=--store {}", start_etcd()?)),
             other => bail!("--store {other:?}: expected sqlite or etcd"),
         }
     }
@@ -78,7 +79,14 @@ fn apiserver_backends(args: &[String]) -> Result<(Vec<String>, Vec<String>)> {
 }
 
 fn run_apiserver_bench(args: &[String], rest: &[String]) -> Result<()> {
-    let (backends, rest) = apiserver_backends(rest)?;
+    let mut etcd = None;
+    let (backends, rest) = apiserver_backends(rest, || {
+        let e = etcd::Etcd::start()?;
+        let url = e.url();
+        println!("xtask: etcd for the benchmark at {url}");
+        etcd = Some(e);
+        Ok(url)
+    })?;
     let root = util::workspace_root();
     let mut build = util::cargo(Toolchain::Active);
     build
@@ -111,7 +119,9 @@ fn run_apiserver_bench(args: &[String], rest: &[String]) -> Result<()> {
         cmd.arg("--backend").arg(b);
     }
     cmd.args(rest);
-    run(&mut cmd)
+    let result = run(&mut cmd);
+    drop(etcd);
+    result
 }
 
 pub fn run_bench(args: &[String]) -> Result<()> {
@@ -182,16 +192,24 @@ mod tests {
 
     #[test]
     fn apiserver_stores_become_backends() {
-        let (b, rest) = super::apiserver_backends(&s(&["--quick"])).unwrap();
+        let no_etcd = || -> anyhow::Result<String> { panic!("etcd not asked for") };
+        let (b, rest) = super::apiserver_backends(&s(&["--quick"]), no_etcd).unwrap();
         assert_eq!((b, rest), (s(&["sqlite"]), s(&["--quick"])));
-        let (b, _) = super::apiserver_backends(&s(&["--store=sqlite"])).unwrap();
+        let (b, _) = super::apiserver_backends(&s(&["--store=sqlite"]), no_etcd).unwrap();
         assert_eq!(b, s(&["sqlite"]));
-        let err = super::apiserver_backends(&s(&["--store", "sqlite,etcd"])).unwrap_err();
-        assert!(
-            err.to_string().contains("no etcd store backend yet"),
-            "{err}"
-        );
-        assert!(super::apiserver_backends(&s(&["--store", "redis"])).is_err());
-        assert!(super::apiserver_backends(&s(&["--store"])).is_err());
+        let mut started = 0;
+        let (b, _) = super::apiserver_backends(&s(&["--store", "sqlite,etcd"]), || {
+            started += 1;
+            Ok("etcd://127.0.0.1:2379".into())
+        })
+        .unwrap();
+        assert_eq!(b, s(&["sqlite", "etcd=--store etcd://127.0.0.1:2379"]));
+        assert_eq!(started, 1);
+        let err =
+            super::apiserver_backends(&s(&["--store", "etcd"]), || anyhow::bail!("no etcd binary"))
+                .unwrap_err();
+        assert!(err.to_string().contains("no etcd binary"), "{err}");
+        assert!(super::apiserver_backends(&s(&["--store", "redis"]), no_etcd).is_err());
+        assert!(super::apiserver_backends(&s(&["--store"]), no_etcd).is_err());
     }
 }

@@ -15,6 +15,7 @@ mod bench;
 mod build;
 mod cluster;
 mod cluster_bench;
+mod etcd;
 mod setup;
 mod test;
 mod up;

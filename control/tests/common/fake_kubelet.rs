@@ -8,7 +8,9 @@
 //!   heartbeat is on (`stop_heartbeat` simulates a dead kubelet: no lease
 //!   renewals, no pod status updates);
 //! - for pods bound to its node: reports phase Running, a pod IP and,
-//!   `ready_delay` after first seeing the pod, Ready=True.
+//!   `ready_delay` after first seeing the pod, Ready=True; a pod being
+//!   deleted gracefully (deletionTimestamp set) is finished off with
+//!   gracePeriodSeconds=0, as the kubelet does once its containers stopped.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
@@ -124,6 +126,14 @@ async fn run(client: Client, name: String, spec: NodeSpec, heartbeat: Arc<Atomic
                 .map(|l| l.items)
                 .unwrap_or_default();
             for p in bound {
+                if p.metadata.deletion_timestamp.is_some() {
+                    let api: Api<Pod> =
+                        Api::namespaced(client.clone(), &p.namespace().unwrap_or_default());
+                    let _ = api
+                        .delete(&p.name_any(), &DeleteParams::default().grace_period(0))
+                        .await;
+                    continue;
+                }
                 let uid = p.metadata.uid.clone().unwrap_or_default();
                 let seen = *first_seen.entry(uid).or_insert_with(Instant::now);
                 let status = p.status.clone().unwrap_or_default();
