@@ -30,16 +30,30 @@ pub struct Apiserver {
     ns: String,
     pub data_dir: PathBuf,
     pub listen: String,
+    /// More `kcontrol apiserver` arguments (e.g. `--store etcd://…`), kept
+    /// across restarts.
+    extra_args: Vec<String>,
 }
 
 impl Apiserver {
     pub fn start(node: &Netns, data_dir: &Path, listen: &str) -> Result<Apiserver> {
+        Self::start_with(node, data_dir, listen, &[])
+    }
+
+    /// [`Apiserver::start`] with more arguments for `kcontrol apiserver`.
+    pub fn start_with(
+        node: &Netns,
+        data_dir: &Path,
+        listen: &str,
+        extra_args: &[String],
+    ) -> Result<Apiserver> {
         let mut a = Apiserver {
             child: None,
             lines: None,
             ns: node.name().to_string(),
             data_dir: data_dir.to_path_buf(),
             listen: listen.to_string(),
+            extra_args: extra_args.to_vec(),
         };
         a.spawn()?;
         Ok(a)
@@ -53,6 +67,7 @@ impl Apiserver {
             .args(["apiserver", "--data-dir"])
             .arg(&self.data_dir)
             .args(["--listen", &self.listen])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

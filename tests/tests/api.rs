@@ -1,12 +1,15 @@
 //! kproxy following a Kubernetes API: a real `kcontrol apiserver` in the
 //! node namespace, objects written with real `kubectl`, kproxy started with
-//! `--kubeconfig`. Runs in both datapath modes.
+//! `--kubeconfig`. Runs in both datapath modes, and once more with the
+//! apiserver keeping its objects in a real etcd (one member on the node
+//! namespace's loopback, as the apiserver).
 
 use std::io::ErrorKind;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use kcontrol_store::etcd_cluster::EtcdCluster;
 use kproxy_tests::apiserver::Apiserver;
 use kproxy_tests::fixture::{
     DNS_PORT, HTTP_PORT, IO_TIMEOUT, STOP_TIMEOUT, VIP, assert_spread, backend_index, spread_flows,
@@ -68,12 +71,40 @@ fn reached(f: &Fixture, n: usize) -> Result<Vec<usize>> {
 
 #[test]
 fn services_follow_the_kubernetes_api() -> Result<()> {
+    follow_the_api(Store::Embedded)
+}
+
+/// The same with the apiserver on etcd (`--store etcd://…`): etcd runs in
+/// the node namespace next to the apiserver and outlives the apiserver's
+/// restart in the middle of the test.
+#[test]
+fn services_follow_the_kubernetes_api_on_etcd() -> Result<()> {
+    follow_the_api(Store::Etcd)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Store {
+    Embedded,
+    Etcd,
+}
+
+fn follow_the_api(store: Store) -> Result<()> {
     let f = Fixture::new(3, &[])?;
+    let tag = if store == Store::Etcd { "-etcd" } else { "" };
     let data = DataDir(PathBuf::from(format!(
-        "/tmp/kpt-api-{}",
+        "/tmp/kpt-api{tag}-{}",
         std::process::id()
     )));
-    let mut api = Apiserver::start(&f.topo.node, &data.0, "127.0.0.1:6443")?;
+    // Declared before the apiserver, so dropped after it.
+    let etcd = match store {
+        Store::Embedded => None,
+        Store::Etcd => Some(f.topo.node.try_run(|| EtcdCluster::start(1))?),
+    };
+    let extra: Vec<String> = match &etcd {
+        Some(e) => vec!["--store".into(), e.url()],
+        None => Vec::new(),
+    };
+    let mut api = Apiserver::start_with(&f.topo.node, &data.0, "127.0.0.1:6443", &extra)?;
     let (mut kp, base) = start_kproxy(&f, &api)?;
 
     // Service + EndpointSlice created through the API: balanced within 1 s
