@@ -109,8 +109,16 @@ fn tally(c: &Container, vip: &str, n: usize) -> Result<BTreeMap<String, usize>> 
 }
 
 /// Waits until `n` pods of the Deployment are Running+Ready, the Service
-/// has exactly those as ready endpoints, and kproxy programmed them.
-fn wait_serving(c: &mut Cluster, n: usize, timeout: Duration) -> Result<Vec<String>> {
+/// has exactly those as ready endpoints, kproxy programmed them and — with
+/// a client — the client pod reaches each of them directly (the kubelet's
+/// readiness probe comes from the node, not from another pod; direct
+/// traffic does not touch the round-robin cursors).
+fn wait_serving(
+    c: &mut Cluster,
+    n: usize,
+    timeout: Duration,
+    client: Option<&Container>,
+) -> Result<Vec<String>> {
     let pods = poll_until(
         &format!("{n} ready pods behind Service web"),
         timeout,
@@ -137,6 +145,19 @@ fn wait_serving(c: &mut Cluster, n: usize, timeout: Duration) -> Result<Vec<Stri
             .cloned();
         Ok(last.filter(|l| l.contains(&want)).map(|_| ()))
     })?;
+    if let Some(client) = client {
+        for ip in c.ready_endpoints("web")? {
+            poll_until(
+                &format!("the client pod to reach {ip}:8080"),
+                timeout,
+                || {
+                    let url = format!("http://{ip}:8080/");
+                    client.exec(&["timeout", "3", "wget", "-qO-", &url])?;
+                    Ok(Some(()))
+                },
+            )?;
+        }
+    }
     Ok(pods)
 }
 
@@ -148,7 +169,7 @@ fn deployment_behind_a_service_is_balanced_scaled_updated_and_healed() -> Result
     c.kubectl_in(&["apply", "-f", "-"], Some(&web_yaml(3, "1")))?;
 
     // 3 pods Running and Ready with 3 ready endpoints within 10 s.
-    let pods = wait_serving(&mut c, 3, UP)?;
+    let pods = wait_serving(&mut c, 3, UP, None)?;
     eprintln!("3 pods serving {:?} after apply", applied.elapsed());
     poll_until("the client pod to run", UP, || {
         Ok(c.get_json(&["pod", "client"])?["status"]["phase"]
@@ -157,6 +178,7 @@ fn deployment_behind_a_service_is_balanced_scaled_updated_and_healed() -> Result
     })?;
     let vip = cluster_ip(&c)?;
     let client = c.container("client", "c")?;
+    wait_serving(&mut c, 3, UP, Some(&client))?;
 
     // 9 requests from a client pod: exact round-robin, 3/3/3.
     let t = tally(&client, &vip, 9)?;
@@ -165,14 +187,14 @@ fn deployment_behind_a_service_is_balanced_scaled_updated_and_healed() -> Result
 
     // Scale to 5: the new pods join the rotation.
     c.kubectl(&["scale", "deployment", "web", "--replicas=5"])?;
-    let pods5 = wait_serving(&mut c, 5, CHANGE)?;
+    let pods5 = wait_serving(&mut c, 5, CHANGE, Some(&client))?;
     let t = tally(&client, &vip, 10)?;
     let want: BTreeMap<String, usize> = pods5.iter().map(|p| (p.clone(), 2)).collect();
     assert_eq!(t, want, "10 requests over 5 replicas");
 
     // Scale to 1: the others leave it.
     c.kubectl(&["scale", "deployment", "web", "--replicas=1"])?;
-    let pods1 = wait_serving(&mut c, 1, CHANGE)?;
+    let pods1 = wait_serving(&mut c, 1, CHANGE, Some(&client))?;
     let t = tally(&client, &vip, 3)?;
     assert_eq!(t, BTreeMap::from([(pods1[0].clone(), 3)]), "scaled to 1");
 
@@ -180,7 +202,7 @@ fn deployment_behind_a_service_is_balanced_scaled_updated_and_healed() -> Result
     // request fails (it leaves the rotation before it stops answering) and
     // a replacement joins.
     c.kubectl(&["scale", "deployment", "web", "--replicas=3"])?;
-    let pods3 = wait_serving(&mut c, 3, CHANGE)?;
+    let pods3 = wait_serving(&mut c, 3, CHANGE, Some(&client))?;
     let victim = pods3[0].clone();
     let (answers, failures) = while_asking(&c, &client, &vip, |c| {
         c.kubectl(&["delete", "pod", &victim, "--wait=true"])?;
@@ -204,7 +226,7 @@ fn deployment_behind_a_service_is_balanced_scaled_updated_and_healed() -> Result
         failures.is_empty(),
         "requests failed during the rollout: {failures:?}"
     );
-    let new_pods = wait_serving(&mut c, 3, CHANGE)?;
+    let new_pods = wait_serving(&mut c, 3, CHANGE, Some(&client))?;
     ensure!(
         new_pods.iter().all(|p| !pods3.contains(p)),
         "old pods remain after the rollout: {new_pods:?} vs {pods3:?}"
@@ -327,7 +349,7 @@ fn a_node_whose_heartbeat_stops_turns_not_ready_and_leaves_the_rotation() -> Res
     // monitor's grace period is 3 s instead of 40 s.
     let mut c = Cluster::start_split("3s")?;
     c.kubectl_in(&["apply", "-f", "-"], Some(&web_yaml(2, "1")))?;
-    wait_serving(&mut c, 2, UP)?;
+    wait_serving(&mut c, 2, UP, None)?;
 
     // The kubelet stops: no more Lease renewals (nor probes, nor status).
     c.signal("kubelet", libc::SIGSTOP)?;

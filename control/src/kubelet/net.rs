@@ -370,6 +370,12 @@ pub async fn setup_pod(h: &Handle, bridge: u32, cidr: Cidr, pn: &PodNet) -> Resu
             .set(
                 LinkUnspec::new_with_index(i)
                     .name("eth0".to_string())
+                    // The MAC follows the address (0a:58 + the IPv4 octets,
+                    // as the bridge CNI plugin does): a pod that gets a
+                    // recycled address gets its MAC too, so neighbour
+                    // entries other pods and the node still hold for it
+                    // stay right instead of black-holing traffic.
+                    .address(mac_for(ip).to_vec())
                     .build(),
             )
             .execute()
@@ -392,6 +398,12 @@ pub async fn setup_pod(h: &Handle, bridge: u32, cidr: Cidr, pn: &PodNet) -> Resu
             .with_context(|| format!("adding the default route via {gw}"))?;
         Ok(())
     })
+}
+
+/// Locally administered unicast MAC derived from a pod address.
+pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x0a, 0x58, o[0], o[1], o[2], o[3]]
 }
 
 /// Removes the pod's veth (its peer goes with it) and namespace.
