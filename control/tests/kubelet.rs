@@ -701,8 +701,20 @@ async fn readiness_probe_drives_the_ready_condition() {
     .await;
     assert!(!ready(&p));
     assert_eq!(condition(&p, "ContainersReady").as_deref(), Some("False"));
-    let (code, _) = exec(&node, &p, &["touch", "/tmp/ready"]);
-    assert_eq!(code, 0);
+    // Running is reported as soon as crun started the process; exec may
+    // need a moment longer: poll for it (deadline 10 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (code, _) = exec(&node, &p, &["touch", "/tmp/ready"]);
+        if code == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exec kept failing ({code})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     wait_pod(&api, "rd", "Ready", ready).await;
     let (code, _) = exec(&node, &p, &["rm", "/tmp/ready"]);
     assert_eq!(code, 0);
