@@ -69,6 +69,7 @@ pub fn run_setup() -> Result<()> {
     let mut summary = Summary { rows: Vec::new() };
 
     check_platform(&mut summary)?;
+    check_disk_space(&mut summary);
     let nightly = ensure_nightly(&mut summary)?;
     ensure_active_components(&mut summary)?;
     ensure_musl_target(&mut summary)?;
@@ -85,6 +86,48 @@ pub fn run_setup() -> Result<()> {
         say!("    {item:<width$}  {status}");
     }
     Ok(())
+}
+
+/// A clean `cargo xtask test` writes about 5 GB under target/ (release
+/// builds, every test binary, the eBPF object, the vm-test initramfs). Say
+/// how much room there is, and warn up front when it looks too little: a
+/// full disk otherwise shows up much later as a linker crash (SIGBUS) or
+/// "IO failure on output stream".
+fn check_disk_space(summary: &mut Summary) {
+    const WANT_GIB: u64 = 8;
+    let dir = util::workspace_root();
+    let Some(free) = free_bytes(&dir) else {
+        summary.note(
+            "disk",
+            format!("free space under {} unknown", dir.display()),
+        );
+        return;
+    };
+    let gib = free / (1 << 30);
+    if gib < WANT_GIB {
+        summary.note(
+            "disk",
+            format!(
+                "WARNING: only {gib} GiB free under {} (a clean build and test run needs about {WANT_GIB} GiB): free space or expect \"No space left on device\"",
+                dir.display()
+            ),
+        );
+    } else {
+        summary.note("disk", format!("{gib} GiB free under {}", dir.display()));
+    }
+}
+
+/// Bytes available to an unprivileged writer on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid NUL-terminated string and `st` a valid,
+    // writable statvfs that the call fills in.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Linux, root, and a kernel with the BPF syscall and BTF. Nothing else in

@@ -95,10 +95,19 @@ fn steps(args: &[String], timings: &mut Vec<(&'static str, std::time::Duration)>
     step("clippy", &mut || {
         // KPROXY_BPF_OBJ: proxy-user's build script embeds the object, and
         // the same value as in the build keeps that build script fresh.
+        // --release: the build scripts and proc macros the build step just
+        // compiled are reused instead of compiled a second time for the dev
+        // profile (time and disk).
         run(util::cargo(Toolchain::Active)
             .current_dir(&root)
             .env(BPF_OBJ_ENV, &outputs.bpf_obj)
-            .args(["clippy", "--workspace", "--all-targets", "--target-dir"])
+            .args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--release",
+                "--target-dir",
+            ])
             .arg(util::target_dir())
             .args(["--", "-D", "warnings"]))
     })?;
