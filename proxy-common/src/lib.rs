@@ -52,6 +52,15 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
+/// Source address of hairpin flows: a backend that reaches itself through
+/// its own service (pod → ClusterIP → the same pod). Without a new source
+/// the backend would receive a packet from its own address, which Linux
+/// drops as a martian. Link-local, so it is never routed off the node; the
+/// backend answers it through its default gateway, where the ingress
+/// program translates the reply back. kube-proxy masquerades such flows to
+/// the node's address instead.
+pub const HAIRPIN_SNAT_IP: [u8; 4] = [169, 254, 42, 1];
+
 /// `CtKey::dir` of an entry keyed by the client → frontend tuple.
 pub const CT_DIR_FORWARD: u8 = 0;
 /// `CtKey::dir` of an entry keyed by the backend → client tuple.

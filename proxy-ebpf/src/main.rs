@@ -13,6 +13,14 @@
 //! Map layouts (keys, values, who writes, who reads) are documented in
 //! `proxy-common/src/lib.rs`, next to the types.
 //!
+//! Hairpin: a backend that reaches itself through its own frontend gets the
+//! flow's source rewritten to `HAIRPIN_SNAT_IP` too (else it would receive a
+//! packet from its own address, a martian the kernel drops), and the packet
+//! is sent straight back out of the interface it came in on. Its replies go
+//! to `HAIRPIN_SNAT_IP` through its gateway, so they come back through the
+//! *ingress* program, which restores frontend → client and sends them back
+//! the same way.
+//!
 //! Verdicts: packets that are not ours return `TC_ACT_UNSPEC` (-1, "next"
 //! for tcx, "continue" for cls_bpf) untouched, so other programs on the same
 //! hook still see them. Translated packets return `TC_ACT_OK`; rejects are
@@ -77,6 +85,9 @@ pub fn kproxy_ingress(ctx: TcContext) -> i32 {
     match ip.l4 {
         L4Kind::Other => TC_ACT_UNSPEC,
         L4Kind::LaterFragment => translate_later_fragment(&ctx, &ip),
+        L4Kind::Ports { sport, dport } if ip.daddr == hairpin_addr() => {
+            hairpin_reply(&ctx, &ip, sport, dport)
+        }
         L4Kind::Ports { sport, dport } => {
             let key = SvcKey {
                 addr: ip.daddr,
@@ -170,9 +181,14 @@ fn forward(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16, svc: SvcValue) ->
                 count_global(|c| c.drops += 1);
                 return TC_ACT_SHOT;
             };
+            // A hairpin flow's replies are addressed to the hairpin source.
             let reply = CtKey {
                 saddr: backend.addr,
-                daddr: ip.saddr,
+                daddr: if backend.addr == ip.saddr {
+                    hairpin_addr()
+                } else {
+                    ip.saddr
+                },
                 sport: backend.port,
                 dport: sport,
                 proto: ip.proto,
@@ -231,6 +247,15 @@ fn forward(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16, svc: SvcValue) ->
         count_global(|c| c.drops += 1);
         return TC_ACT_SHOT;
     }
+    let hairpin = backend.addr == ip.saddr;
+    if hairpin
+        && (packet::rewrite(ctx, ip, packet::Side::Source, hairpin_addr(), sport).is_err()
+            || packet::swap_macs(ctx).is_err())
+    {
+        count_service(svc.id, |c| c.drops += 1);
+        count_global(|c| c.drops += 1);
+        return TC_ACT_SHOT;
+    }
     let len = u64::from(ctx.len());
     let flows = u64::from(new_flow);
     count_service(svc.id, |c| {
@@ -243,7 +268,62 @@ fn forward(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16, svc: SvcValue) ->
         c.bytes += len;
         c.new_flows += flows;
     });
+    if hairpin {
+        return back_where_it_came_from(ctx);
+    }
     TC_ACT_OK
+}
+
+/// `HAIRPIN_SNAT_IP` as the IPv4 header holds it.
+#[inline(always)]
+fn hairpin_addr() -> u32 {
+    u32::from_ne_bytes(HAIRPIN_SNAT_IP)
+}
+
+/// Redirects the packet out of the interface it arrived on.
+#[inline(always)]
+fn back_where_it_came_from(ctx: &TcContext) -> i32 {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
+}
+
+/// A backend answering a hairpin flow (backend → `HAIRPIN_SNAT_IP`): the
+/// reply leaves as frontend → backend (the backend is the client), back out
+/// of the interface it came in on. Anything else sent to the hairpin
+/// address is not ours.
+#[inline(always)]
+fn hairpin_reply(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16) -> i32 {
+    let key = CtKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport,
+        dport,
+        proto: ip.proto,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    };
+    let Some(ct) = (unsafe { CONNTRACK.get(key) }) else {
+        return TC_ACT_UNSPEC;
+    };
+    let ct = *ct;
+    if packet::rewrite(ctx, ip, packet::Side::Source, ct.addr, ct.port).is_err()
+        || packet::rewrite(ctx, ip, packet::Side::Destination, ip.saddr, dport).is_err()
+        || packet::swap_macs(ctx).is_err()
+    {
+        count_service(ct.svc_id, |c| c.drops += 1);
+        count_global(|c| c.drops += 1);
+        return TC_ACT_SHOT;
+    }
+    let len = u64::from(ctx.len());
+    count_service(ct.svc_id, |c| {
+        c.packets += 1;
+        c.bytes += len;
+    });
+    count_global(|c| {
+        c.packets += 1;
+        c.bytes += len;
+    });
+    back_where_it_came_from(ctx)
 }
 
 /// Exact round-robin: one atomic cursor per service, shared by all CPUs.
@@ -304,8 +384,7 @@ fn reject(ctx: &TcContext, ip: &Ipv4, svc_id: u32) -> i32 {
                 c.rejects += 1;
             });
             debug!(ctx, "kproxy: rejected packet for service {}", svc_id);
-            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            unsafe { bpf_redirect(ifindex, 0) as i32 }
+            back_where_it_came_from(ctx)
         }
         Err(()) => {
             count_service(svc_id, |c| c.drops += 1);

@@ -190,6 +190,20 @@ pub fn rewrite(ctx: &TcContext, ip: &Ipv4, side: Side, addr: u32, port: u16) -> 
         .map_err(|_| ())
 }
 
+/// Swaps the source and destination MAC addresses, so that the frame can be
+/// sent back out of the interface it came in on, to the host that sent it.
+#[inline(always)]
+pub fn swap_macs(ctx: &TcContext) -> Result<(), ()> {
+    let eth = at(ctx, 0, ETH_HLEN).ok_or(())?;
+    unsafe {
+        let dst: [u8; 6] = get(eth);
+        let src: [u8; 6] = get(eth + 6);
+        put(eth, src);
+        put(eth + 6, dst);
+    }
+    Ok(())
+}
+
 /// Rewrites only the destination address (non-first fragments carry no L4
 /// header; the first fragment's L4 checksum already covers the new address).
 #[inline(always)]

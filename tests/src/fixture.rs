@@ -278,6 +278,19 @@ impl Fixture {
         Ok(ready)
     }
 
+    /// [`Fixture::start_kproxy`], attached to the backends' veths as well, so
+    /// that the backends are clients of the service too (hairpin). In
+    /// iptables mode the rules cover the whole node either way.
+    pub fn start_kproxy_on_backends_too(&mut self) -> Result<String> {
+        let mut ifaces = self.topo.client_ifaces_on_node();
+        ifaces.extend(self.topo.backends().iter().map(|b| b.node_iface.as_str()));
+        let mut kp = Kproxy::start(&self.topo.node, self.manifests.path(), &ifaces, &[])?;
+        let ready = kp.wait_ready()?;
+        self.kproxy = Some(kp);
+        self.ready_line = Some(ready.clone());
+        Ok(ready)
+    }
+
     /// The `kproxy: ready …` line of the last start. Panics if not started.
     pub fn ready_line(&self) -> &str {
         self.ready_line.as_deref().expect("kproxy was not started")

@@ -185,6 +185,12 @@ fn deployment_behind_a_service_is_balanced_scaled_updated_and_healed() -> Result
     let want: BTreeMap<String, usize> = pods.iter().map(|p| (p.clone(), 3)).collect();
     assert_eq!(t, want, "9 requests to {vip} from the client pod");
 
+    // Hairpin: a replica asks its own Service; one of 3 answers is itself.
+    let replica = c.container(&pods[0], "web")?;
+    let t = tally(&replica, &vip, 3)?;
+    let want: BTreeMap<String, usize> = pods.iter().map(|p| (p.clone(), 1)).collect();
+    assert_eq!(t, want, "3 requests from {} to its own Service", pods[0]);
+
     // Scale to 5: the new pods join the rotation.
     c.kubectl(&["scale", "deployment", "web", "--replicas=5"])?;
     let pods5 = wait_serving(&mut c, 5, CHANGE, Some(&client))?;

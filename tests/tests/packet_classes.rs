@@ -17,6 +17,14 @@ const REDIRECT: i32 = 7;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+/// A frontend whose only backend is `CLIENT` itself (hairpin).
+const SELF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+const HAIRPIN: Ipv4Addr = Ipv4Addr::new(
+    proxy_common::HAIRPIN_SNAT_IP[0],
+    proxy_common::HAIRPIN_SNAT_IP[1],
+    proxy_common::HAIRPIN_SNAT_IP[2],
+    proxy_common::HAIRPIN_SNAT_IP[3],
+);
 
 fn backends() -> Vec<Ipv4Addr> {
     (1..=3).map(|i| Ipv4Addr::new(10, 0, 10 + i, 2)).collect()
@@ -32,6 +40,11 @@ fn dataplane() -> Dataplane {
     })
     .expect("load eBPF object (tests must run as root)");
     let mut state = DesiredState::default();
+    let own = |port| {
+        [proxy_user::model::BackendAddr { ip: CLIENT, port }]
+            .into_iter()
+            .collect()
+    };
     let bes = |port| {
         backends()
             .into_iter()
@@ -43,6 +56,8 @@ fn dataplane() -> Dataplane {
         (VIP, 53, Proto::Udp, bes(5353)),
         (EMPTY_VIP, 80, Proto::Tcp, Default::default()),
         (EMPTY_VIP, 53, Proto::Udp, Default::default()),
+        (SELF_VIP, 80, Proto::Tcp, own(8080)),
+        (SELF_VIP, 53, Proto::Udp, own(5353)),
     ] {
         state.services.insert(
             Frontend { ip, port, proto },
@@ -320,4 +335,77 @@ fn service_without_endpoints_gets_icmp_port_unreachable() {
         assert_eq!(&r.packet[14 + 20 + 8..], &input[14..14 + 28]);
     }
     assert_eq!(dp.global_counters().unwrap().rejects, 2);
+}
+
+#[test]
+fn a_backend_reaching_itself_gets_the_hairpin_source_and_its_reply_comes_back() {
+    let dp = dataplane();
+    for (frame, port, bport) in [
+        (Frame::tcp(CLIENT, 48000, SELF_VIP, 80), 80, 8080),
+        (Frame::udp(CLIENT, 48001, SELF_VIP, 53), 53, 5353),
+    ] {
+        let input = frame.build();
+        let r = dp.test_run(INGRESS_PROG, &input, 1).unwrap();
+        assert_eq!(
+            r.verdict, REDIRECT,
+            "sent back out of the ingress interface"
+        );
+        let p = parse(&r.packet).unwrap();
+        assert_eq!(
+            (p.src, p.sport, p.dst, p.dport),
+            (HAIRPIN, frame.sport, CLIENT, bport),
+            "DNAT to the backend (itself) and SNAT to the hairpin address"
+        );
+        assert!(p.ip_csum_ok, "IPv4 checksum");
+        assert_eq!(p.l4_csum_ok, Some(true), "L4 checksum");
+        assert_eq!(&r.packet[0..6], &input[6..12], "MACs swapped");
+        assert_eq!(&r.packet[6..12], &input[0..6], "MACs swapped");
+
+        // The backend answers the hairpin address through its gateway, so
+        // the reply meets the ingress program too.
+        let reply = if frame.proto == 6 {
+            Frame::tcp(CLIENT, bport, HAIRPIN, frame.sport)
+        } else {
+            Frame::udp(CLIENT, bport, HAIRPIN, frame.sport)
+        };
+        let input = reply.build();
+        let r = dp.test_run(INGRESS_PROG, &input, 1).unwrap();
+        assert_eq!(r.verdict, REDIRECT);
+        let p = parse(&r.packet).unwrap();
+        assert_eq!(
+            (p.src, p.sport, p.dst, p.dport),
+            (SELF_VIP, port, CLIENT, frame.sport),
+            "the reply comes from the frontend"
+        );
+        assert!(p.ip_csum_ok, "IPv4 checksum");
+        assert_eq!(p.l4_csum_ok, Some(true), "L4 checksum");
+        assert_eq!(&r.packet[0..6], &input[6..12], "MACs swapped");
+
+        // The same flow again sticks to its conntrack entry.
+        let r = dp.test_run(INGRESS_PROG, &frame.build(), 1).unwrap();
+        assert_eq!(r.verdict, REDIRECT);
+        assert_eq!(parse(&r.packet).unwrap().src, HAIRPIN);
+    }
+    let g = dp.global_counters().unwrap();
+    assert_eq!(g.new_flows, 2, "one flow each for TCP and UDP");
+
+    // Traffic to the hairpin address without a flow is not ours.
+    assert_passes_untouched(
+        &dp,
+        INGRESS_PROG,
+        &Frame::tcp(CLIENT, 8080, HAIRPIN, 1234).build(),
+        "unknown flow to the hairpin address",
+    );
+    // A client that is not the backend is only DNATed, as before.
+    let other = Ipv4Addr::new(10, 0, 2, 2);
+    let r = dp
+        .test_run(
+            INGRESS_PROG,
+            &Frame::tcp(other, 48002, SELF_VIP, 80).build(),
+            1,
+        )
+        .unwrap();
+    assert_eq!(r.verdict, OK);
+    let p = parse(&r.packet).unwrap();
+    assert_eq!((p.src, p.dst, p.dport), (other, CLIENT, 8080));
 }
