@@ -632,6 +632,24 @@ async fn pods_serve_http_reach_each_other_and_see_service_env() {
             node.bridge
         );
     }
+    // The bridge has a fixed MAC derived from its address, not the lowest
+    // of its ports' MACs (which changes as pods come and go and leaves the
+    // pods' neighbour entry for their gateway pointing nowhere).
+    let want = format!("0a:58:0a:fc:{:02x}:01", node.n);
+    let out = std::process::Command::new("ip")
+        .args(["-br", "link", "show", &node.bridge])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&out.stdout);
+    assert!(link.contains(&want), "bridge MAC should be {want}: {link}");
+    let (_, neigh) = exec(&node, &pa, &["ip", "neigh"]);
+    assert!(
+        neigh
+            .lines()
+            .filter(|l| l.starts_with(&format!("10.252.{}.1 ", node.n)))
+            .all(|l| l.contains(&want)),
+        "the pod's gateway entry should be {want}: {neigh}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

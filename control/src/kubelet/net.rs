@@ -163,11 +163,22 @@ pub async fn ensure_bridge(h: &Handle, name: &str, cidr: Cidr) -> Result<u32> {
             .await
             .with_context(|| format!("adding {gw}/{} to {name}", cidr.prefix))?;
     }
+    // A fixed MAC (derived from the gateway address, like the pods'): a
+    // bridge without one takes the lowest MAC of its ports and changes it
+    // when that port goes away, and then every pod's neighbour entry for
+    // its gateway points at a MAC nobody answers to — ClusterIP traffic
+    // (which goes through the gateway) hung for the ~5 s until the entry
+    // was re-probed, whenever a pod was deleted.
     h.link()
-        .set(LinkUnspec::new_with_index(index).up().build())
+        .set(
+            LinkUnspec::new_with_index(index)
+                .address(mac_for(gw).to_vec())
+                .up()
+                .build(),
+        )
         .execute()
         .await
-        .with_context(|| format!("bringing {name} up"))?;
+        .with_context(|| format!("setting the address of {name} and bringing it up"))?;
     fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling ip_forward")?;
     Ok(index)
 }
