@@ -685,10 +685,8 @@ impl Dataplane {
                 .programmed
                 .iter()
                 .map(|(fe, p)| {
-                    let svc = DesiredService {
-                        name: p.name.clone(),
-                        backends: p.slots.iter().copied().collect(),
-                    };
+                    let svc =
+                        DesiredService::new(p.name.clone(), p.slots.iter().copied().collect());
                     (*fe, svc)
                 })
                 .collect(),
@@ -790,6 +788,7 @@ impl Dataplane {
                     frontend,
                     added,
                     removed,
+                    flush,
                 } => {
                     let Some(p) = self.programmed.get_mut(frontend) else {
                         bail!("service {frontend} is not programmed");
@@ -803,9 +802,11 @@ impl Dataplane {
                     for b in removed {
                         if let Some(i) = new.iter().position(|x| x == b) {
                             new.swap_remove(i);
-                            gone_backends.insert((p.id, backend_raw(b)));
                         }
                     }
+                    // Draining backends keep their flows (they are in
+                    // `removed` but not in `flush`).
+                    gone_backends.extend(flush.iter().map(|b| (p.id, backend_raw(b))));
                     new.extend(added.iter().copied());
                     // 1. Slots that change or appear (beyond the old count
                     //    they are invisible until step 2).

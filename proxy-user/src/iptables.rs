@@ -369,6 +369,7 @@ impl Iptables {
                     frontend,
                     added,
                     removed,
+                    flush,
                 } => {
                     let Some(s) = next.get_mut(frontend) else {
                         bail!("service {frontend} is not programmed");
@@ -376,8 +377,10 @@ impl Iptables {
                     let mut set: BTreeSet<BackendAddr> = s.backends.iter().copied().collect();
                     for b in removed {
                         set.remove(b);
-                        stale.push((*frontend, Some(*b)));
                     }
+                    // UDP flows of backends that are gone (not of draining
+                    // ones), as kube-proxy does.
+                    stale.extend(flush.iter().map(|b| (*frontend, Some(*b))));
                     set.extend(added.iter().copied());
                     s.backends = set.into_iter().collect();
                     stats.backends_added += added.len();
@@ -424,10 +427,7 @@ impl Iptables {
                 .map(|(fe, s)| {
                     (
                         *fe,
-                        DesiredService {
-                            name: s.name.clone(),
-                            backends: s.backends.iter().copied().collect(),
-                        },
+                        DesiredService::new(s.name.clone(), s.backends.iter().copied().collect()),
                     )
                 })
                 .collect(),

@@ -71,6 +71,22 @@ pub struct DesiredService {
     pub name: String,
     /// Ready backends. Empty means "reject".
     pub backends: BTreeSet<BackendAddr>,
+    /// Terminating endpoints that are still serving (not ready, `serving`
+    /// and `terminating` true): they get no new flows, but the flows they
+    /// already have keep going to them until they leave the slice — a pod
+    /// finishing its requests during its grace period (kubernetes#85643).
+    pub draining: BTreeSet<BackendAddr>,
+}
+
+impl DesiredService {
+    /// A service with `backends` and nothing draining.
+    pub fn new(name: impl Into<String>, backends: BTreeSet<BackendAddr>) -> DesiredService {
+        DesiredService {
+            name: name.into(),
+            backends,
+            draining: BTreeSet::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -201,6 +217,8 @@ pub struct SliceView {
     pub service: String,
     /// (port name, proto) → backends
     pub ports: BTreeMap<(String, Proto), BTreeSet<BackendAddr>>,
+    /// (port name, proto) → terminating endpoints still serving.
+    pub draining: BTreeMap<(String, Proto), BTreeSet<BackendAddr>>,
 }
 
 pub fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectError> {
@@ -230,6 +248,7 @@ pub fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectErro
         }
     }
     let mut ready = BTreeSet::new();
+    let mut draining = BTreeSet::new();
     for (i, ep) in slice.endpoints.iter().enumerate() {
         if ep.addresses.is_empty() {
             return Err(err(format!("endpoints[{i}].addresses is empty")));
@@ -242,14 +261,23 @@ pub fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectErro
                 ))
             })?);
         }
-        // Kubernetes: a nil `ready` condition means ready.
-        let is_ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+        // Kubernetes: a nil `ready` condition means ready; a nil `serving`
+        // means the same as `ready`; a nil `terminating` means false.
+        let cond = ep.conditions.as_ref();
+        let is_ready = cond.and_then(|c| c.ready).unwrap_or(true);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(is_ready);
+        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        // Kubernetes uses only the first address of an endpoint.
         if is_ready {
-            // Kubernetes uses only the first address of an endpoint.
             ready.insert(ips[0]);
+        } else if serving && terminating {
+            draining.insert(ips[0]);
         }
     }
+    // An address listed both ways (two endpoints) counts as ready.
+    draining.retain(|ip| !ready.contains(ip));
     let mut ports = BTreeMap::new();
+    let mut draining_ports = BTreeMap::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         let Some(port) = p.port else {
             // A port without a number means "all ports"; not applicable to
@@ -262,16 +290,18 @@ pub fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectErro
         else {
             continue;
         };
-        let set: &mut BTreeSet<BackendAddr> = ports
-            .entry((p.name.clone().unwrap_or_default(), proto))
-            .or_default();
+        let key = (p.name.clone().unwrap_or_default(), proto);
+        let set: &mut BTreeSet<BackendAddr> = ports.entry(key.clone()).or_default();
         set.extend(ready.iter().map(|&ip| BackendAddr { ip, port }));
+        let set: &mut BTreeSet<BackendAddr> = draining_ports.entry(key).or_default();
+        set.extend(draining.iter().map(|&ip| BackendAddr { ip, port }));
     }
     Ok(Some(SliceView {
         ns,
         name,
         service,
         ports,
+        draining: draining_ports,
     }))
 }
 
@@ -299,12 +329,26 @@ pub fn frontends<'a>(
                 .flatten()
                 .copied()
                 .collect();
+            let draining: BTreeSet<BackendAddr> = slices
+                .clone()
+                .filter_map(|v| v.draining.get(&key))
+                .flatten()
+                .filter(|b| !backends.contains(b))
+                .copied()
+                .collect();
             let name = if p.name.is_empty() {
                 format!("{}/{}", svc.ns, svc.name)
             } else {
                 format!("{}/{}:{}", svc.ns, svc.name, p.name)
             };
-            (fe, DesiredService { name, backends })
+            (
+                fe,
+                DesiredService {
+                    name,
+                    backends,
+                    draining,
+                },
+            )
         })
         .collect()
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::model::{BackendAddr, DesiredState, Frontend};
+use crate::model::{BackendAddr, DesiredService, DesiredState, Frontend};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -16,8 +16,15 @@ pub enum Change {
     /// A frontend's backend set changes.
     UpdateBackends {
         frontend: Frontend,
+        /// Enter the rotation.
         added: BTreeSet<BackendAddr>,
+        /// Leave the rotation: no new flows.
         removed: BTreeSet<BackendAddr>,
+        /// Gone for good: the flows they still have are cut (UDP moves to a
+        /// live backend, TCP gets a reset). A removed backend that is
+        /// draining (terminating but serving) is not here until it leaves
+        /// the slice.
+        flush: BTreeSet<BackendAddr>,
     },
     /// A frontend disappears.
     RemoveService { frontend: Frontend },
@@ -50,22 +57,41 @@ pub fn diff(old: &DesiredState, new: &DesiredState) -> Vec<Change> {
                 name: svc.name.clone(),
                 backends: svc.backends.clone(),
             }),
-            Some(prev) if prev.backends != svc.backends => others.push(Change::UpdateBackends {
-                frontend: *fe,
-                added: svc.backends.difference(&prev.backends).copied().collect(),
-                removed: prev.backends.difference(&svc.backends).copied().collect(),
-            }),
-            Some(_) => {}
+            Some(prev) => others.extend(update(*fe, prev, svc)),
         }
     }
     removes.extend(others);
     removes
 }
 
+/// The `UpdateBackends` that turns `old` into `new` for one frontend, if
+/// anything changes for the datapath.
+pub fn update(frontend: Frontend, old: &DesiredService, new: &DesiredService) -> Option<Change> {
+    let added: BTreeSet<BackendAddr> = new.backends.difference(&old.backends).copied().collect();
+    let removed: BTreeSet<BackendAddr> = old.backends.difference(&new.backends).copied().collect();
+    // Flows are cut for what was in the rotation or draining and is now
+    // neither.
+    let flush: BTreeSet<BackendAddr> = old
+        .backends
+        .union(&old.draining)
+        .filter(|b| !new.backends.contains(b) && !new.draining.contains(b))
+        .copied()
+        .collect();
+    if added.is_empty() && removed.is_empty() && flush.is_empty() {
+        return None;
+    }
+    Some(Change::UpdateBackends {
+        frontend,
+        added,
+        removed,
+        flush,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DesiredService, Proto};
+    use crate::model::Proto;
 
     fn fe(port: u16) -> Frontend {
         Frontend {
@@ -85,10 +111,7 @@ mod tests {
         for (port, bes) in entries {
             s.services.insert(
                 fe(*port),
-                DesiredService {
-                    name: format!("svc{port}"),
-                    backends: bes.iter().map(|b| be(*b)).collect(),
-                },
+                DesiredService::new(format!("svc{port}"), bes.iter().map(|b| be(*b)).collect()),
             );
         }
         s
@@ -113,6 +136,7 @@ mod tests {
                     frontend: fe(80),
                     added: [be(4)].into(),
                     removed: [be(1)].into(),
+                    flush: [be(1)].into(),
                 },
                 Change::AddService {
                     frontend: fe(83),
@@ -121,5 +145,47 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn a_draining_backend_leaves_the_rotation_but_keeps_its_flows_until_it_is_gone() {
+        let ready = state(&[(80, &[1, 2, 3])]);
+        let mut draining = state(&[(80, &[2, 3])]);
+        draining.services.get_mut(&fe(80)).unwrap().draining = [be(1)].into();
+        assert_eq!(
+            diff(&ready, &draining),
+            vec![Change::UpdateBackends {
+                frontend: fe(80),
+                added: [].into(),
+                removed: [be(1)].into(),
+                flush: [].into(),
+            }]
+        );
+        // It leaves the slice: now its flows go.
+        let gone = state(&[(80, &[2, 3])]);
+        assert_eq!(
+            diff(&draining, &gone),
+            vec![Change::UpdateBackends {
+                frontend: fe(80),
+                added: [].into(),
+                removed: [].into(),
+                flush: [be(1)].into(),
+            }]
+        );
+        // Ready again while draining: back in the rotation, nothing cut.
+        assert_eq!(
+            diff(&draining, &ready),
+            vec![Change::UpdateBackends {
+                frontend: fe(80),
+                added: [be(1)].into(),
+                removed: [].into(),
+                flush: [].into(),
+            }]
+        );
+        // A draining endpoint that appears without ever being ready changes
+        // nothing in the datapath.
+        let mut extra = state(&[(80, &[2, 3])]);
+        extra.services.get_mut(&fe(80)).unwrap().draining = [be(1), be(9)].into();
+        assert!(diff(&draining, &extra).is_empty());
     }
 }

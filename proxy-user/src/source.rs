@@ -181,13 +181,6 @@ impl ManifestSource {
                     name: new.name.clone(),
                     backends: new.backends.clone(),
                 }),
-                (Some(old), Some(new)) if old.backends != new.backends => {
-                    others.push(Change::UpdateBackends {
-                        frontend: fe,
-                        added: new.backends.difference(&old.backends).copied().collect(),
-                        removed: old.backends.difference(&new.backends).copied().collect(),
-                    })
-                }
                 (Some(old), Some(new)) if old.name != new.name => {
                     // Same frontend now owned by another service port:
                     // re-add so names and counters follow the new owner.
@@ -198,6 +191,7 @@ impl ManifestSource {
                         backends: new.backends.clone(),
                     });
                 }
+                (Some(old), Some(new)) => others.extend(crate::reconcile::update(fe, &old, new)),
                 _ => {}
             }
         }

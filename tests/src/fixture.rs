@@ -61,6 +61,32 @@ pub fn web_slice_yaml_with(endpoints: &[(&str, bool)]) -> String {
     )
 }
 
+/// The `web` EndpointSlice with `ready` backends and `draining` ones
+/// (1-based): terminating pods still serving (ready=false, serving=true,
+/// terminating=true), as the EndpointSlice controller lists a pod in its
+/// grace period.
+pub fn web_slice_yaml_draining(ready: &[usize], draining: &[usize]) -> String {
+    let ips =
+        |set: &[usize]| -> Vec<String> { set.iter().map(|i| backend_ip(*i).to_string()).collect() };
+    let (r, d) = (ips(ready), ips(draining));
+    let mut eps: Vec<(&str, serde_json::Value)> = r
+        .iter()
+        .map(|ip| (ip.as_str(), serde_json::json!({"ready": true})))
+        .collect();
+    eps.extend(d.iter().map(|ip| {
+        (
+            ip.as_str(),
+            serde_json::json!({"ready": false, "serving": true, "terminating": true}),
+        )
+    }));
+    crate::manifest::endpointslice_yaml_with_conditions(
+        SLICE_NAME,
+        SERVICE,
+        &eps,
+        &[("http", TARGET_PORT, "TCP"), ("dns", TARGET_PORT, "UDP")],
+    )
+}
+
 /// The `web` EndpointSlice with the given backends (1-based), all ready.
 pub fn web_slice_yaml(backends: &[usize]) -> String {
     let ips: Vec<String> = backends

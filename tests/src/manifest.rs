@@ -49,9 +49,24 @@ pub fn endpointslice_yaml(
     endpoints: &[Endpoint],
     ports: &[SlicePort],
 ) -> String {
+    let endpoints: Vec<(&str, Value)> = endpoints
+        .iter()
+        .map(|(ip, ready)| (*ip, json!({ "ready": ready })))
+        .collect();
+    endpointslice_yaml_with_conditions(slice_name, service_name, &endpoints, ports)
+}
+
+/// [`endpointslice_yaml`] with each endpoint's whole `conditions` object
+/// (`ready`, `serving`, `terminating`).
+pub fn endpointslice_yaml_with_conditions(
+    slice_name: &str,
+    service_name: &str,
+    endpoints: &[(&str, Value)],
+    ports: &[SlicePort],
+) -> String {
     let endpoints: Vec<Value> = endpoints
         .iter()
-        .map(|(ip, ready)| json!({ "addresses": [ip], "conditions": { "ready": ready } }))
+        .map(|(ip, conditions)| json!({ "addresses": [ip], "conditions": conditions }))
         .collect();
     let ports: Vec<Value> = ports
         .iter()

@@ -61,10 +61,7 @@ fn dataplane() -> Dataplane {
     ] {
         state.services.insert(
             Frontend { ip, port, proto },
-            DesiredService {
-                name: format!("{ip}:{port}"),
-                backends,
-            },
+            DesiredService::new(format!("{ip}:{port}"), backends),
         );
     }
     dp.apply(&diff(&DesiredState::default(), &state)).unwrap();

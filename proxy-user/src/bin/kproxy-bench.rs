@@ -94,10 +94,7 @@ fn state(n: u32) -> DesiredState {
                 port: 80,
                 proto: Proto::Tcp,
             },
-            DesiredService {
-                name: format!("svc-{i}"),
-                backends,
-            },
+            DesiredService::new(format!("svc-{i}"), backends),
         );
     }
     // MIRROR:80 → MIRROR:8080 and MIRROR:8080 → MIRROR:80: a translated
@@ -109,14 +106,14 @@ fn state(n: u32) -> DesiredState {
                 port,
                 proto: Proto::Tcp,
             },
-            DesiredService {
-                name: format!("mirror-{port}"),
-                backends: [BackendAddr {
+            DesiredService::new(
+                format!("mirror-{port}"),
+                [BackendAddr {
                     ip: MIRROR,
                     port: target,
                 }]
                 .into(),
-            },
+            ),
         );
     }
     st
