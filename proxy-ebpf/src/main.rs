@@ -121,6 +121,20 @@ pub fn kproxy_egress(ctx: TcContext) -> i32 {
     let L4Kind::Ports { sport, dport } = ip.l4 else {
         return TC_ACT_UNSPEC;
     };
+    let Some(ct) = reply_entry(&ip, sport, dport) else {
+        return TC_ACT_UNSPEC;
+    };
+    if packet::rewrite(&ctx, &ip, packet::Side::Source, ct.addr, ct.port).is_err() {
+        return drop_packet(ct.svc_id);
+    }
+    count_packet(ct.svc_id, u64::from(ctx.len()));
+    TC_ACT_OK
+}
+
+/// The reply-direction conntrack entry of a packet: the frontend to restore
+/// as its source, if it belongs to one of our flows.
+#[inline(always)]
+fn reply_entry(ip: &Ipv4, sport: u16, dport: u16) -> Option<CtValue> {
     let key = CtKey {
         saddr: ip.saddr,
         daddr: ip.daddr,
@@ -130,17 +144,13 @@ pub fn kproxy_egress(ctx: TcContext) -> i32 {
         dir: CT_DIR_REPLY,
         _pad: 0,
     };
-    let Some(ct) = (unsafe { CONNTRACK.get(key) }) else {
-        return TC_ACT_UNSPEC;
-    };
-    let ct = *ct;
-    if packet::rewrite(&ctx, &ip, packet::Side::Source, ct.addr, ct.port).is_err() {
-        count_service(ct.svc_id, |c| c.drops += 1);
-        count_global(|c| c.drops += 1);
-        return TC_ACT_SHOT;
-    }
-    let len = u64::from(ctx.len());
-    count_service(ct.svc_id, |c| {
+    unsafe { CONNTRACK.get(key) }.copied()
+}
+
+/// Counts a translated packet of `len` bytes for the service and globally.
+#[inline(always)]
+fn count_packet(svc_id: u32, len: u64) {
+    count_service(svc_id, |c| {
         c.packets += 1;
         c.bytes += len;
     });
@@ -148,7 +158,14 @@ pub fn kproxy_egress(ctx: TcContext) -> i32 {
         c.packets += 1;
         c.bytes += len;
     });
-    TC_ACT_OK
+}
+
+/// Counts a packet of the service we could not translate and drops it.
+#[inline(always)]
+fn drop_packet(svc_id: u32) -> i32 {
+    count_service(svc_id, |c| c.drops += 1);
+    count_global(|c| c.drops += 1);
+    TC_ACT_SHOT
 }
 
 /// Client → frontend with at least one backend: keep the flow's backend or
@@ -177,9 +194,7 @@ fn forward(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16, svc: SvcValue) ->
                     ctx,
                     "kproxy: service {} has no backend in its slots", svc.id
                 );
-                count_service(svc.id, |c| c.drops += 1);
-                count_global(|c| c.drops += 1);
-                return TC_ACT_SHOT;
+                return drop_packet(svc.id);
             };
             // A hairpin flow's replies are addressed to the hairpin source.
             let reply = CtKey {
@@ -214,9 +229,7 @@ fn forward(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16, svc: SvcValue) ->
             if CONNTRACK.insert(reply, to_frontend, 0).is_err()
                 || CONNTRACK.insert(fwd, to_backend, 0).is_err()
             {
-                count_service(svc.id, |c| c.drops += 1);
-                count_global(|c| c.drops += 1);
-                return TC_ACT_SHOT;
+                return drop_packet(svc.id);
             }
             debug!(ctx, "kproxy: new flow for service {}", svc.id);
             new_flow = true;
@@ -243,18 +256,14 @@ fn forward(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16, svc: SvcValue) ->
     )
     .is_err()
     {
-        count_service(svc.id, |c| c.drops += 1);
-        count_global(|c| c.drops += 1);
-        return TC_ACT_SHOT;
+        return drop_packet(svc.id);
     }
     let hairpin = backend.addr == ip.saddr;
     if hairpin
         && (packet::rewrite(ctx, ip, packet::Side::Source, hairpin_addr(), sport).is_err()
             || packet::swap_macs(ctx).is_err())
     {
-        count_service(svc.id, |c| c.drops += 1);
-        count_global(|c| c.drops += 1);
-        return TC_ACT_SHOT;
+        return drop_packet(svc.id);
     }
     let len = u64::from(ctx.len());
     let flows = u64::from(new_flow);
@@ -293,36 +302,16 @@ fn back_where_it_came_from(ctx: &TcContext) -> i32 {
 /// address is not ours.
 #[inline(always)]
 fn hairpin_reply(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16) -> i32 {
-    let key = CtKey {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport,
-        dport,
-        proto: ip.proto,
-        dir: CT_DIR_REPLY,
-        _pad: 0,
-    };
-    let Some(ct) = (unsafe { CONNTRACK.get(key) }) else {
+    let Some(ct) = reply_entry(ip, sport, dport) else {
         return TC_ACT_UNSPEC;
     };
-    let ct = *ct;
     if packet::rewrite(ctx, ip, packet::Side::Source, ct.addr, ct.port).is_err()
         || packet::rewrite(ctx, ip, packet::Side::Destination, ip.saddr, dport).is_err()
         || packet::swap_macs(ctx).is_err()
     {
-        count_service(ct.svc_id, |c| c.drops += 1);
-        count_global(|c| c.drops += 1);
-        return TC_ACT_SHOT;
+        return drop_packet(ct.svc_id);
     }
-    let len = u64::from(ctx.len());
-    count_service(ct.svc_id, |c| {
-        c.packets += 1;
-        c.bytes += len;
-    });
-    count_global(|c| {
-        c.packets += 1;
-        c.bytes += len;
-    });
+    count_packet(ct.svc_id, u64::from(ctx.len()));
     back_where_it_came_from(ctx)
 }
 
@@ -386,11 +375,7 @@ fn reject(ctx: &TcContext, ip: &Ipv4, svc_id: u32) -> i32 {
             debug!(ctx, "kproxy: rejected packet for service {}", svc_id);
             back_where_it_came_from(ctx)
         }
-        Err(()) => {
-            count_service(svc_id, |c| c.drops += 1);
-            count_global(|c| c.drops += 1);
-            TC_ACT_SHOT
-        }
+        Err(()) => drop_packet(svc_id),
     }
 }
 
