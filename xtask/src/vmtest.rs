@@ -104,7 +104,8 @@ const REQUIRED_TOOLS: &[&str] = &["ip", "tc", "sysctl", "nsenter"];
 /// Copied when the host has them: `bpftool` (cleanup.rs checks links with
 /// it, and skips that part without it), iptables and `conntrack` (kproxy's
 /// iptables mode), `kubectl` (api.rs drives kcontrol with it; a static Go
-/// binary of ~57 MB, the largest file in the initramfs).
+/// binary of ~57 MB, the largest file in the initramfs), `etcd` (api.rs runs
+/// kcontrol on a one-member etcd too; Debian's etcd-server, ~21 MB).
 const OPTIONAL_TOOLS: &[&str] = &[
     "bpftool",
     "iptables",
@@ -112,6 +113,7 @@ const OPTIONAL_TOOLS: &[&str] = &[
     "iptables-restore",
     "conntrack",
     "kubectl",
+    "etcd",
 ];
 
 /// Where things live inside the guest.
