@@ -13,6 +13,8 @@ use crate::{apiserver, client_from, controllers, kubelet, scheduler};
 
 pub struct Options {
     pub data_dir: PathBuf,
+    /// `etcd://…`, or the embedded store in `data_dir` when `None`.
+    pub store: Option<String>,
     pub listen: SocketAddr,
     pub service_cidr: String,
     pub node_name: Option<String>,
@@ -57,7 +59,7 @@ async fn run_async(o: Options) -> Result<()> {
 
     let mut api = tokio::spawn(apiserver::run(apiserver::Config {
         data_dir: o.data_dir.clone(),
-        store: None,
+        store: o.store.clone(),
         listen: o.listen,
         service_cidr: o.service_cidr,
         node_port_range: "30000-32767".into(),

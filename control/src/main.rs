@@ -124,12 +124,16 @@ enum Command {
         restart_backoff_ms: u64,
     },
     /// One node in one process: apiserver, scheduler, controller-manager and
-    /// kubelet, on the embedded store (as k3s does).
+    /// kubelet, on the embedded store (as k3s does) or on etcd.
     All {
         /// Store, certificates, admin kubeconfig (DIR/kubeconfig.yaml) and
         /// the kubelet's state (DIR/kubelet).
         #[arg(long)]
         data_dir: PathBuf,
+        /// `etcd://HOST:PORT[,HOST:PORT…]`: the objects live in etcd
+        /// instead of the embedded store in --data-dir.
+        #[arg(long)]
+        store: Option<String>,
         #[arg(long, default_value = "127.0.0.1:6443")]
         listen: SocketAddr,
         #[arg(long, default_value = "10.96.0.0/12")]
@@ -306,6 +310,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::All {
             data_dir,
+            store,
             listen,
             service_cidr,
             node_name,
@@ -316,6 +321,7 @@ fn main() -> anyhow::Result<()> {
             lease_renew_seconds,
         } => all::run(all::Options {
             data_dir,
+            store,
             listen,
             service_cidr,
             node_name,

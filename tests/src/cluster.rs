@@ -17,6 +17,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use kcontrol_store::etcd_cluster::EtcdCluster;
 use serde_json::Value;
 
 use crate::apiserver::kcontrol_bin;
@@ -58,6 +59,9 @@ pub struct Cluster {
     tx: std::sync::mpsc::Sender<String>,
     lines: Receiver<String>,
     pub data_dir: PathBuf,
+    /// The etcd of [`Cluster::start_on_etcd`]; dropped after the kcontrol
+    /// processes are stopped.
+    etcd: Option<EtcdCluster>,
     /// Where `kcontrol all` runs; dropped last.
     pub node: Netns,
     _lock: SuiteLock,
@@ -68,7 +72,21 @@ impl Cluster {
     /// to be Ready, then starts kproxy (eBPF, unpinned) and waits for it.
     /// `extra` goes to `kcontrol all`.
     pub fn start(extra: &[&str]) -> Result<Cluster> {
+        Cluster::start_all(Cluster::empty()?, extra)
+    }
+
+    /// [`Cluster::start`] with `kcontrol all --store etcd://…`: a one-member
+    /// etcd runs in the node namespace (loopback) and is stopped after
+    /// kcontrol.
+    pub fn start_on_etcd() -> Result<Cluster> {
         let mut c = Cluster::empty()?;
+        let etcd = c.node.try_run(|| EtcdCluster::start(1))?;
+        let url = etcd.url();
+        c.etcd = Some(etcd);
+        Cluster::start_all(c, &["--store", &url])
+    }
+
+    fn start_all(mut c: Cluster, extra: &[&str]) -> Result<Cluster> {
         let mut args: Vec<String> = vec!["all".into(), "--data-dir".into()];
         args.push(c.data_dir.display().to_string());
         args.extend(
@@ -161,6 +179,7 @@ impl Cluster {
             tx,
             lines: rx,
             data_dir,
+            etcd: None,
             node,
             _lock: lock,
         })

@@ -244,6 +244,43 @@ fn deployment_behind_a_service_is_balanced_scaled_updated_and_healed() -> Result
     Ok(())
 }
 
+/// The same node with its objects in etcd (`kcontrol all --store
+/// etcd://…`, one member in the node namespace): a Deployment of 3 behind a
+/// Service is balanced 3/3/3, and nothing was written to the embedded store.
+#[test]
+fn a_cluster_on_etcd_balances_a_deployment() -> Result<()> {
+    let mut c = Cluster::start_on_etcd()?;
+    c.kubectl_in(&["apply", "-f", "-"], Some(CLIENT_YAML))?;
+    c.kubectl_in(&["apply", "-f", "-"], Some(&web_yaml(3, "1")))?;
+    wait_serving(&mut c, 3, UP, None)?;
+    poll_until("the client pod to run", UP, || {
+        Ok(c.get_json(&["pod", "client"])?["status"]["phase"]
+            .eq("Running")
+            .then_some(()))
+    })?;
+    let vip = cluster_ip(&c)?;
+    let client = c.container("client", "c")?;
+    let pods = wait_serving(&mut c, 3, UP, Some(&client))?;
+    let t = tally(&client, &vip, 9)?;
+    let want: BTreeMap<String, usize> = pods.iter().map(|p| (p.clone(), 3)).collect();
+    assert_eq!(
+        t, want,
+        "9 requests to {vip} from the client pod, objects in etcd"
+    );
+    let embedded: Vec<_> = std::fs::read_dir(&c.data_dir)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".db"))
+        .collect();
+    assert!(
+        embedded.is_empty(),
+        "embedded store files written: {embedded:?}"
+    );
+    let left = c.stop()?;
+    assert!(left.is_empty(), "left behind after stop: {left:?}");
+    Ok(())
+}
+
 /// Runs `during` while a thread asks the ClusterIP in a loop; returns the
 /// answers and the failures.
 fn while_asking(
