@@ -26,9 +26,14 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// modules (xz-utils) and builds static musl binaries, some with C inside
 /// (ring, through kube's rustls): musl-tools has `x86_64-linux-musl-gcc`.
 /// kcontrol's etcd store: the `etcd-client` crate compiles etcd's protobufs
-/// with `protoc` (protobuf-compiler), and the etcd tests, the `--store etcd`
+/// with `protoc` (protobuf-compiler), and those import the well-known types
+/// (`google/protobuf/descriptor.proto`), which Debian ships separately in
+/// libprotobuf-dev (see [`check_protoc`]); the etcd tests, the `--store etcd`
 /// benchmark and users' etcd clusters run `/usr/bin/etcd` (etcd-server).
-const APT_REQUIRED: &[&str] = &[
+/// bpftool: the cleanup and cluster tests and `bench cluster` read BPF links
+/// and maps with it. python3-venv: the Python client's own interpreter
+/// (see [`ensure_python_kubernetes`]).
+pub const APT_REQUIRED: &[&str] = &[
     "iproute2",
     "iptables",
     "iperf3",
@@ -40,15 +45,78 @@ const APT_REQUIRED: &[&str] = &[
     "xz-utils",
     "musl-tools",
     "protobuf-compiler",
+    "libprotobuf-dev",
     "etcd-server",
+    "bpftool",
+    "python3-venv",
     // kcontrol's kubelet runs pod containers with crun, from a rootfs made of
     // busybox-static (see `ensure_busybox_rootfs`).
     "crun",
     "busybox-static",
 ];
-/// Nice to have for debugging (`bpftool prog/map/link show`), not needed by
-/// any test; not every release packages it.
-const APT_OPTIONAL: &[&str] = &["bpftool"];
+
+/// Every program the project's code starts, and where it comes from: a
+/// package of [`APT_REQUIRED`], a package every Debian system has
+/// ([`BASE_PACKAGES`]), or something else that setup installs or checks
+/// (`rustup`: the toolchains; `machine`: kubectl, which this kind of machine
+/// ships; `venv`: the Python client's interpreter). A unit test fails when the
+/// code starts a program missing here, and (on Debian) when a program is not
+/// in the package named for it — so a program installed by hand cannot keep
+/// the suite green here while a fresh machine fails.
+pub const PROGRAMS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("tc", "iproute2"),
+    ("ss", "iproute2"),
+    ("iptables", "iptables"),
+    ("iptables-save", "iptables"),
+    ("iptables-restore", "iptables"),
+    ("conntrack", "conntrack"),
+    ("iperf3", "iperf3"),
+    ("sysctl", "procps"),
+    ("modinfo", "kmod"),
+    ("bpftool", "bpftool"),
+    ("crun", "crun"),
+    ("busybox", "busybox-static"),
+    ("etcd", "etcd-server"),
+    ("protoc", "protobuf-compiler"),
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("nc", "netcat-openbsd"),
+    ("nsenter", "util-linux"),
+    ("mount", "mount"),
+    ("sh", "dash"),
+    ("date", "coreutils"),
+    ("false", "coreutils"),
+    ("ldd", "libc-bin"),
+    ("strip", "binutils"),
+    ("git", "machine"),
+    ("dpkg", "dpkg"),
+    ("dpkg-query", "dpkg"),
+    ("dpkg-deb", "dpkg"),
+    ("apt-get", "apt"),
+    ("apt-cache", "apt"),
+    ("python3", "python3-minimal"),
+    ("cargo", "rustup"),
+    ("rustc", "rustup"),
+    ("rustup", "rustup"),
+    ("kubectl", "machine"),
+];
+
+/// Packages of every Debian 12 system of this kind (essential or priority
+/// required/important, or on the machine before anything is installed:
+/// binutils and python3 come with its toolchains). `machine` is what this
+/// kind of machine ships outside Debian's packages: kubectl (checked by
+/// [`check_kubectl`]) and a git under /usr/local.
+const BASE_PACKAGES: &[&str] = &[
+    "util-linux",
+    "mount",
+    "dash",
+    "coreutils",
+    "libc-bin",
+    "binutils",
+    "dpkg",
+    "apt",
+    "python3-minimal",
+];
 
 /// One line of the closing summary.
 struct Summary {
@@ -75,6 +143,9 @@ pub fn run_setup() -> Result<()> {
     ensure_musl_target(&mut summary)?;
     ensure_bpf_linker(&mut summary, &nightly)?;
     ensure_apt_packages(&mut summary)?;
+    check_programs(&mut summary)?;
+    check_protoc(&mut summary)?;
+    check_kubectl(&mut summary)?;
     ensure_python_kubernetes(&mut summary)?;
     ensure_busybox_rootfs(&mut summary)?;
     ensure_crun_cgroups(&mut summary)?;
@@ -485,7 +556,10 @@ fn ensure_apt_packages(summary: &mut Summary) -> Result<()> {
     if which("dpkg-query").is_none() || which("apt-get").is_none() {
         summary.note(
             "system packages",
-            "not a Debian-like system: install iproute2, iptables, iperf3, procps, kmod, netcat (and bpftool) yourself",
+            format!(
+                "not a Debian-like system: install the equivalents of {} yourself",
+                APT_REQUIRED.join(", ")
+            ),
         );
         return Ok(());
     }
@@ -494,12 +568,7 @@ fn ensure_apt_packages(summary: &mut Summary) -> Result<()> {
         .copied()
         .filter(|p| !dpkg_installed(p))
         .collect();
-    let missing_optional: Vec<&str> = APT_OPTIONAL
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
-    if missing_required.is_empty() && missing_optional.is_empty() {
+    if missing_required.is_empty() {
         summary.note("system packages", "already present");
         return Ok(());
     }
@@ -510,53 +579,220 @@ fn ensure_apt_packages(summary: &mut Summary) -> Result<()> {
         apt.update()?;
     }
 
-    let mut status = Vec::new();
-    if !missing_required.is_empty() {
+    if !apt.install(&missing_required) {
+        // Stale lists are the usual reason (a mirror dropped the old
+        // version): refresh them once and try again.
+        if apt.updated {
+            bail!("apt-get install {} failed", missing_required.join(" "));
+        }
+        apt.update()?;
         if !apt.install(&missing_required) {
-            // Stale lists are the usual reason (a mirror dropped the old
-            // version): refresh them once and try again.
-            if apt.updated {
-                bail!("apt-get install {} failed", missing_required.join(" "));
-            }
-            apt.update()?;
-            if !apt.install(&missing_required) {
-                bail!("apt-get install {} failed", missing_required.join(" "));
-            }
-        }
-        status.push(format!("installed {}", missing_required.join(" ")));
-    }
-    for pkg in missing_optional {
-        // Only try when apt knows the package: otherwise every setup run
-        // would pay for a failing install.
-        let known = succeeds(Command::new("apt-cache").args(["show", "--no-all-versions", pkg]));
-        if known && apt.install(&[pkg]) {
-            status.push(format!("installed {pkg}"));
-        } else {
-            status.push(format!("{pkg} not available (optional, skipped)"));
+            bail!("apt-get install {} failed", missing_required.join(" "));
         }
     }
-    summary.note("system packages", status.join("; "));
+    summary.note(
+        "system packages",
+        format!("installed {}", missing_required.join(" ")),
+    );
     Ok(())
 }
 
 /// The official Kubernetes Python client, which kcontrol's apiserver tests
-/// drive (`control/tests/py/client.py`). Installed only when `import
-/// kubernetes` fails, so the usual run costs one python3 start.
+/// drive (`control/tests/py/client.py`), in a virtual environment of the
+/// project's own ([`PYTHON_VENV`] under target/), never in the system
+/// interpreter. The version is pinned to the client generation that matches
+/// the newest API the apiserver serves (1.33). Only `import kubernetes` runs
+/// when it is there already.
 fn ensure_python_kubernetes(summary: &mut Summary) -> Result<()> {
     if which("python3").is_none() {
-        bail!("python3 is missing: install it (Debian: apt-get install python3 python3-pip)");
+        bail!("python3 is missing: install it (Debian: apt-get install python3 python3-venv)");
     }
-    if succeeds(Command::new("python3").args(["-c", "import kubernetes"])) {
-        summary.note("python kubernetes client", "already present");
+    let venv = util::target_dir().join(PYTHON_VENV);
+    let python = venv.join("bin/python3");
+    let wanted = format!("kubernetes=={PYTHON_KUBERNETES_VERSION}");
+    let check = format!(
+        "import kubernetes, sys; sys.exit(kubernetes.__version__ != '{PYTHON_KUBERNETES_VERSION}')"
+    );
+    if python.exists() && succeeds(Command::new(&python).args(["-c", &check])) {
+        summary.note(
+            "python kubernetes client",
+            format!("already present ({wanted} in {})", venv.display()),
+        );
         return Ok(());
     }
-    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "kubernetes"]))
-        .context("pip install kubernetes (the Python client kcontrol's tests use)")?;
+    if !python.exists() {
+        // Debian's interpreter (its venv module is python3-venv), not
+        // whatever python3 comes first on PATH.
+        let system = if Path::new("/usr/bin/python3").exists() {
+            PathBuf::from("/usr/bin/python3")
+        } else {
+            PathBuf::from("python3")
+        };
+        run(Command::new(system).args(["-m", "venv"]).arg(&venv)).with_context(|| {
+            format!(
+                "creating the virtual environment {} (Debian: apt-get install python3-venv)",
+                venv.display()
+            )
+        })?;
+    }
+    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", &wanted]))
+        .with_context(|| format!("pip install {wanted} into {}", venv.display()))?;
+    if !succeeds(Command::new(&python).args(["-c", &check])) {
+        bail!(
+            "{wanted} was installed into {} but does not import",
+            venv.display()
+        );
+    }
     summary.note(
         "python kubernetes client",
-        "installed (pip install kubernetes)",
+        format!("installed {wanted} into {}", venv.display()),
     );
     Ok(())
+}
+
+/// Every program of [`PROGRAMS`] is on PATH now (kubectl has a check of its
+/// own; the toolchain's programs are rustup's). Names the package to install
+/// for each one that is not.
+fn check_programs(summary: &mut Summary) -> Result<()> {
+    let missing: Vec<String> = PROGRAMS
+        .iter()
+        .filter(|(_, package)| !["machine", "rustup"].contains(package))
+        .filter(|(program, _)| which(program).is_none())
+        .map(|(program, package)| {
+            let kind = if BASE_PACKAGES.contains(package) {
+                "base package"
+            } else {
+                "package"
+            };
+            format!("{program} ({kind} {package})")
+        })
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "programs the build, tests or demo run are missing after setup: {}; install those \
+             packages",
+            missing.join(", ")
+        );
+    }
+    summary.note(
+        "programs",
+        format!("all {} the project runs are on PATH", PROGRAMS.len()),
+    );
+    Ok(())
+}
+
+/// The Python client's virtual environment, under the workspace's target dir
+/// (`KPROXY_PYTHON` tells the tests its interpreter).
+pub const PYTHON_VENV: &str = "pyenv";
+/// kubernetes-client/python 33.x is generated from Kubernetes 1.33.
+const PYTHON_KUBERNETES_VERSION: &str = "33.1.0";
+
+/// `protoc` as etcd-client's build script runs it: a file importing a
+/// well-known type must compile. Debian's protobuf-compiler has no
+/// `google/protobuf/*.proto`; without libprotobuf-dev this fails minutes into
+/// the build ("google/protobuf/descriptor.proto: File not found"), so check
+/// it here and name the package.
+fn check_protoc(summary: &mut Summary) -> Result<()> {
+    let dir = tempdir("protoc-check")?;
+    fs::write(
+        dir.join("check.proto"),
+        "syntax = \"proto3\";\nimport \"google/protobuf/descriptor.proto\";\n\
+         message Check { google.protobuf.FileDescriptorProto f = 1; }\n",
+    )?;
+    let result = output(
+        Command::new("protoc")
+            .arg("-I")
+            .arg(&dir)
+            .arg("--descriptor_set_out")
+            .arg(dir.join("check.pb"))
+            .arg(dir.join("check.proto")),
+    );
+    let _ = fs::remove_dir_all(&dir);
+    match result {
+        Ok(_) => {
+            let version = output(Command::new("protoc").arg("--version")).unwrap_or_default();
+            summary.note(
+                "protoc",
+                format!("{version} compiles google/protobuf/descriptor.proto imports"),
+            );
+            Ok(())
+        }
+        Err(e) => bail!(
+            "protoc cannot compile a file importing google/protobuf/descriptor.proto, which the etcd \
+             store's build needs: install the Debian package libprotobuf-dev (and protobuf-compiler) \
+             ({e:#})"
+        ),
+    }
+}
+
+/// A fresh directory under the system temp dir.
+fn tempdir(tag: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("kproxy-{tag}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// The kubectl versions the tests pin to (the oldest and newest this kind of
+/// machine ships): `kubectl.1.27` and `kubectl.1.33` beside the `kubectl`
+/// dispatcher.
+pub const KUBECTL_PINNED: &[&str] = &["1.27", "1.33"];
+/// The oldest kubectl the tests and `cargo xtask up` work with.
+const KUBECTL_MIN_MINOR: u32 = 27;
+
+/// kubectl cannot come from apt here (Debian's kubernetes-client conflicts
+/// with the one the machine image ships), so setup only checks: a kubectl ≥
+/// 1.27 on PATH and the pinned versioned binaries next to its real target.
+fn check_kubectl(summary: &mut Summary) -> Result<()> {
+    const HOW: &str = "install kubectl ≥ 1.27 on PATH (https://kubernetes.io/docs/tasks/tools/), \
+                       with the versioned binaries kubectl.1.27 and kubectl.1.33 in the same folder \
+                       (the Google Cloud SDK's kubectl component ships them)";
+    let Some(kubectl) = which("kubectl") else {
+        bail!("kubectl is not on PATH: {HOW}");
+    };
+    let version = output(Command::new(&kubectl).args(["version", "--client", "-o", "json"]))
+        .with_context(|| format!("`{} version --client` failed: {HOW}", kubectl.display()))?;
+    let minor = kubectl_minor(&version).with_context(|| {
+        format!("no clientVersion.minor in `kubectl version --client -o json`:\n{version}")
+    })?;
+    if minor < KUBECTL_MIN_MINOR {
+        bail!("kubectl on PATH is 1.{minor}, older than 1.{KUBECTL_MIN_MINOR}: {HOW}");
+    }
+    let dir = fs::canonicalize(&kubectl)
+        .with_context(|| format!("resolving {}", kubectl.display()))?
+        .parent()
+        .map(Path::to_path_buf)
+        .context("kubectl has no folder")?;
+    let missing: Vec<String> = KUBECTL_PINNED
+        .iter()
+        .map(|v| dir.join(format!("kubectl.{v}")))
+        .filter(|p| !is_executable_file(p))
+        .map(|p| p.display().to_string())
+        .collect();
+    if !missing.is_empty() {
+        bail!("missing {}: {HOW}", missing.join(", "));
+    }
+    summary.note(
+        "kubectl",
+        format!(
+            "1.{minor} at {}, pinned {} beside it",
+            kubectl.display(),
+            KUBECTL_PINNED.join(", ")
+        ),
+    );
+    Ok(())
+}
+
+/// `"minor": "33"` (sometimes `"33+"`) of `kubectl version --client -o json`.
+fn kubectl_minor(json: &str) -> Option<u32> {
+    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    let minor = value.get("clientVersion")?.get("minor")?.as_str()?;
+    minor.trim_end_matches('+').parse().ok()
+}
+
+fn is_executable_file(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 fn dpkg_installed(pkg: &str) -> bool {
@@ -727,6 +963,8 @@ fn ensure_crun_cgroups(summary: &mut Summary) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     #[test]
@@ -734,5 +972,130 @@ mod tests {
         let vv = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nhost: x86_64-unknown-linux-gnu\nLLVM version: 22.1.4\n";
         assert_eq!(llvm_major(vv), Some(22));
         assert_eq!(llvm_major("rustc 1.0"), None);
+    }
+
+    /// Sources whose `Command::new("x")`-style calls start programs on the
+    /// host (the vm-test guest's own list is checked by vm-test).
+    const SOURCE_DIRS: &[&str] = &[
+        "tests/src",
+        "tests/tests",
+        "control/src",
+        "control/tests",
+        "control/store/src",
+        "control/store/tests",
+        "proxy-user/src",
+        "bench/src",
+        "xtask/src",
+    ];
+
+    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn every_program_the_code_starts_comes_from_setup() {
+        let root = util::workspace_root();
+        let mut files = Vec::new();
+        for d in SOURCE_DIRS {
+            rust_files(&root.join(d), &mut files);
+        }
+        assert!(files.len() > 50, "found only {} sources", files.len());
+        let mut unknown = std::collections::BTreeMap::new();
+        for f in &files {
+            let text = fs::read_to_string(f).unwrap();
+            for program in crate::vmtest::called_programs(&text) {
+                // Calls inside this test's own fixtures (xtask's unit tests
+                // of the scanner use made-up names).
+                if ["x", "x/y"].contains(&program.as_str()) {
+                    continue;
+                }
+                if !PROGRAMS.iter().any(|(p, _)| *p == program) {
+                    unknown
+                        .entry(program)
+                        .or_insert_with(Vec::new)
+                        .push(f.strip_prefix(&root).unwrap().display().to_string());
+                }
+            }
+        }
+        assert!(
+            unknown.is_empty(),
+            "programs started by the code but not in setup::PROGRAMS (add each with the \
+             package that provides it, and that package to APT_REQUIRED): {unknown:#?}"
+        );
+        for (program, package) in PROGRAMS {
+            assert!(
+                APT_REQUIRED.contains(package)
+                    || BASE_PACKAGES.contains(package)
+                    || ["rustup", "machine"].contains(package),
+                "{program}: package {package} is neither installed by setup nor a base package"
+            );
+        }
+    }
+
+    /// The table names the right packages: each program on this machine
+    /// (setup has run) belongs to the package the table says.
+    /// `coreutils, util-linux: /usr/bin/x` or `iproute2:amd64: /bin/ip` →
+    /// the package names.
+    fn dpkg_owners(out: &str) -> Vec<String> {
+        out.lines()
+            .filter_map(|l| l.split_once(": "))
+            .flat_map(|(pkgs, _)| {
+                pkgs.split(", ")
+                    .map(|p| p.split(':').next().unwrap_or(p).to_owned())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn program_table_matches_the_installed_packages() {
+        let mut wrong = Vec::new();
+        for (program, package) in PROGRAMS {
+            if ["rustup", "machine"].contains(package) {
+                continue;
+            }
+            let path = which(program)
+                .unwrap_or_else(|| panic!("{program} is not on PATH: run `cargo xtask setup`"));
+            let real = fs::canonicalize(&path).unwrap();
+            // dpkg records the path the package ships (/bin or /usr/bin with
+            // merged /usr): ask for each spelling; python3 on PATH may be a
+            // shim, so for it ask for Debian's interpreter.
+            let mut candidates = vec![path.clone(), real.clone()];
+            if *program == "python3" {
+                candidates.push(PathBuf::from("/usr/bin/python3"));
+            }
+            for p in candidates.clone() {
+                match p.strip_prefix("/usr") {
+                    Ok(rest) => candidates.push(Path::new("/").join(rest)),
+                    Err(_) => candidates.push(Path::new("/usr").join(p.strip_prefix("/").unwrap())),
+                }
+            }
+            let owners: BTreeSet<String> = candidates
+                .iter()
+                .filter_map(|p| output(Command::new("dpkg").arg("-S").arg(p)).ok())
+                .flat_map(|out| dpkg_owners(&out))
+                .collect();
+            if !owners.iter().any(|o| o == package) {
+                wrong.push(format!(
+                    "{program} ({}) belongs to {owners:?}, not {package}",
+                    real.display()
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "setup::PROGRAMS is wrong: {wrong:#?}");
+    }
+
+    #[test]
+    fn parses_kubectl_minor() {
+        let json = r#"{"clientVersion":{"major":"1","minor":"32+","gitVersion":"v1.32.4"},"kustomizeVersion":"v5"}"#;
+        assert_eq!(kubectl_minor(json), Some(32));
+        assert_eq!(kubectl_minor(r#"{"clientVersion":{"major":"1"}}"#), None);
+        assert_eq!(kubectl_minor("not json"), None);
     }
 }

@@ -66,6 +66,7 @@ const QUICK_TESTS: &[&str] = &[
     "reverse_nat",
     "reject",
     "cleanup",
+    "cleanup_netlink",
     "restart",
 ];
 
@@ -1064,7 +1065,7 @@ fn programs_called_by_tests() -> BTreeSet<String> {
     found
 }
 
-fn called_programs(source: &str) -> BTreeSet<String> {
+pub(crate) fn called_programs(source: &str) -> BTreeSet<String> {
     const CALLS: &[&str] = &[
         "Command::new(\"",
         "cmd(\"",
