@@ -163,8 +163,18 @@ impl Query {
         self.0.get(k).map(String::as_str)
     }
 
+    /// A boolean query parameter as Kubernetes reads one: absent, `0` or
+    /// `false` (any case) is false, any other value — `true`, `True` (what
+    /// the Python client sends), `1`, even empty — is true.
     pub fn flag(&self, k: &str) -> bool {
-        matches!(self.get(k), Some("true") | Some("1"))
+        self.bool(k).unwrap_or(false)
+    }
+
+    /// [`Query::flag`] for a parameter whose absence means something of its
+    /// own (`sendInitialEvents`): None when absent.
+    pub fn bool(&self, k: &str) -> Option<bool> {
+        self.get(k)
+            .map(|v| !(v == "0" || v.eq_ignore_ascii_case("false")))
     }
 
     pub fn set(&mut self, k: &str, v: &str) {
@@ -321,6 +331,23 @@ mod tests {
         assert_eq!(q.get("labelSelector"), Some("app=web"));
         assert!(q.flag("watch"));
         assert_eq!(q.int("limit").unwrap(), Some(5));
+        for (v, want) in [
+            ("true", true),
+            ("True", true),
+            ("TRUE", true),
+            ("1", true),
+            ("", true),
+            ("yes", true),
+            ("false", false),
+            ("False", false),
+            ("0", false),
+        ] {
+            let q = Query::parse(Some(&format!("watch={v}")));
+            assert_eq!(q.flag("watch"), want, "watch={v}");
+            assert_eq!(q.bool("watch"), Some(want), "watch={v}");
+        }
+        assert!(!Query::parse(Some("limit=1")).flag("watch"));
+        assert_eq!(Query::parse(Some("limit=1")).bool("watch"), None);
         assert!(Query::parse(Some("limit=x")).int("limit").is_err());
     }
 }

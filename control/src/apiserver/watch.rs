@@ -101,12 +101,11 @@ pub async fn serve(
     };
     let bookmarks = q.flag("allowWatchBookmarks");
     let rv = q.get("resourceVersion").unwrap_or_default().to_string();
-    let send_initial = match q.get("sendInitialEvents") {
-        Some("true") => true,
-        Some("false") => false,
-        _ => rv.is_empty() || rv == "0",
-    };
-    if q.get("sendInitialEvents") == Some("true") {
+    let explicit_initial = q.bool("sendInitialEvents") == Some(true);
+    let send_initial = q
+        .bool("sendInitialEvents")
+        .unwrap_or(rv.is_empty() || rv == "0");
+    if explicit_initial {
         if !bookmarks {
             return Err(ApiError::invalid(
                 "",
@@ -132,7 +131,6 @@ pub async fn serve(
 
     let (tx, rx) = mpsc::channel::<Bytes>(128);
     let prefix = rt.prefix(ns.as_deref());
-    let explicit_initial = q.get("sendInitialEvents") == Some("true");
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + timeout;
         let send = |b: Bytes| {
