@@ -49,7 +49,8 @@ struct Args {
     /// configuration, or $KUBECONFIG).
     #[arg(long)]
     in_cluster: bool,
-    /// Name of the node this agent runs on (for node-local policies).
+    /// Name of the node this agent runs on; logged at start (nothing uses it
+    /// yet: node-local traffic policies are not implemented).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// Datapath: eBPF TC programs, or kube-proxy-style iptables rules (for
