@@ -1,38 +1,20 @@
 //! Behaviour 8: after SIGTERM kproxy exits 0, prints `kproxy: detached` and
 //! leaves nothing behind (eBPF mode: nothing attached, no tc state, links,
 //! programs or pins; iptables mode: no `KUBE-` chain or rule); the ClusterIP
-//! stops working, direct traffic not.
+//! stops working, direct traffic not. `--attach netlink` (eBPF only) is
+//! cleanup_netlink.rs.
 
-use std::collections::BTreeSet;
-use std::path::Path;
+mod detach;
+
 use std::time::Duration;
 
 use anyhow::Result;
-use kproxy_tests::bpf::{self, tc_state};
-use kproxy_tests::fixture::{
-    DNS_PORT, HTTP_PORT, IO_TIMEOUT, STOP_TIMEOUT, TARGET_PORT, VIP, backend_index,
-};
+use kproxy_tests::bpf::tc_state;
+use kproxy_tests::fixture::{DNS_PORT, HTTP_PORT, IO_TIMEOUT, STOP_TIMEOUT, VIP, backend_index};
 use kproxy_tests::kproxy::DETACHED;
-use kproxy_tests::{Fixture, Mode, backend_ip, iptables, mode, poll_until};
+use kproxy_tests::{Fixture, Mode, iptables, mode};
 
-/// Files and directories under /sys/fs/bpf (pins), recursively.
-fn bpffs_entries() -> BTreeSet<String> {
-    fn walk(dir: &Path, out: &mut BTreeSet<String>) {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            out.insert(p.display().to_string());
-            if p.is_dir() {
-                walk(&p, out);
-            }
-        }
-    }
-    let mut out = BTreeSet::new();
-    walk(Path::new("/sys/fs/bpf"), &mut out);
-    out
-}
+use detach::{assert_cluster_ip_dead_direct_alive, check_detach};
 
 /// Default attachment (tcx links on this kernel); in iptables mode, the
 /// rules.
@@ -42,20 +24,6 @@ fn sigterm_detaches_everything() -> Result<()> {
         Mode::Ebpf => check_detach(&[], false),
         Mode::Iptables => check_rules_removed(),
     }
-}
-
-/// `--attach netlink`: clsact qdisc + cls_bpf filters, which must be removed.
-/// eBPF only: iptables mode attaches nothing.
-#[test]
-fn sigterm_detaches_everything_netlink_mode() -> Result<()> {
-    if mode() != Mode::Ebpf {
-        eprintln!(
-            "NOTE: --attach netlink is an eBPF mode option; nothing to check in {} mode",
-            mode()
-        );
-        return Ok(());
-    }
-    check_detach(&["--attach", "netlink"], true)
 }
 
 /// iptables mode: kproxy programs `KUBE-` chains and their hooks while it
@@ -118,160 +86,5 @@ fn check_rules_removed() -> Result<()> {
 
     assert_cluster_ip_dead_direct_alive(&f)?;
     drop(udp);
-    Ok(())
-}
-
-/// Runs kproxy with `extra` arguments, checks that something is attached
-/// (`expect_tc`: as tc filters), stops it and checks that nothing is left.
-fn check_detach(extra: &[&str], expect_tc: bool) -> Result<()> {
-    let mut f = Fixture::new(3, &[1, 2, 3])?;
-    let iface = f.topo.client_iface_on_node().to_owned();
-    let bpftool = bpf::bpftool_available();
-    if !bpftool {
-        eprintln!(
-            "NOTE: bpftool is not installed: skipping the BPF link/program checks (tc checks still run)"
-        );
-    }
-
-    // Before kproxy: nothing attached, the ClusterIP goes nowhere.
-    let tc = tc_state(&f.topo.node, &iface)?;
-    assert!(
-        !tc.has_clsact() && !tc.has_filters(),
-        "fresh veth already has tc state: {tc:?}"
-    );
-    let links_before: BTreeSet<u64> = if bpftool {
-        bpf::tcx_links()?.into_iter().map(|l| l.id).collect()
-    } else {
-        BTreeSet::new()
-    };
-    let progs_before = if bpftool {
-        bpf::prog_ids()?
-    } else {
-        BTreeSet::new()
-    };
-    let pins_before = bpffs_entries();
-
-    f.start_kproxy_with(extra)?;
-    backend_index(&f.topo.tcp_ask(VIP, HTTP_PORT, IO_TIMEOUT)?.0)?;
-    backend_index(&f.topo.udp_ask(VIP, DNS_PORT, IO_TIMEOUT)?.0)?;
-    let pid = f.kproxy().pid();
-
-    // What kproxy attached while running.
-    let tc_running = tc_state(&f.topo.node, &iface)?;
-    if expect_tc {
-        assert!(
-            tc_running.has_clsact(),
-            "no clsact qdisc on {iface} while running: {tc_running:?}"
-        );
-        assert!(
-            !tc_running.ingress_filters.trim().is_empty()
-                && !tc_running.egress_filters.trim().is_empty(),
-            "expected ingress and egress filters on {iface} while running: {tc_running:?}"
-        );
-    }
-    let mut our_links = BTreeSet::new();
-    let mut our_progs = BTreeSet::new();
-    if bpftool {
-        for l in bpf::tcx_links()? {
-            let by_us = l.pids.as_ref().is_none_or(|p| p.contains(&u64::from(pid)));
-            if !links_before.contains(&l.id) && by_us {
-                our_links.insert(l.id);
-            }
-        }
-        our_progs = match bpf::prog_ids_of_pid(pid)? {
-            Some(ids) => ids,
-            None => bpf::prog_ids()?
-                .difference(&progs_before)
-                .copied()
-                .collect(),
-        };
-        let net = bpf::bpftool_net_entries(&f.topo.node, &iface)?;
-        eprintln!(
-            "while running: tcx links {our_links:?}, programs {our_progs:?}, \
-             bpftool net entries {net:?}, tc {tc_running:?}"
-        );
-        assert!(
-            !our_links.is_empty() || !net.is_empty() || tc_running.has_filters(),
-            "kproxy runs but nothing visible is attached to {iface}"
-        );
-    }
-
-    // Stop it.
-    let status = f.kproxy().stop(STOP_TIMEOUT)?;
-    assert_eq!(status.code(), Some(0), "kproxy exit status {status}");
-    f.kproxy().wait_line(DETACHED, Duration::from_secs(2))?;
-
-    // Nothing left attached.
-    let tc = tc_state(&f.topo.node, &iface)?;
-    assert!(
-        !tc.has_clsact(),
-        "clsact qdisc left on {iface}: {}",
-        tc.qdiscs
-    );
-    assert!(!tc.has_filters(), "tc filters left on {iface}: {tc:?}");
-    if bpftool {
-        // Links and programs are released when their last reference goes;
-        // allow the kernel a moment to finish that.
-        poll_until(
-            "kproxy's tcx links to disappear",
-            Duration::from_secs(3),
-            || {
-                let left: BTreeSet<u64> = bpf::tcx_links()?
-                    .into_iter()
-                    .map(|l| l.id)
-                    .filter(|id| our_links.contains(id))
-                    .collect();
-                Ok(left.is_empty().then_some(()))
-            },
-        )?;
-        poll_until(
-            "kproxy's programs to be unloaded",
-            Duration::from_secs(3),
-            || {
-                let live = bpf::prog_ids()?;
-                Ok(our_progs.is_disjoint(&live).then_some(()))
-            },
-        )?;
-        let net = bpf::bpftool_net_entries(&f.topo.node, &iface)?;
-        assert!(
-            net.is_empty(),
-            "bpftool net show dev {iface} still lists {net:?}"
-        );
-    }
-    let pins_after = bpffs_entries();
-    let new_pins: Vec<_> = pins_after.difference(&pins_before).collect();
-    assert!(
-        new_pins.is_empty(),
-        "pins left in /sys/fs/bpf: {new_pins:?}"
-    );
-
-    assert_cluster_ip_dead_direct_alive(&f)
-}
-
-/// After kproxy stopped: the ClusterIP no longer reaches any backend; direct
-/// traffic still works.
-fn assert_cluster_ip_dead_direct_alive(f: &Fixture) -> Result<()> {
-    let tcp_before = f.servers.total_tcp_accepted();
-    let udp_before = f.servers.total_udp_requests();
-    let (kind, _) = f
-        .topo
-        .tcp_connect_error(VIP, HTTP_PORT, Duration::from_secs(1))?;
-    eprintln!("after stop, TCP to {VIP}:80 fails with {kind:?}");
-    let (kind, _) = f
-        .topo
-        .udp_connect_error(VIP, DNS_PORT, Duration::from_millis(500))?;
-    eprintln!("after stop, UDP to {VIP}:53 gets {kind:?}");
-    assert_eq!(f.servers.total_tcp_accepted(), tcp_before);
-    assert_eq!(f.servers.total_udp_requests(), udp_before);
-    for i in 1..=3 {
-        assert_eq!(
-            f.topo.tcp_ask(backend_ip(i), TARGET_PORT, IO_TIMEOUT)?.0,
-            format!("backend-{i}")
-        );
-        assert_eq!(
-            f.topo.udp_ask(backend_ip(i), TARGET_PORT, IO_TIMEOUT)?.0,
-            format!("backend-{i}")
-        );
-    }
     Ok(())
 }

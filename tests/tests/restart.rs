@@ -1,11 +1,14 @@
-//! Restart without disruption (eBPF mode): `kill -9` of the agent during a
-//! running TCP connection and a UDP exchange. The flows keep working through
-//! the gap (pinned links and maps stay), the next agent adopts the pinned
-//! datapath, applies a change, and leaves no duplicate or orphaned entries.
+//! Restart without disruption, in both datapaths: `kill -9` of the agent
+//! during a running TCP connection and a UDP exchange. The flows keep working
+//! through the gap and new ones are still balanced (eBPF: pinned links and
+//! maps stay; iptables: the rules and netfilter's conntrack stay, as with
+//! kube-proxy), the next agent adopts the datapath, applies a change, and
+//! leaves no duplicate or orphaned entries (eBPF: the pinned tables; iptables:
+//! the `KUBE-` rules); a clean stop then removes everything.
 //!
 //! kproxy is started with `nsenter --net` (not `ip netns exec`, whose private
-//! /sys would take the pins with it) and a pin directory of its own under
-//! the host's /sys/fs/bpf.
+//! /sys would take the pins with it) and, in eBPF mode, a pin directory of its
+//! own under the host's /sys/fs/bpf.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -13,11 +16,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use kproxy_tests::fixture::{
-    APPLY_TIMEOUT, DNS_PORT, HTTP_PORT, IO_TIMEOUT, SLICE_FILE, STOP_TIMEOUT, VIP, backend_index,
-    web_slice_yaml,
+    APPLY_TIMEOUT, DNS_PORT, HTTP_PORT, IO_TIMEOUT, SLICE_FILE, STOP_TIMEOUT, VIP, assert_spread,
+    spread_flows, web_slice_yaml,
 };
 use kproxy_tests::kproxy::Launch;
-use kproxy_tests::{Fixture, Kproxy, Mode, mode};
+use kproxy_tests::{Fixture, Kproxy, Mode, iptables, mode};
 use proxy_common::{SlotKey, SvcKey, SvcValue};
 use proxy_user::dataplane::{LoadOptions, layout_tag};
 
@@ -32,12 +35,16 @@ impl Drop for PinDir {
 
 fn start(f: &Fixture, pin: &Path) -> Result<Kproxy> {
     let pin = pin.to_str().context("pin path is UTF-8")?;
+    let extra: &[&str] = match mode() {
+        Mode::Ebpf => &["--pin-dir", pin],
+        Mode::Iptables => &[],
+    };
     let mut kp = Kproxy::start_with(
         &f.topo.node,
         f.manifests.path(),
         &[f.topo.client_iface_on_node()],
-        &["--pin-dir", pin],
-        Mode::Ebpf,
+        extra,
+        mode(),
         Launch::NsenterNet,
     )?;
     kp.wait_ready()?;
@@ -71,15 +78,42 @@ fn pinned_tables(root: &Path) -> Result<Vec<(SvcKey, SvcValue)>> {
     Ok(svcs)
 }
 
+/// What the datapath holds for the services, to compare across a restart:
+/// eBPF, the pinned frontends and their slots (checked to be consistent);
+/// iptables, kproxy's `KUBE-` rules, sorted.
+fn datapath_state(f: &Fixture, root: &Path) -> Result<Vec<String>> {
+    match mode() {
+        Mode::Ebpf => {
+            let mut frontends: Vec<String> = pinned_tables(root)?
+                .iter()
+                .map(|(k, v)| format!("{k:?} -> {} slots", v.count))
+                .collect();
+            frontends.sort();
+            Ok(frontends)
+        }
+        Mode::Iptables => {
+            let mut rules = iptables::kube_rules(&f.topo.node)?;
+            rules.sort();
+            Ok(rules)
+        }
+    }
+}
+
+/// `n` new TCP flows to the ClusterIP, spread over `backends` as the mode
+/// promises (exact round-robin, or a random spread checked statistically).
+fn assert_new_flows_spread(
+    f: &Fixture,
+    backends: &[usize],
+    ebpf_flows: usize,
+    what: &str,
+) -> Result<()> {
+    let names = f.tcp_round(VIP, HTTP_PORT, spread_flows(backends.len(), ebpf_flows))?;
+    assert_spread(&names, backends, what);
+    Ok(())
+}
+
 #[test]
 fn kill_9_keeps_flows_and_the_next_agent_adopts_the_datapath() -> Result<()> {
-    if mode() != Mode::Ebpf {
-        eprintln!(
-            "restart: pinned datapath is eBPF-only; skipped in {:?} mode",
-            mode()
-        );
-        return Ok(());
-    }
     let f = Fixture::new(3, &[1, 2])?;
     let pin = PinDir(PathBuf::from(format!(
         "/sys/fs/bpf/kpt-restart-{}",
@@ -93,11 +127,20 @@ fn kill_9_keeps_flows_and_the_next_agent_adopts_the_datapath() -> Result<()> {
     let mut udp = f.topo.udp_session(VIP, DNS_PORT, IO_TIMEOUT)?;
     let (udp_backend, from) = udp.ask()?;
     assert_eq!(from.ip(), std::net::IpAddr::V4(VIP));
+    let programmed = datapath_state(&f, &root)?;
+    assert!(!programmed.is_empty(), "nothing programmed while running");
 
     first.kill9()?;
-    assert!(
-        root.join("SERVICES").exists(),
-        "maps stay pinned after kill -9"
+    if mode() == Mode::Ebpf {
+        assert!(
+            root.join("SERVICES").exists(),
+            "maps stay pinned after kill -9"
+        );
+    }
+    assert_eq!(
+        datapath_state(&f, &root)?,
+        programmed,
+        "the datapath stays as it was after kill -9"
     );
 
     // The gap: no agent. Established flows carry on, new ones are balanced.
@@ -105,42 +148,50 @@ fn kill_9_keeps_flows_and_the_next_agent_adopts_the_datapath() -> Result<()> {
         assert_eq!(tcp.ask()?, tcp_backend, "TCP stream during the gap");
         assert_eq!(udp.ask()?.0, udp_backend, "UDP exchange during the gap");
     }
-    let gap_flows = f.tcp_round(VIP, HTTP_PORT, 2)?;
-    let gap_backends: BTreeSet<usize> = gap_flows
-        .iter()
-        .map(|n| backend_index(n))
-        .collect::<Result<_>>()?;
-    assert_eq!(gap_backends, [1, 2].into(), "new flows during the gap");
+    assert_new_flows_spread(&f, &[1, 2], 2, "new flows during the gap")?;
 
-    // The next agent adopts; nothing moves.
+    // The next agent adopts; nothing moves and nothing is duplicated.
     let mut second = start(&f, &pin.0)?;
     for _ in 0..3 {
         assert_eq!(tcp.ask()?, tcp_backend, "TCP stream after restart");
         assert_eq!(udp.ask()?.0, udp_backend, "UDP exchange after restart");
     }
     assert_eq!(
-        pinned_tables(&root)?.len(),
-        2,
-        "two frontends, no duplicates"
+        datapath_state(&f, &root)?,
+        programmed,
+        "the next agent's datapath: the same services, no duplicates"
     );
+    if mode() == Mode::Ebpf {
+        assert_eq!(
+            pinned_tables(&root)?.len(),
+            2,
+            "two frontends, no duplicates"
+        );
+    }
 
     // A change after the restart is applied.
     f.manifests.write(SLICE_FILE, &web_slice_yaml(&[1, 2, 3]))?;
     second.wait_applied(APPLY_TIMEOUT)?;
-    let names = f.tcp_round(VIP, HTTP_PORT, 3)?;
-    let reached: BTreeSet<usize> = names
-        .iter()
-        .map(|n| backend_index(n))
-        .collect::<Result<_>>()?;
-    assert_eq!(reached, [1, 2, 3].into(), "backend 3 added after restart");
+    assert_new_flows_spread(&f, &[1, 2, 3], 3, "backend 3 added after restart")?;
     assert_eq!(tcp.ask()?, tcp_backend, "TCP stream after the change");
-    let svcs = pinned_tables(&root)?;
-    assert_eq!(svcs.len(), 2);
-    assert!(svcs.iter().all(|(_, v)| v.count == 3), "{svcs:?}");
+    if mode() == Mode::Ebpf {
+        let svcs = pinned_tables(&root)?;
+        assert_eq!(svcs.len(), 2);
+        assert!(svcs.iter().all(|(_, v)| v.count == 3), "{svcs:?}");
+    }
 
-    // A clean stop removes the pins too.
+    // A clean stop removes the datapath: the pins, or the rules.
     let status = second.stop(STOP_TIMEOUT)?;
     assert!(status.success(), "kproxy exit status {status}");
-    assert!(!root.exists(), "pinned maps removed on a clean stop");
+    match mode() {
+        Mode::Ebpf => assert!(!root.exists(), "pinned maps removed on a clean stop"),
+        Mode::Iptables => {
+            let left = iptables::kube_rules(&f.topo.node)?;
+            assert!(
+                left.is_empty(),
+                "KUBE- rules left on a clean stop: {left:#?}"
+            );
+        }
+    }
     Ok(())
 }
