@@ -58,8 +58,8 @@ struct Args {
     #[arg(long, value_enum, default_value = "ebpf")]
     mode: Mode,
     /// Interfaces that face clients (comma-separated): ingress translates
-    /// ClusterIP traffic, egress restores replies. Required in eBPF mode;
-    /// iptables rules apply to the whole network namespace.
+    /// ClusterIP traffic, egress restores replies. eBPF mode needs this or
+    /// --iface-prefix; iptables rules apply to the whole network namespace.
     #[arg(long, value_name = "IF[,IF…]", value_delimiter = ',')]
     iface: Vec<String>,
     /// eBPF mode: also attach to every interface whose name starts with one
