@@ -42,6 +42,13 @@ pub struct Args {
     /// every scale and a 120 s programming bound.
     #[arg(long)]
     pub quick: bool,
+    /// Smoke preset (seconds; `cargo xtask test` runs it): 1 and 100
+    /// services, 30 connections, 3 changes, iperf3 1 s once at 1 service, a
+    /// small BPF_PROG_TEST_RUN table. The same code path end to end (start,
+    /// measure, report, plots); the figures mean little. Give it `--out`
+    /// so that it does not replace the committed reports.
+    #[arg(long, conflicts_with = "quick")]
+    pub smoke: bool,
     /// Service counts, comma-separated (overrides the preset's).
     #[arg(long, value_delimiter = ',')]
     pub services: Vec<u32>,
@@ -126,7 +133,26 @@ pub struct Plan {
 
 impl Plan {
     fn from_args(a: &Args) -> Result<Plan> {
-        let mut p = if a.quick {
+        let mut p = if a.smoke {
+            Plan {
+                preset: "smoke".into(),
+                scales: vec![1, 100],
+                modes: Vec::new(),
+                connections: 30,
+                warmup_connections: 5,
+                latency_bound_s: 20,
+                changes: 3,
+                change_bound_s: 20,
+                change_timeout_s: 10,
+                probe_pacing: PACING,
+                iperf_secs: 1,
+                iperf_pairs: 1,
+                iperf_scales: Vec::new(),
+                program_bound_s: a.program_bound_secs.unwrap_or(30),
+                stop_bound_s: 30,
+                seed: a.seed,
+            }
+        } else if a.quick {
             Plan {
                 preset: "quick".into(),
                 scales: vec![1, 1_000, 10_000, 30_000],
@@ -192,7 +218,9 @@ impl Plan {
         }
         // eBPF first: its run never follows iptables state in the node.
         p.modes.sort_by_key(|m| m != "ebpf");
-        p.iperf_scales = if a.quick {
+        p.iperf_scales = if a.smoke {
+            vec![p.scales[0]]
+        } else if a.quick {
             let mut v = vec![p.scales[0]];
             v.extend(p.scales.last().filter(|l| **l != p.scales[0]));
             v
@@ -203,6 +231,17 @@ impl Plan {
             p.preset = format!("{}-custom", p.preset);
         }
         Ok(p)
+    }
+
+    /// Preset arguments of `kproxy-bench dataplane` (after `--services`).
+    pub fn dataplane_args(&self) -> Vec<&'static str> {
+        if self.preset.starts_with("smoke") {
+            vec!["--smoke"]
+        } else if self.preset.starts_with("quick") {
+            vec!["--quick"]
+        } else {
+            Vec::new()
+        }
     }
 
     pub fn modes(&self) -> Vec<Mode> {
@@ -371,7 +410,7 @@ fn real_main(args: &Args) -> Result<bool> {
         let largest = plan.scales.iter().copied().max().unwrap_or(1);
         progress.step(&format!("BPF_PROG_TEST_RUN · 1 and {largest} services"));
         progress.phase("kproxy-bench dataplane", 1);
-        match run::dataplane_table(&kproxy_bench, largest, args.quick) {
+        match run::dataplane_table(&kproxy_bench, largest, &plan.dataplane_args()) {
             Ok(t) => dataplane = Some(t),
             Err(e) => failures.push(format!("kproxy-bench dataplane: {e:#}")),
         }
@@ -423,4 +462,52 @@ fn real_main(args: &Args) -> Result<bool> {
 /// A bound on a loop: `count` iterations or `time`, whichever comes first.
 pub fn deadline(bound: Duration) -> Instant {
     Instant::now() + bound
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Args, Plan};
+    use clap::Parser;
+
+    fn plan(argv: &[&str]) -> anyhow::Result<Plan> {
+        let args =
+            Args::try_parse_from(std::iter::once("kproxy-compare").chain(argv.iter().copied()))?;
+        Plan::from_args(&args)
+    }
+
+    #[test]
+    fn presets() {
+        let full = plan(&[]).unwrap();
+        assert_eq!(full.preset, "full");
+        assert_eq!(full.scales, [1, 1_000, 10_000, 30_000, 100_000]);
+        assert_eq!(full.iperf_scales, full.scales);
+        assert!(full.dataplane_args().is_empty());
+
+        let quick = plan(&["--quick"]).unwrap();
+        assert_eq!(quick.preset, "quick");
+        assert_eq!(quick.scales, [1, 1_000, 10_000, 30_000]);
+        assert_eq!(quick.iperf_scales, [1, 30_000]);
+        assert_eq!(quick.dataplane_args(), ["--quick"]);
+
+        let smoke = plan(&["--smoke", "--out", "/tmp/smoke"]).unwrap();
+        assert_eq!(smoke.preset, "smoke");
+        assert_eq!(smoke.scales, [1, 100]);
+        assert_eq!(smoke.modes, ["ebpf", "iptables"]);
+        assert_eq!((smoke.connections, smoke.changes), (30, 3));
+        assert_eq!(
+            (smoke.iperf_scales.as_slice(), smoke.iperf_secs),
+            (&[1][..], 1)
+        );
+        assert_eq!(smoke.dataplane_args(), ["--smoke"]);
+
+        let custom = plan(&["--smoke", "--services", "5,1"]).unwrap();
+        assert_eq!(
+            (custom.preset.as_str(), custom.scales.as_slice()),
+            ("smoke-custom", &[1, 5][..])
+        );
+        assert_eq!(custom.dataplane_args(), ["--smoke"]);
+
+        assert!(plan(&["--smoke", "--quick"]).is_err());
+        assert!(plan(&["--services", "0"]).is_err());
+    }
 }

@@ -1080,11 +1080,10 @@ pub fn markdown(run: &Run, plots: &[(String, String)]) -> String {
                 s,
                 "`kproxy-bench dataplane --services 1,{}{}` (ns/packet):\n",
                 run.scales().last().copied().unwrap_or(1),
-                if p.preset.starts_with("quick") {
-                    " --quick"
-                } else {
-                    ""
-                }
+                p.dataplane_args()
+                    .iter()
+                    .map(|a| format!(" {a}"))
+                    .collect::<String>()
             );
             for line in t.lines() {
                 let _ = writeln!(s, "{line}");

@@ -504,9 +504,9 @@ fn throughput(s: &Scale, progress: &Progress, r: &mut ModeRun) -> Result<()> {
     Ok(())
 }
 
-/// Runs `kproxy-bench dataplane --services 1,LARGEST [--quick]` and returns
-/// its stdout (a Markdown table and ratio lines).
-pub fn dataplane_table(bin: &Path, largest: u32, quick: bool) -> Result<String> {
+/// Runs `kproxy-bench dataplane --services 1,LARGEST [PRESET...]` (e.g.
+/// `--quick`) and returns its stdout (a Markdown table and ratio lines).
+pub fn dataplane_table(bin: &Path, largest: u32, preset: &[&str]) -> Result<String> {
     if !bin.is_file() {
         bail!(
             "{} does not exist (built by `cargo xtask build`)",
@@ -518,10 +518,8 @@ pub fn dataplane_table(bin: &Path, largest: u32, quick: bool) -> Result<String> 
         std::process::id()
     ));
     let mut cmd = Command::new(bin);
-    cmd.args(["dataplane", "--services", &format!("1,{largest}")]);
-    if quick {
-        cmd.arg("--quick");
-    }
+    cmd.args(["dataplane", "--services", &format!("1,{largest}")])
+        .args(preset);
     let child = cmd
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path)?)

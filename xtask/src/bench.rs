@@ -13,16 +13,24 @@
 //! - `cluster [--pods N]`: a fresh single-node cluster (`kcontrol all` +
 //!   kproxy), N pods created one at a time: create → Running, Ready and
 //!   endpoint programmed (cluster_bench.rs); report by `kcluster-report`.
+//!
+//! Each takes `--smoke`: the smallest scale, seconds to a minute, the same
+//! code path end to end (start, measure, report and plots), written under
+//! target/bench-smoke/NAME/ (emptied first) instead of bench/results/, and
+//! then checked: the report exists, it links its plots, and every file it
+//! links to exists. `cargo xtask test` runs them all (smoke.rs).
+
+use std::process::Stdio;
 
 use anyhow::{Context, Result, bail};
 
-use crate::build::{self, BPF_OBJ_ENV};
+use crate::build::BPF_OBJ_ENV;
 use crate::etcd;
-use crate::setup;
+use crate::smoke;
 use crate::util::{self, Toolchain, run};
 
 /// Which benchmark `args` ask for, and its own arguments.
-fn split(args: &[String]) -> Result<(&'static str, &[String])> {
+pub(crate) fn split(args: &[String]) -> Result<(&'static str, &[String])> {
     match args.first().map(String::as_str) {
         None => Ok(("compare", args)),
         Some("compare") => Ok(("compare", &args[1..])),
@@ -78,7 +86,66 @@ fn apiserver_backends(
     Ok((backends, rest))
 }
 
+/// Removes `--smoke` from `args`; true when it was there.
+fn take_smoke(args: &[String]) -> (bool, Vec<String>) {
+    let rest: Vec<String> = args.iter().filter(|a| *a != "--smoke").cloned().collect();
+    (rest.len() != args.len(), rest)
+}
+
+/// `cargo xtask bench …` as typed, recorded in the reports.
+fn invocation(args: &[String]) -> String {
+    let mut invocation = String::from("cargo xtask bench");
+    for a in args {
+        invocation.push(' ');
+        invocation.push_str(a);
+    }
+    invocation
+}
+
+/// The checks of `cargo xtask bench dataplane --smoke` on kproxy-bench's
+/// output: a table row per service count with every figure a positive
+/// number (a class that was not measured or not translated would be 0,
+/// NaN or missing), then the ratio and targets lines.
+fn check_dataplane_table(out: &str, scales: &[u32]) -> Result<()> {
+    for n in scales {
+        let row = out
+            .lines()
+            .find(|l| l.starts_with(&format!("| {n} |")))
+            .with_context(|| format!("no table row for {n} services in:\n{out}"))?;
+        let cells: Vec<&str> = row
+            .split('|')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect();
+        if cells.len() != 7 {
+            bail!(
+                "row for {n} services has {} cells, want 7: {row}",
+                cells.len()
+            );
+        }
+        // Programming 1 service rounds to 0.0 ms; the per-packet figures
+        // (non-IPv4 … reverse NAT) cannot.
+        for (i, c) in cells.iter().enumerate().skip(1) {
+            let v: f64 = c
+                .parse()
+                .with_context(|| format!("cell {c:?} of row {row:?} is not a number"))?;
+            if !v.is_finite() || v < 0.0 || (i >= 2 && v <= 0.0) {
+                bail!("implausible figure {c} in row {row:?}");
+            }
+        }
+    }
+    if scales.len() > 1 && !out.lines().any(|l| l.starts_with("targets:")) {
+        bail!("no `targets:` line in:\n{out}");
+    }
+    Ok(())
+}
+
+/// Service counts of the dataplane smoke run.
+const DATAPLANE_SMOKE_SCALES: [u32; 2] = [1, 1_000];
+
 fn run_apiserver_bench(args: &[String], rest: &[String]) -> Result<()> {
+    let (smoke, rest) = take_smoke(rest);
+    let rest = &rest[..];
     let mut etcd = None;
     let (backends, rest) = apiserver_backends(rest, || {
         let e = etcd::Etcd::start()?;
@@ -88,20 +155,26 @@ fn run_apiserver_bench(args: &[String], rest: &[String]) -> Result<()> {
         Ok(url)
     })?;
     let root = util::workspace_root();
-    let mut build = util::cargo(Toolchain::Active);
-    build
-        .current_dir(&root)
-        .args(["build", "--release", "-p", "kcontrol", "--target-dir"])
-        .arg(util::target_dir());
-    run(&mut build)?;
-    let mut invocation = String::from("cargo xtask bench");
-    for a in args {
-        invocation.push(' ');
-        invocation.push_str(a);
+    // Inside `cargo xtask test` (smoke.rs) kcontrol is built already.
+    let kcontrol = match smoke::reused_builds()? {
+        Some(outputs) => outputs.kcontrol,
+        None => {
+            let mut build = util::cargo(Toolchain::Active);
+            build
+                .current_dir(&root)
+                .args(["build", "--release", "-p", "kcontrol", "--target-dir"])
+                .arg(util::target_dir());
+            run(&mut build)?;
+            util::target_dir().join("release/kcontrol")
+        }
+    };
+    let out = smoke.then(|| smoke::out_dir("apiserver"));
+    if let Some(dir) = &out {
+        smoke::fresh_dir(dir)?;
     }
     let mut cmd = util::cargo(Toolchain::Active);
     cmd.current_dir(&root)
-        .env("KCONTROL_BENCH_INVOCATION", invocation)
+        .env("KCONTROL_BENCH_INVOCATION", invocation(args))
         .args([
             "run",
             "--release",
@@ -114,14 +187,21 @@ fn run_apiserver_bench(args: &[String], rest: &[String]) -> Result<()> {
         .arg(util::target_dir())
         .arg("--")
         .arg("--kcontrol")
-        .arg(util::target_dir().join("release/kcontrol"));
+        .arg(kcontrol);
     for b in backends {
         cmd.arg("--backend").arg(b);
+    }
+    if let Some(dir) = &out {
+        cmd.arg("--smoke").arg("--out").arg(dir);
     }
     cmd.args(rest);
     let result = run(&mut cmd);
     drop(etcd);
-    result
+    result?;
+    if let Some(dir) = &out {
+        smoke::check_report(&dir.join("latest-apiserver-smoke.md"), 2)?;
+    }
+    Ok(())
 }
 
 pub fn run_bench(args: &[String]) -> Result<()> {
@@ -132,38 +212,72 @@ pub fn run_bench(args: &[String]) -> Result<()> {
     if what == "cluster" {
         return crate::cluster_bench::run_cluster_bench(rest);
     }
-    setup::run_setup()?;
-    let outputs = build::build_all(true)?;
+    let (smoke, rest) = take_smoke(rest);
+    let outputs = smoke::builds()?;
     let mut cmd = util::cargo(Toolchain::Active);
     cmd.current_dir(util::workspace_root())
         .env(BPF_OBJ_ENV, &outputs.bpf_obj)
         .env("KPROXY_BIN", &outputs.kproxy)
         .args(["run", "--release"]);
-    match what {
-        "dataplane" => {
-            cmd.args(["-p", "proxy-user", "--bin", "kproxy-bench", "--target-dir"])
-                .arg(util::target_dir())
-                .arg("--")
-                .arg("dataplane")
-                .args(rest);
+    if what == "dataplane" {
+        cmd.args(["-p", "proxy-user", "--bin", "kproxy-bench", "--target-dir"])
+            .arg(util::target_dir())
+            .arg("--")
+            .arg("dataplane");
+        if !smoke {
+            cmd.args(rest);
+            return run(&mut cmd);
         }
-        _ => {
-            // Recorded in the report as the command that produced it.
-            let mut invocation = String::from("cargo xtask bench");
-            for a in args {
-                invocation.push(' ');
-                invocation.push_str(a);
-            }
-            cmd.env("KPROXY_COMPARE_INVOCATION", invocation)
-                .args(["-p", "kproxy-compare", "--target-dir"])
-                .arg(util::target_dir())
-                .arg("--")
-                .arg("--kproxy")
-                .arg(&outputs.kproxy)
-                .args(rest);
+        let scales = DATAPLANE_SMOKE_SCALES.map(|n| n.to_string()).join(",");
+        cmd.args(["--smoke", "--services", &scales]).args(rest);
+        // kproxy-bench prints its table on stdout: captured for the check
+        // (its progress on stderr still shows), then shown.
+        let shown = util::display(&cmd);
+        say!("==> running: {shown}");
+        let done = cmd
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("could not start `{shown}`"))?;
+        let table = String::from_utf8_lossy(&done.stdout);
+        say!("{table}");
+        if !done.status.success() {
+            bail!("`{shown}` failed ({})", done.status);
         }
+        check_dataplane_table(&table, &DATAPLANE_SMOKE_SCALES)?;
+        say!("==> smoke: the table has every figure for {scales} services");
+        return Ok(());
     }
-    run(&mut cmd)
+    // compare. Its own binary name: the package also has kcontrol-bench
+    // and kcluster-report.
+    let out = smoke.then(|| smoke::out_dir("compare"));
+    cmd.env("KPROXY_COMPARE_INVOCATION", invocation(args))
+        .args([
+            "-p",
+            "kproxy-compare",
+            "--bin",
+            "kproxy-compare",
+            "--target-dir",
+        ])
+        .arg(util::target_dir())
+        .arg("--")
+        .arg("--kproxy")
+        .arg(&outputs.kproxy);
+    if let Some(dir) = &out {
+        smoke::fresh_dir(dir)?;
+        cmd.arg("--smoke")
+            .arg("--out")
+            .arg(dir)
+            .arg("--log")
+            .arg(dir.join("kproxy-compare.log"));
+    }
+    cmd.args(rest);
+    run(&mut cmd)?;
+    if let Some(dir) = &out {
+        // Three plots: first-packet, change latency, programming.
+        smoke::check_report(&dir.join("latest-smoke.md"), 3)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -188,6 +302,57 @@ mod tests {
         assert_eq!(split(&a).unwrap(), ("apiserver", &a[1..]));
         let c = s(&["cluster", "--pods", "5"]);
         assert_eq!(split(&c).unwrap(), ("cluster", &c[1..]));
+    }
+
+    #[test]
+    fn smoke_flag_is_taken_out_of_the_arguments() {
+        let (smoke, rest) = super::take_smoke(&s(&["--smoke", "--store", "sqlite,etcd"]));
+        assert!(smoke);
+        assert_eq!(rest, s(&["--store", "sqlite,etcd"]));
+        let (smoke, rest) = super::take_smoke(&s(&["--quick"]));
+        assert!(!smoke);
+        assert_eq!(rest, s(&["--quick"]));
+        // `cargo xtask bench --smoke` is the compare benchmark's smoke run.
+        let a = s(&["--smoke"]);
+        assert_eq!(split(&a).unwrap(), ("compare", &a[..]));
+        let a = s(&["dataplane", "--smoke"]);
+        assert_eq!(split(&a).unwrap(), ("dataplane", &a[1..]));
+        assert_eq!(
+            super::invocation(&s(&["apiserver", "--smoke"])),
+            "cargo xtask bench apiserver --smoke"
+        );
+    }
+
+    #[test]
+    fn dataplane_smoke_check_wants_every_figure() {
+        let table = "\
+BPF_PROG_TEST_RUN, ns/packet (repeat 1000, new flows over 100 single runs), kernel 6.18
+
+| services | programming (ms) | non-IPv4 | IPv4 miss | new flow | established | reverse NAT |
+|---:|---:|---:|---:|---:|---:|---:|
+| 1 | 0.0 | 39.0 | 60.0 | 1007.2 | 167.0 | 134.0 |
+| 1000 | 10.3 | 39.0 | 61.0 | 625.2 | 167.0 | 134.0 |
+
+ratio 1000÷1 services: miss 1.02, new flow 0.62, established 1.00, reverse NAT 1.00
+targets: established ≤ 120 ns: MISSED (167.0); miss ≤ 50 ns: MISSED (61.0)
+";
+        super::check_dataplane_table(table, &[1, 1000]).unwrap();
+        let err = super::check_dataplane_table(table, &[1, 100_000]).unwrap_err();
+        assert!(err.to_string().contains("no table row for 100000"), "{err}");
+        for (from, to) in [
+            ("| 625.2 |", "| 0.0 |"),
+            ("| 625.2 |", "| NaN |"),
+            ("| 625.2 |", "| - |"),
+            ("| 134.0 |\n\n", "|\n\n"),
+            ("targets:", "target"),
+        ] {
+            let broken = table.replacen(from, to, 1);
+            assert_ne!(broken, table, "{from:?} not in the table");
+            assert!(
+                super::check_dataplane_table(&broken, &[1, 1000]).is_err(),
+                "accepted with {from:?} → {to:?}:\n{broken}"
+            );
+        }
     }
 
     #[test]

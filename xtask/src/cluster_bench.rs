@@ -37,7 +37,7 @@ use anyhow::{Context, Result, bail};
 use crate::cluster::{Cluster, Line, Log, PIN_DIR, Src};
 use crate::up::field;
 use crate::util::{self, Toolchain, output, run};
-use crate::{build, setup};
+use crate::{build, smoke};
 
 const SERVICE_YAML: &str = r#"apiVersion: v1
 kind: Service
@@ -106,29 +106,61 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// `--pods N` (default 50) and `--probe`.
-fn parse_args(args: &[String]) -> Result<(usize, bool)> {
-    let mut pods = 50;
+/// What `cargo xtask bench cluster` was asked for.
+#[derive(Debug, PartialEq)]
+struct Opts {
+    pods: usize,
+    probe: bool,
+    /// `--smoke`: 2 pods (unless `--pods`), report under target/bench-smoke/.
+    smoke: bool,
+}
+
+impl Opts {
+    /// The command line as the report records it.
+    fn invocation(&self) -> String {
+        format!(
+            "cargo xtask bench cluster --pods {}{}{}",
+            self.pods,
+            if self.probe { " --probe" } else { "" },
+            if self.smoke { " --smoke" } else { "" }
+        )
+    }
+}
+
+/// `--pods N` (default 50; 2 with `--smoke`), `--probe` and `--smoke`.
+fn parse_args(args: &[String]) -> Result<Opts> {
+    let mut pods = None;
     let mut probe = false;
+    let mut smoke = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let v = if a == "--probe" {
             probe = true;
+            continue;
+        } else if a == "--smoke" {
+            smoke = true;
             continue;
         } else if a == "--pods" {
             it.next().context("--pods needs a number")?.as_str()
         } else if let Some(v) = a.strip_prefix("--pods=") {
             v
         } else {
-            bail!("unknown argument {a:?}: `cargo xtask bench cluster [--pods N] [--probe]`");
+            bail!(
+                "unknown argument {a:?}: `cargo xtask bench cluster [--pods N] [--probe] [--smoke]`"
+            );
         };
-        pods = v
-            .parse()
-            .ok()
-            .filter(|n| (1..=200).contains(n))
-            .with_context(|| format!("--pods {v:?}: expected 1..=200 (one /24 pod CIDR)"))?;
+        pods = Some(
+            v.parse()
+                .ok()
+                .filter(|n| (1..=200).contains(n))
+                .with_context(|| format!("--pods {v:?}: expected 1..=200 (one /24 pod CIDR)"))?,
+        );
     }
-    Ok((pods, probe))
+    Ok(Opts {
+        pods: pods.unwrap_or(if smoke { 2 } else { 50 }),
+        probe,
+        smoke,
+    })
 }
 
 /// One event of the watch for pod `name`: (phase, ready, ip).
@@ -246,9 +278,19 @@ fn programmed_ips() -> Result<Vec<Ipv4Addr>> {
 }
 
 pub fn run_cluster_bench(args: &[String]) -> Result<()> {
-    let (pods, probe) = parse_args(args)?;
-    setup::run_setup()?;
-    let outputs = build::build_all(true)?;
+    let opts = parse_args(args)?;
+    let (pods, probe) = (opts.pods, opts.probe);
+    // The smoke run's report goes to target/bench-smoke/cluster (emptied
+    // first, so only this run's files can pass the check), never beside the
+    // committed reports.
+    let report_dir = if opts.smoke {
+        let dir = smoke::out_dir("cluster");
+        smoke::fresh_dir(&dir)?;
+        Some(dir)
+    } else {
+        None
+    };
+    let outputs = smoke::builds()?;
 
     let log = Arc::new(Log::default());
     let on_signal = log.clone();
@@ -262,8 +304,11 @@ pub fn run_cluster_bench(args: &[String]) -> Result<()> {
     let (samples, verified) = result?;
     stopped?;
 
-    let json = samples_path();
-    fs::write(&json, to_json(pods, probe, &samples, &verified)?)
+    let json = match &report_dir {
+        Some(dir) => dir.join("samples.json"),
+        None => samples_path(),
+    };
+    fs::write(&json, to_json(&opts, &samples, &verified)?)
         .with_context(|| format!("writing {}", json.display()))?;
     say!("==> samples: {}", json.display());
     let mut cmd = util::cargo(Toolchain::Active);
@@ -286,7 +331,14 @@ pub fn run_cluster_bench(args: &[String]) -> Result<()> {
         .arg("--")
         .arg("--samples")
         .arg(&json);
-    run(&mut cmd)
+    if let Some(dir) = &report_dir {
+        cmd.arg("--out").arg(dir);
+    }
+    run(&mut cmd)?;
+    if let Some(dir) = &report_dir {
+        smoke::check_report(&dir.join("latest-cluster.md"), 1)?;
+    }
+    Ok(())
 }
 
 fn measure(c: &mut Cluster, pods: usize, probe: bool) -> Result<(Vec<Sample>, String)> {
@@ -368,14 +420,15 @@ fn measure(c: &mut Cluster, pods: usize, probe: bool) -> Result<(Vec<Sample>, St
     Ok((samples, verified))
 }
 
-fn to_json(pods: usize, probe: bool, samples: &[Sample], verified: &str) -> Result<String> {
+fn to_json(opts: &Opts, samples: &[Sample], verified: &str) -> Result<String> {
     let date = output(Command::new("date").args(["-u", "+%Y-%m-%d"]))?;
     let mut s = String::new();
     write!(
         s,
-        "{{\n  \"date\": \"{date}\",\n  \"invocation\": \"cargo xtask bench cluster --pods {pods}{}\",\n  \
-         \"probe\": {probe},\n  \"verified\": \"{verified}\",\n  \"samples\": [",
-        if probe { " --probe" } else { "" }
+        "{{\n  \"date\": \"{date}\",\n  \"invocation\": \"{}\",\n  \
+         \"probe\": {},\n  \"verified\": \"{verified}\",\n  \"samples\": [",
+        opts.invocation(),
+        opts.probe
     )?;
     for (i, x) in samples.iter().enumerate() {
         write!(
@@ -403,20 +456,38 @@ pub fn samples_path() -> PathBuf {
 mod tests {
     use super::*;
 
+    fn parse(args: &[&str]) -> Result<(usize, bool, bool)> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        parse_args(&args).map(|o| (o.pods, o.probe, o.smoke))
+    }
+
     #[test]
     fn pods_argument() {
-        assert_eq!(parse_args(&[]).unwrap(), (50, false));
+        assert_eq!(parse(&[]).unwrap(), (50, false, false));
+        assert_eq!(parse(&["--pods", "7"]).unwrap(), (7, false, false));
+        assert_eq!(parse(&["--pods=9", "--probe"]).unwrap(), (9, true, false));
+        assert!(parse(&["--pods", "0"]).is_err());
+        assert!(parse(&["--pods"]).is_err());
+        assert!(parse(&["--nope"]).is_err());
+    }
+
+    #[test]
+    fn smoke_is_two_pods_unless_told_otherwise() {
+        assert_eq!(parse(&["--smoke"]).unwrap(), (2, false, true));
         assert_eq!(
-            parse_args(&["--pods".into(), "7".into()]).unwrap(),
-            (7, false)
+            parse(&["--smoke", "--pods", "3"]).unwrap(),
+            (3, false, true)
+        );
+        assert_eq!(parse(&["--pods=3", "--smoke"]).unwrap(), (3, false, true));
+        let o = parse_args(&["--smoke".into(), "--probe".into()]).unwrap();
+        assert_eq!(
+            o.invocation(),
+            "cargo xtask bench cluster --pods 2 --probe --smoke"
         );
         assert_eq!(
-            parse_args(&["--pods=9".into(), "--probe".into()]).unwrap(),
-            (9, true)
+            parse_args(&[]).unwrap().invocation(),
+            "cargo xtask bench cluster --pods 50"
         );
-        assert!(parse_args(&["--pods".into(), "0".into()]).is_err());
-        assert!(parse_args(&["--pods".into()]).is_err());
-        assert!(parse_args(&["--nope".into()]).is_err());
     }
 
     #[test]

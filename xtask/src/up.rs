@@ -339,8 +339,9 @@ enum Event {
 }
 
 pub fn run_manifests_demo(once: bool) -> Result<()> {
-    setup::run_setup()?;
-    let outputs = build::build_all(true)?;
+    // Setup and build, unless `cargo xtask test`'s smoke step (smoke.rs)
+    // hands down the builds it made.
+    let outputs = crate::smoke::builds()?;
     remove_stale_namespaces()?;
 
     let (tx, rx) = mpsc::channel();

@@ -45,6 +45,12 @@ pub struct Args {
     /// Quick preset: 1,000 services, 100 paced writes.
     #[arg(long)]
     pub quick: bool,
+    /// Smoke preset (seconds; `cargo xtask test` runs it): 100 services by 4
+    /// writers, 20 paced writes 2 ms apart; the report is
+    /// `apiserver-DATE-smoke.*` and `latest-apiserver-smoke.md`. Give it
+    /// `--out` so that it does not land beside the committed reports.
+    #[arg(long, conflicts_with = "quick")]
+    pub smoke: bool,
     /// A store to measure: LABEL, or LABEL=ARGS where ARGS (split at
     /// whitespace) are appended to `kcontrol apiserver`. Repeatable; the
     /// default is the embedded store, `sqlite`.
@@ -85,12 +91,36 @@ pub fn parse_backend(s: &str) -> Result<Backend> {
     })
 }
 
+impl Args {
+    /// Applies `--quick` / `--smoke` (they only ever lower the counts).
+    fn apply_preset(&mut self) {
+        if self.quick {
+            self.services = self.services.min(1_000);
+            self.watch_writes = self.watch_writes.min(100);
+        }
+        if self.smoke {
+            self.services = self.services.min(100);
+            self.writers = self.writers.min(4);
+            self.watch_writes = self.watch_writes.min(20);
+            self.pace_ms = self.pace_ms.min(2);
+        }
+    }
+
+    /// `-quick`, `-smoke` or nothing: the suffix of the report's file names.
+    pub fn preset_suffix(&self) -> &'static str {
+        if self.smoke {
+            "-smoke"
+        } else if self.quick {
+            "-quick"
+        } else {
+            ""
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let mut args = Args::parse();
-    if args.quick {
-        args.services = args.services.min(1_000);
-        args.watch_writes = args.watch_writes.min(100);
-    }
+    args.apply_preset();
     if args.writers == 0 || args.services == 0 || args.watch_writes == 0 {
         bail!("--services, --writers and --watch-writes must be at least 1");
     }
@@ -152,7 +182,48 @@ fn main() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_backend;
+    use super::{Args, parse_backend};
+    use clap::Parser;
+
+    fn parsed(argv: &[&str]) -> Args {
+        let mut a =
+            Args::try_parse_from(std::iter::once("kcontrol-bench").chain(argv.iter().copied()))
+                .unwrap();
+        a.apply_preset();
+        a
+    }
+
+    #[test]
+    fn presets_lower_the_counts() {
+        let a = parsed(&[]);
+        assert_eq!(
+            (a.services, a.writers, a.watch_writes, a.preset_suffix()),
+            (10_000, 32, 300, "")
+        );
+        let a = parsed(&["--quick"]);
+        assert_eq!(
+            (a.services, a.watch_writes, a.preset_suffix()),
+            (1_000, 100, "-quick")
+        );
+        let a = parsed(&["--smoke", "--out", "/tmp/x"]);
+        assert_eq!(
+            (
+                a.services,
+                a.writers,
+                a.watch_writes,
+                a.pace_ms,
+                a.preset_suffix()
+            ),
+            (100, 4, 20, 2, "-smoke")
+        );
+        assert_eq!(a.out, std::path::Path::new("/tmp/x"));
+        // Explicit smaller counts stay.
+        assert_eq!(parsed(&["--smoke", "--services", "10"]).services, 10);
+        assert!(
+            Args::try_parse_from(["kcontrol-bench", "--smoke", "--quick"]).is_err(),
+            "--smoke and --quick together"
+        );
+    }
 
     #[test]
     fn backends_take_a_label_and_extra_args() {

@@ -1,5 +1,6 @@
 //! Console figures, and the Markdown report, JSON dump and SVG plots in
-//! bench/results/ (`apiserver-DATE[-quick].*`, `latest-apiserver[-quick].md`).
+//! bench/results/ (`apiserver-DATE[-quick|-smoke].*`,
+//! `latest-apiserver[-quick|-smoke].md`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -198,11 +199,7 @@ pub fn table(runs: &[Run]) -> String {
 
 pub fn write(args: &Args, env: &Environment, runs: &[Run]) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(&args.out)?;
-    let stem = format!(
-        "apiserver-{}{}",
-        env.date,
-        if args.quick { "-quick" } else { "" }
-    );
+    let stem = format!("apiserver-{}{}", env.date, args.preset_suffix());
     let throughput = args.out.join(format!("{stem}-throughput.svg"));
     let latency = args.out.join(format!("{stem}-latency.svg"));
     plot_throughput(&throughput, runs)?;
@@ -261,10 +258,9 @@ pub fn write(args: &Args, env: &Environment, runs: &[Run]) -> Result<Vec<PathBuf
     );
     let md_path = args.out.join(format!("{stem}.md"));
     std::fs::write(&md_path, &md)?;
-    let latest = args.out.join(format!(
-        "latest-apiserver{}.md",
-        if args.quick { "-quick" } else { "" }
-    ));
+    let latest = args
+        .out
+        .join(format!("latest-apiserver{}.md", args.preset_suffix()));
     std::fs::write(&latest, &md)?;
     let json_path = args.out.join(format!("{stem}.json"));
     std::fs::write(

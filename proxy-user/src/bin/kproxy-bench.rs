@@ -30,13 +30,15 @@ struct Opts {
     single_runs: u32,
 }
 
-fn parse_args() -> Result<Opts> {
-    let mut args = std::env::args().skip(1);
+/// Parses the arguments after the program name.
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts> {
+    let mut args = args.into_iter();
     let mut opts = Opts {
         scales: vec![1, 100_000],
         repeat: 200_000,
         single_runs: 3_000,
     };
+    let mut scales_given = false;
     match args.next().as_deref() {
         Some("dataplane") | None => {}
         Some(other) => bail!("unknown benchmark {other:?}: available: dataplane"),
@@ -53,6 +55,7 @@ fn parse_args() -> Result<Opts> {
                     .map(|s| s.trim().parse::<u32>())
                     .collect::<Result<_, _>>()
                     .map_err(|e| anyhow::anyhow!("--services: {e}"))?;
+                scales_given = true;
             }
             "--repeat" => opts.repeat = val()?.parse()?,
             "--single-runs" => opts.single_runs = val()?.parse()?,
@@ -60,10 +63,19 @@ fn parse_args() -> Result<Opts> {
                 opts.repeat = 50_000;
                 opts.single_runs = 1_000;
             }
+            // Seconds: the whole path (load, program, every measured
+            // packet class, the table), figures too noisy to mean much.
+            "--smoke" => {
+                opts.repeat = 1_000;
+                opts.single_runs = 100;
+                if !scales_given {
+                    opts.scales = vec![1, 1_000];
+                }
+            }
             "-h" | "--help" => {
                 println!(
                     "usage: kproxy-bench dataplane [--services 1,100000] [--repeat N] \
-                     [--single-runs N] [--quick]"
+                     [--single-runs N] [--quick | --smoke]"
                 );
                 std::process::exit(0);
             }
@@ -72,6 +84,9 @@ fn parse_args() -> Result<Opts> {
     }
     if opts.scales.is_empty() || opts.scales.contains(&0) {
         bail!("--services needs positive counts");
+    }
+    if opts.repeat == 0 || opts.single_runs == 0 {
+        bail!("--repeat and --single-runs need positive counts");
     }
     Ok(opts)
 }
@@ -209,7 +224,7 @@ fn measure(n: u32, opts: &Opts) -> Result<Row> {
 }
 
 fn main() -> Result<()> {
-    let opts = parse_args()?;
+    let opts = parse_args(std::env::args().skip(1))?;
     println!(
         "BPF_PROG_TEST_RUN, ns/packet (repeat {}, new flows over {} single runs), kernel {}",
         opts.repeat,
@@ -251,9 +266,11 @@ fn main() -> Result<()> {
         let miss = last.miss;
         println!(
             "targets: established ≤ 120 ns: {} ({est:.1}); miss ≤ 50 ns: {} ({miss:.1}); \
-             100k÷1 established ≤ 1.1: {} ({:.2})",
+             {}÷{} established ≤ 1.1: {} ({:.2})",
             if est <= 120.0 { "met" } else { "MISSED" },
             if miss <= 50.0 { "met" } else { "MISSED" },
+            last.services,
+            first.services,
             if last.established / first.established <= 1.1 {
                 "met"
             } else {
@@ -263,4 +280,39 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_args;
+
+    fn parse(args: &[&str]) -> anyhow::Result<(Vec<u32>, u32, u32)> {
+        let o = parse_args(args.iter().map(|a| a.to_string()))?;
+        Ok((o.scales, o.repeat, o.single_runs))
+    }
+
+    #[test]
+    fn presets_and_overrides() {
+        assert_eq!(parse(&[]).unwrap(), (vec![1, 100_000], 200_000, 3_000));
+        assert_eq!(
+            parse(&["dataplane", "--quick"]).unwrap(),
+            (vec![1, 100_000], 50_000, 1_000)
+        );
+        assert_eq!(
+            parse(&["dataplane", "--smoke"]).unwrap(),
+            (vec![1, 1_000], 1_000, 100)
+        );
+        // --smoke keeps explicit service counts, whichever comes first.
+        for args in [
+            ["dataplane", "--services", "1,30000", "--smoke"],
+            ["dataplane", "--smoke", "--services", "1,30000"],
+        ] {
+            assert_eq!(parse(&args).unwrap(), (vec![1, 30_000], 1_000, 100));
+        }
+        assert!(parse(&["dataplane", "--services", "0,5"]).is_err());
+        assert!(parse(&["dataplane", "--repeat", "0"]).is_err());
+        assert!(parse(&["dataplane", "--repeat"]).is_err());
+        assert!(parse(&["dataplane", "--nope"]).is_err());
+        assert!(parse(&["nope"]).is_err());
+    }
 }
