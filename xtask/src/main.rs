@@ -17,7 +17,9 @@ mod cluster;
 mod cluster_bench;
 mod etcd;
 mod setup;
+mod smoke;
 mod test;
+mod testcount;
 mod up;
 mod util;
 mod vmtest;
@@ -81,7 +83,8 @@ enum Cmd {
     /// `cargo xtask bench apiserver [--quick] [--store sqlite]` measures
     /// `kcontrol apiserver` (kcontrol-bench); `cargo xtask bench cluster
     /// [--pods N]` measures pod create → Running/Ready/endpoint programmed
-    /// on a single-node cluster
+    /// on a single-node cluster. Each takes `--smoke` (smallest scale,
+    /// report under target/bench-smoke/; `cargo xtask test` runs them all)
     Bench {
         /// `compare` (default), `dataplane` or `apiserver`, then their arguments, e.g.
         /// `--quick`

@@ -1,7 +1,9 @@
 //! `cargo xtask test`: the whole gate CI runs (.ci/run): setup, build, format
 //! check, clippy on both workspaces, then the test suite against the freshly
-//! built agent (eBPF mode), then the namespace suite once more against the
-//! agent's iptables mode.
+//! built agent (eBPF mode), the namespace suite once more against the agent's
+//! iptables mode, the README's main command (`cargo xtask up --once`), a smoke
+//! run of every other workflow, and the dataplane suite in qemu. It ends with
+//! how many tests ran in each datapath mode.
 
 use std::path::Path;
 use std::process::Command;
@@ -11,6 +13,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::build::{self, BPF_OBJ_ENV, BPF_TARGET};
 use crate::setup;
+use crate::testcount::{self, Counts};
 use crate::util::{self, Toolchain, run};
 
 /// Tells the integration tests which agent binary to run.
@@ -19,12 +22,22 @@ const KPROXY_BIN_ENV: &str = "KPROXY_BIN";
 const KCONTROL_BIN_ENV: &str = "KCONTROL_BIN";
 /// Tells the integration tests which datapath (`kproxy --mode`) to test.
 const KPROXY_MODE_ENV: &str = "KPROXY_MODE";
+/// The interpreter of the Python client's virtual environment (setup made it).
+const KPROXY_PYTHON_ENV: &str = "KPROXY_PYTHON";
 /// The package of the integration tests, and where its test targets live.
 const TESTS_PACKAGE: &str = "kproxy-tests";
 const TESTS_DIR: &str = "tests/tests";
-/// Integration test targets that exercise the eBPF object itself
-/// (BPF_PROG_TEST_RUN), not a kproxy datapath: not run again in iptables mode.
-const EBPF_ONLY_TESTS: &[&str] = &["packet_classes", "follow_links", "cluster_e2e"];
+/// Integration test targets that exist only for the eBPF datapath: the eBPF
+/// object itself (BPF_PROG_TEST_RUN), attaching to interfaces as they appear,
+/// `--attach netlink`, and the cluster (which runs kproxy in eBPF mode). Not
+/// generated for the iptables step; each fails with a message when run with
+/// `KPROXY_MODE=iptables`.
+const EBPF_ONLY_TESTS: &[&str] = &[
+    "packet_classes",
+    "follow_links",
+    "cluster_e2e",
+    "cleanup_netlink",
+];
 
 /// `args` are what followed `--` on the command line: arguments for
 /// `cargo test` (e.g. a test-name filter); a second `--` in them starts the
@@ -32,8 +45,10 @@ const EBPF_ONLY_TESTS: &[&str] = &["packet_classes", "follow_links", "cluster_e2
 pub fn run_test(args: &[String]) -> Result<()> {
     let started = Instant::now();
     let mut timings = Vec::new();
-    let result = steps(args, &mut timings);
+    let mut counts = ModeCounts::default();
+    let result = steps(args, &mut timings, &mut counts);
 
+    counts.print();
     say!("==> step timings:");
     for (step, took) in &timings {
         say!("    {step:<16} {}", util::secs(*took));
@@ -53,7 +68,59 @@ pub fn run_test(args: &[String]) -> Result<()> {
     }
 }
 
-fn steps(args: &[String], timings: &mut Vec<(&'static str, std::time::Duration)>) -> Result<()> {
+/// What the two `cargo test` steps ran, for the closing per-mode summary.
+#[derive(Default)]
+struct ModeCounts {
+    ebpf: Option<Counts>,
+    iptables: Option<Counts>,
+    namespace_targets: Vec<String>,
+    ebpf_only_targets: Vec<String>,
+}
+
+impl ModeCounts {
+    fn print(&self) {
+        if self.ebpf.is_none() && self.iptables.is_none() {
+            return;
+        }
+        say!("==> tests run per datapath mode:");
+        let both = &self.namespace_targets;
+        let ebpf_only = &self.ebpf_only_targets;
+        if let Some(c) = &self.ebpf {
+            let (t, n) = c.of(both);
+            say!(
+                "    eBPF mode      namespace suite: {}",
+                testcount::describe(t, n)
+            );
+            let (t, n) = c.of(ebpf_only);
+            say!(
+                "    eBPF mode      eBPF-only files: {} ({})",
+                testcount::describe(t, n),
+                testcount::by_target(c, ebpf_only)
+            );
+            let all = c.total();
+            let (a, _) = c.of(both);
+            let (b, _) = c.of(ebpf_only);
+            say!(
+                "    mode-independent (unit tests, kcontrol, store, xtask, doc tests): {} passed in {} test targets",
+                all.passed - a.passed - b.passed,
+                c.targets.len() - c.of(both).1 - c.of(ebpf_only).1
+            );
+        }
+        if let Some(c) = &self.iptables {
+            let (t, n) = c.of(both);
+            say!(
+                "    iptables mode  namespace suite: {}",
+                testcount::describe(t, n)
+            );
+        }
+    }
+}
+
+fn steps(
+    args: &[String],
+    timings: &mut Vec<(&'static str, std::time::Duration)>,
+    counts: &mut ModeCounts,
+) -> Result<()> {
     let mut step = |name: &'static str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
         say!("==> step: {name}");
         let t = Instant::now();
@@ -132,6 +199,11 @@ fn steps(args: &[String], timings: &mut Vec<(&'static str, std::time::Duration)>
     })?;
 
     let (cargo_args, test_args) = split_test_args(args);
+    let python = util::target_dir()
+        .join(setup::PYTHON_VENV)
+        .join("bin/python3");
+    counts.namespace_targets = namespace_test_targets(&root.join(TESTS_DIR))?;
+    counts.ebpf_only_targets = EBPF_ONLY_TESTS.iter().map(|s| s.to_string()).collect();
 
     // Unit tests of every crate and the whole integration suite, eBPF mode.
     step("cargo test", &mut || {
@@ -141,10 +213,13 @@ fn steps(args: &[String], timings: &mut Vec<(&'static str, std::time::Duration)>
             .env(KPROXY_BIN_ENV, &outputs.kproxy)
             .env(KCONTROL_BIN_ENV, &outputs.kcontrol)
             .env(KPROXY_MODE_ENV, "ebpf")
+            .env(KPROXY_PYTHON_ENV, &python)
             .args(["test", "--workspace", "--release", "--target-dir"])
             .arg(util::target_dir())
             .args(cargo_args);
-        run(with_test_args(&mut cmd, test_args))
+        with_test_args(&mut cmd, test_args);
+        counts.ebpf = Some(testcount::run_counting(cmd)?);
+        Ok(())
     })?;
 
     // The namespace suite again against `kproxy --mode iptables`.
@@ -167,13 +242,33 @@ fn steps(args: &[String], timings: &mut Vec<(&'static str, std::time::Duration)>
             cmd.arg("--test").arg(target);
         }
         cmd.args(cargo_args);
-        run(with_test_args(&mut cmd, test_args))
+        with_test_args(&mut cmd, test_args);
+        counts.iptables = Some(testcount::run_counting(cmd)?);
+        Ok(())
     })?;
+
+    // The README's main command, for real: a single-node cluster on this
+    // host, the demo's requests answered by all three pods, then a teardown
+    // that leaves nothing. A filtered run skips it, like vm-test.
+    let unfiltered = cargo_args.is_empty() && test_args.is_empty();
+    if unfiltered {
+        // Its own process, as a user runs it: it installs a signal handler
+        // and prints its own setup and build lines.
+        step("up --once", &mut || {
+            let xtask = std::env::current_exe().context("locating the xtask binary")?;
+            run(Command::new(xtask).args(["up", "--once"]))
+        })?;
+        // Every other workflow at its smallest scale (`--smoke`), so one that
+        // cannot start fails CI.
+        step("smoke", &mut || {
+            crate::smoke::run_smokes(&outputs).map(drop)
+        })?;
+    }
 
     // The dataplane suite inside qemu on Debian's 6.1 and 6.12 kernel lines
     // (netlink attach on 6.1, tcx on 6.12), reusing the builds above. A
     // filtered run (`cargo xtask test -- NAME`) asked for a subset: skip it.
-    if cargo_args.is_empty() && test_args.is_empty() {
+    if unfiltered {
         step("vm-test", &mut || {
             crate::vmtest::run_vm_test(&crate::vmtest::Options {
                 kernels: Vec::new(),
