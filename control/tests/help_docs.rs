@@ -5,11 +5,14 @@
 //! `KPROXY_BLESS_DOCS=1` it rewrites the blocks instead.
 //! proxy-user/tests/help_docs.rs does the same for docs/kproxy.md.
 
+#[path = "../../proxy-user/tests/support/generated_docs.rs"]
+mod generated_docs;
+
 use std::path::Path;
 use std::process::Command;
 
-const BLESS_ENV: &str = "KPROXY_BLESS_DOCS";
-const END: &str = "<!-- END GENERATED -->";
+use generated_docs::check_generated_blocks;
+
 const RERUN: &str = "cargo test --release -p kcontrol --test help_docs";
 
 #[test]
@@ -53,46 +56,4 @@ fn subcommands(top: &str) -> Vec<String> {
         .filter(|name| *name != "help")
         .map(str::to_owned)
         .collect()
-}
-
-/// Compares each (NAME, text) of `blocks` with the fenced block between
-/// `<!-- BEGIN GENERATED: NAME -->` and the next [`END`] in `doc`; with
-/// [`BLESS_ENV`] set, writes the differing ones into `doc` instead of
-/// failing. Missing markers always fail.
-fn check_generated_blocks(doc: &Path, blocks: &[(String, String)], rerun: &str) {
-    let bless = std::env::var(BLESS_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
-    let mut text =
-        std::fs::read_to_string(doc).unwrap_or_else(|e| panic!("reading {}: {e}", doc.display()));
-    let mut drifted = Vec::new();
-    for (name, output) in blocks {
-        let begin = format!("<!-- BEGIN GENERATED: {name} -->\n");
-        let start = text.find(&begin).map(|i| i + begin.len());
-        let end = start.and_then(|s| text[s..].find(END).map(|n| s + n));
-        let (Some(start), Some(end)) = (start, end) else {
-            panic!(
-                "{}: no generated block `{name}`: add the lines `{}` and `{END}` where it belongs, \
-                 then run `{BLESS_ENV}=1 {rerun}` to fill it",
-                doc.display(),
-                begin.trim_end()
-            );
-        };
-        let want = format!("```text\n{}\n```\n", output.trim_end());
-        if text[start..end] != want {
-            drifted.push(name.clone());
-            text.replace_range(start..end, &want);
-        }
-    }
-    if drifted.is_empty() {
-        return;
-    }
-    if bless {
-        std::fs::write(doc, &text).unwrap_or_else(|e| panic!("writing {}: {e}", doc.display()));
-        eprintln!("{BLESS_ENV}: rewrote {drifted:?} in {}", doc.display());
-        return;
-    }
-    panic!(
-        "{} has drifted from the binary: generated block(s) {drifted:?} differ from its --help. \
-         Run `{BLESS_ENV}=1 {rerun}` to rewrite them, then review the diff",
-        doc.display()
-    );
 }
