@@ -21,6 +21,7 @@ mod test;
 mod up;
 mod util;
 mod vmtest;
+mod watch_bench;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -81,7 +82,8 @@ enum Cmd {
     /// `cargo xtask bench apiserver [--quick] [--store sqlite]` measures
     /// `kcontrol apiserver` (kcontrol-bench); `cargo xtask bench cluster
     /// [--pods N]` measures pod create → Running/Ready/endpoint programmed
-    /// on a single-node cluster
+    /// on a single-node cluster; `cargo xtask bench watch [--secs N]` runs
+    /// kcontrol's watch stress test for N seconds per store
     Bench {
         /// `compare` (default), `dataplane` or `apiserver`, then their arguments, e.g.
         /// `--quick`
