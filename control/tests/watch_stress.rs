@@ -17,7 +17,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -248,6 +248,9 @@ struct Session {
     /// When the watch had its 200.
     watching: Instant,
     events: Vec<Seen>,
+    /// (name, seq) of the events other than deletes, to tell quickly
+    /// whether the last writes arrived.
+    arrived: HashSet<(String, u64)>,
     /// (resourceVersion, events before it) of each BOOKMARK.
     bookmarks: Vec<(i64, usize)>,
     /// Ran until every last write after its list had arrived.
@@ -264,6 +267,7 @@ impl Session {
             listed: None,
             watching: Instant::now(),
             events: Vec::new(),
+            arrived: HashSet::new(),
             bookmarks: Vec::new(),
             to_the_end: false,
             error: None,
@@ -284,11 +288,14 @@ impl Session {
         lasts
             .iter()
             .filter(|o| self.selects(o.writer) && o.rv.unwrap_or(0) > self.list_rv)
-            .all(|o| {
-                self.events
-                    .iter()
-                    .any(|e| e.name == o.name && e.seq == o.seq && e.ty != "DELETED")
-            })
+            .all(|o| self.arrived.contains(&(o.name.clone(), o.seq)))
+    }
+
+    fn push(&mut self, e: Seen) {
+        if e.ty != "DELETED" {
+            self.arrived.insert((e.name.clone(), e.seq));
+        }
+        self.events.push(e);
     }
 }
 
@@ -496,7 +503,7 @@ async fn raw_watch(
                 "ADDED" | "MODIFIED" | "DELETED" => {
                     let meta = event_meta(&ev["object"], format)
                         .ok_or_else(|| format!("event without metadata: {ev}"))?;
-                    s.events.push(Seen {
+                    s.push(Seen {
                         ty,
                         name: meta["name"].as_str().unwrap_or_default().to_string(),
                         rv: Some(rv_of(meta).ok_or("event without rv")?),
@@ -701,7 +708,7 @@ fn kubectl_session(
             return s;
         }
         match ev_rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(Ok(seen)) => s.events.push(seen),
+            Ok(Ok(seen)) => s.push(seen),
             Ok(Err(e)) => {
                 s.error = Some(e);
                 return s;
