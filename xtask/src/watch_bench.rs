@@ -145,9 +145,9 @@ fn report(date: &str, secs: u64, rows: &[Row]) -> String {
         s,
         "`cargo xtask bench watch --secs {secs}`: control/tests/watch_stress.rs with \
          {secs} s of writes per store. 6 writers over 18 ConfigMaps (create, update, \
-         delete); 7 raw HTTP clients (JSON and Table events, label selector, paged lists, \
-         bookmarks; most reconnect every 0.15–1.1 s, each time list then watch from the \
-         list's resourceVersion) and 3 `kubectl get -w` (Table and JSON); one busy \
+         delete); 8 raw HTTP clients (JSON and Table events, label selector, paged lists, \
+         bookmarks, one that stops reading for 3 s every 4 s; most reconnect every \
+         0.15–1.1 s, each time list then watch from the list's resourceVersion) and 3 `kubectl get -w` (Table and JSON); one busy \
          thread per core in the test process all along. Every client checks that it got \
          every change after its list's resourceVersion exactly once, in order; latency \
          is from the write's acknowledgement (or the watch's start, for the backlog) to \
