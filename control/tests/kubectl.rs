@@ -7,7 +7,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
 
 use common::{Server, TempDir};
 
@@ -48,6 +50,110 @@ impl Kubectl<'_> {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
+}
+
+/// Bound on every wait for kubectl's output: generous, since the suite runs
+/// kubectl, apiservers and compilers side by side on two cores.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A running `kubectl get … -w`; killed on drop.
+struct Watching {
+    child: Child,
+    /// Its stdout, line by line.
+    lines: Receiver<String>,
+    /// What it printed so far (for failure messages).
+    seen: Vec<String>,
+}
+
+impl Kubectl<'_> {
+    /// Starts `kubectl ARGS` (a `get -w`) and returns once kubectl has the
+    /// 200 of its watch request, which it logs at `-v=6`. The apiserver
+    /// fixes a watch's starting point before it answers (watch.rs), so
+    /// every write after this returns is printed as a change. Before it, a
+    /// write can be part of the watch's initial state, and `get NAME -w`
+    /// does not print that: it takes the watch's first event for the
+    /// object it printed already (issue 22).
+    fn watch(&self, args: &[&str]) -> Watching {
+        let mut child = Command::new(&self.bin)
+            .arg("--kubeconfig")
+            .arg(&self.server.kubeconfig)
+            .arg("--cache-dir")
+            .arg(&self.cache)
+            .args(args)
+            .arg("-v=6")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("running {} failed: {e}", self.bin.display()));
+        let lines = forward_lines(child.stdout.take().unwrap());
+        let log = forward_lines(child.stderr.take().unwrap());
+        let watching = Watching {
+            child,
+            lines,
+            seen: Vec::new(),
+        };
+        let deadline = Instant::now() + WAIT;
+        let mut logged = Vec::new();
+        // 1.27: `GET https://…&watch=true 200 OK in 2 milliseconds`;
+        // 1.30+: `"Response" verb="GET" url="https://…&watch=true" status="200 OK" …`.
+        while !logged
+            .iter()
+            .any(|l: &String| l.contains("watch=true") && l.contains("200 OK"))
+        {
+            match log.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(l) => logged.push(l),
+                Err(_) => panic!(
+                    "kubectl {args:?} did not log the 200 of a watch request within {WAIT:?}; it logged:\n{}\nand printed {:?}",
+                    logged.join("\n"),
+                    watching.lines.try_iter().collect::<Vec<_>>()
+                ),
+            }
+        }
+        // Keep draining its log so that kubectl never blocks on it.
+        std::thread::spawn(move || log.iter().for_each(drop));
+        watching
+    }
+}
+
+impl Watching {
+    /// Waits (up to [`WAIT`]) for a printed line that satisfies `want`.
+    fn until(&mut self, what: &str, want: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(l) if want(&l) => return l,
+                Ok(l) => self.seen.push(l),
+                Err(_) => panic!(
+                    "kubectl get -w did not print {what} within {WAIT:?}; it printed {:?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The lines of `from`, read on a thread of their own.
+fn forward_lines(from: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 const APP: &str = r#"
@@ -182,47 +288,12 @@ fn kubectl_end_to_end() {
             .is_empty()
     );
 
-    // `kubectl get -w` streams changes (a watch with Table events).
-    let mut watch = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(&server.kubeconfig)
-        .arg("--cache-dir")
-        .arg(&k.cache)
-        .args(["get", "configmaps", "--watch-only", "-o", "name"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = watch.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let mut seen = Vec::new();
-    let mut n = 0;
-    while !seen
-        .iter()
-        .any(|l: &String| l.starts_with("configmap/watched"))
-    {
-        // Created until the watch (started asynchronously) reports one.
-        n += 1;
-        k.ok(&["create", "configmap", &format!("watched{n}")]);
-        if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(500)) {
-            seen.push(line);
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "kubectl get -w printed {seen:?}"
-        );
-    }
-    let _ = watch.kill();
-    let _ = watch.wait();
+    // `kubectl get -w` streams changes (a watch with Table events): a
+    // ConfigMap created once the watch is established is printed.
+    let mut watch = k.watch(&["get", "configmaps", "--watch-only", "-o", "name"]);
+    k.ok(&["create", "configmap", "watched"]);
+    watch.until("configmap/watched", |l| l == "configmap/watched");
+    drop(watch);
 
     // First apply creates, the second changes nothing, an edited one patches.
     let app = dir.0.join("app.yaml");
@@ -537,44 +608,12 @@ fn core_workflow(bin: &Path, tag: &str) {
     assert_eq!(column(&pods, "STATUS", "p1"), "Pending");
 
     // get -w: after the initial row, a change made by another client
-    // (kube-rs, scaling the deployment to 7) is printed.
-    let mut watch = Command::new(bin)
-        .arg("--kubeconfig")
-        .arg(&server.kubeconfig)
-        .arg("--cache-dir")
-        .arg(&k.cache)
-        .args(["get", "deploy", "web", "-w"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = watch.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
+    // (kube-rs, scaling the deployment to 7) once kubectl watches is printed.
+    let mut watch = k.watch(&["get", "deploy", "web", "-w"]);
+    // The header and the current row, from the GET before the watch.
+    watch.until("the row of web", |l| {
+        l.split_whitespace().next() == Some("web")
     });
-    let wait = std::time::Duration::from_secs(20);
-    let mut lines = Vec::new();
-    // The header and the current row come from the list the watch
-    // starts at; anything written after they are printed is watched.
-    while !lines
-        .iter()
-        .any(|l: &String| l.split_whitespace().next() == Some("web"))
-    {
-        match rx.recv_timeout(wait) {
-            Ok(l) => lines.push(l),
-            Err(_) => {
-                let _ = watch.kill();
-                panic!("kubectl get -w printed {lines:?} within {wait:?}");
-            }
-        }
-    }
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -590,18 +629,10 @@ fn core_workflow(bin: &Path, tag: &str) {
             .await;
             assert_eq!(r.code, 200, "{}", String::from_utf8_lossy(&r.body));
         });
-    let changed = loop {
-        match rx.recv_timeout(wait) {
-            Ok(l) if l.split_whitespace().nth(1) == Some("0/7") => break l,
-            Ok(l) => lines.push(l),
-            Err(_) => {
-                let _ = watch.kill();
-                panic!("kubectl get -w did not print the scaled deployment: {lines:?}");
-            }
-        }
-    };
-    let _ = watch.kill();
-    let _ = watch.wait();
+    let changed = watch.until("the scaled deployment (READY 0/7)", |l| {
+        l.split_whitespace().nth(1) == Some("0/7")
+    });
+    drop(watch);
     assert!(changed.starts_with("web"), "{changed}");
 
     // describe: deployment, service, pod.

@@ -13,6 +13,8 @@
 //! - `cluster [--pods N]`: a fresh single-node cluster (`kcontrol all` +
 //!   kproxy), N pods created one at a time: create → Running, Ready and
 //!   endpoint programmed (cluster_bench.rs); report by `kcluster-report`.
+//! - `watch [--secs N] [--store sqlite,etcd]`: the long run of kcontrol's
+//!   watch stress test (watch_bench.rs); report in bench/results/.
 //!
 //! Each takes `--smoke`: the smallest scale, seconds to a minute, the same
 //! code path end to end (start, measure, report and plots), written under
@@ -37,12 +39,14 @@ pub(crate) fn split(args: &[String]) -> Result<(&'static str, &[String])> {
         Some("dataplane") => Ok(("dataplane", &args[1..])),
         Some("apiserver") => Ok(("apiserver", &args[1..])),
         Some("cluster") => Ok(("cluster", &args[1..])),
+        Some("watch") => Ok(("watch", &args[1..])),
         Some(flag) if flag.starts_with('-') => Ok(("compare", args)),
         Some(other) => bail!(
             "unknown benchmark {other:?}: `cargo xtask bench [--quick]` (eBPF against iptables, \
              kproxy-compare), `cargo xtask bench dataplane [--quick]` (BPF_PROG_TEST_RUN) or \
              `cargo xtask bench apiserver [--quick] [--store sqlite,etcd]` (kcontrol apiserver) or \
-             `cargo xtask bench cluster [--pods N]` (pod create → Running/Ready/programmed)"
+             `cargo xtask bench cluster [--pods N]` (pod create → Running/Ready/programmed) or \
+             `cargo xtask bench watch [--secs N] [--store sqlite,etcd]` (watch stress)"
         ),
     }
 }
@@ -212,6 +216,9 @@ pub fn run_bench(args: &[String]) -> Result<()> {
     if what == "cluster" {
         return crate::cluster_bench::run_cluster_bench(rest);
     }
+    if what == "watch" {
+        return crate::watch_bench::run_watch_bench(rest);
+    }
     let (smoke, rest) = take_smoke(rest);
     let outputs = smoke::builds()?;
     let mut cmd = util::cargo(Toolchain::Active);
@@ -302,6 +309,8 @@ mod tests {
         assert_eq!(split(&a).unwrap(), ("apiserver", &a[1..]));
         let c = s(&["cluster", "--pods", "5"]);
         assert_eq!(split(&c).unwrap(), ("cluster", &c[1..]));
+        let w = s(&["watch", "--secs", "300"]);
+        assert_eq!(split(&w).unwrap(), ("watch", &w[1..]));
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod testcount;
 mod up;
 mod util;
 mod vmtest;
+mod watch_bench;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -83,8 +84,10 @@ enum Cmd {
     /// `cargo xtask bench apiserver [--quick] [--store sqlite]` measures
     /// `kcontrol apiserver` (kcontrol-bench); `cargo xtask bench cluster
     /// [--pods N]` measures pod create → Running/Ready/endpoint programmed
-    /// on a single-node cluster. Each takes `--smoke` (smallest scale,
-    /// report under target/bench-smoke/; `cargo xtask test` runs them all)
+    /// on a single-node cluster; `cargo xtask bench watch [--secs N]` runs
+    /// kcontrol's watch stress test for N seconds per store. Each takes
+    /// `--smoke` (smallest scale, report under target/bench-smoke/; `cargo
+    /// xtask test` runs them all)
     Bench {
         /// `compare` (default), `dataplane` or `apiserver`, then their arguments, e.g.
         /// `--quick`

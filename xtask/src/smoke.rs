@@ -43,6 +43,7 @@ pub const SMOKES: &[(&str, &[&str])] = &[
         &["bench", "apiserver", "--smoke", "--store", "sqlite,etcd"],
     ),
     ("bench cluster", &["bench", "cluster", "--smoke"]),
+    ("bench watch", &["bench", "watch", "--smoke"]),
     ("up --manifests-demo", &["up", "--manifests-demo", "--once"]),
 ];
 
@@ -594,6 +595,7 @@ Code: `[no](code-span.md)` and ``a `[no](double.md)` b``.
                 "bench dataplane",
                 "bench apiserver",
                 "bench cluster",
+                "bench watch",
                 "up --manifests-demo"
             ]
         );

@@ -131,78 +131,65 @@ pub async fn serve(
 
     let (tx, rx) = mpsc::channel::<Bytes>(128);
     let prefix = rt.prefix(ns.as_deref());
+    // The starting point is fixed before the response head goes out, as
+    // upstream registers its watcher before writing the 200: a client that
+    // has its 200 knows that every later write reaches it as an event.
+    // Without this, a write racing a `resourceVersion=0` watch can land in
+    // the initial state instead — which `kubectl get NAME -w` does not
+    // print, since it drops the first event as the object it already showed.
+    let first_page = if send_initial {
+        Some(state.store.list(&prefix, start, None, Some(500)).await)
+    } else {
+        None
+    };
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + timeout;
         let send = |b: Bytes| {
             let tx = tx.clone();
             async move { tx.send(b).await.is_ok() }
         };
+        let fail = |e: StoreError| send(store_error(e, rt, out, include));
         // Initial state.
-        let mut last: Revision;
-        if send_initial {
-            let mut at: Option<Revision> = None;
-            let mut after: Option<String> = None;
-            loop {
-                let page = match state
-                    .store
-                    .list(&prefix, at.or(start), after.as_deref(), Some(500))
-                    .await
-                {
-                    Ok(p) => p,
-                    Err(StoreError::Compacted {
-                        requested,
-                        compacted,
-                    }) => {
-                        let e = ApiError::gone(format!(
-                            "too old resource version: {requested} ({compacted})"
-                        ));
-                        send(line("ERROR", e.to_status(), rt, out, include)).await;
-                        return;
+        let mut last = match first_page {
+            Some(mut page) => {
+                let at = loop {
+                    let p = match page {
+                        Ok(p) => p,
+                        Err(e) => {
+                            fail(e).await;
+                            return;
+                        }
+                    };
+                    for kv in &p.items {
+                        let Ok(obj) = from_kv(kv) else { continue };
+                        if filter.matches(&obj) && !send(line("ADDED", obj, rt, out, include)).await
+                        {
+                            return;
+                        }
                     }
-                    Err(e) => {
-                        let e = ApiError::internal(format!("storage: {e}"));
-                        send(line("ERROR", e.to_status(), rt, out, include)).await;
-                        return;
-                    }
+                    let Some(after) = p.items.last().filter(|_| p.more) else {
+                        break p.revision;
+                    };
+                    // Later pages are read at the first page's revision.
+                    page = state
+                        .store
+                        .list(&prefix, Some(p.revision), Some(&after.key), Some(500))
+                        .await;
                 };
-                at = Some(page.revision);
-                for kv in &page.items {
-                    after = Some(kv.key.clone());
-                    let Ok(obj) = from_kv(kv) else { continue };
-                    if filter.matches(&obj) && !send(line("ADDED", obj, rt, out, include)).await {
-                        return;
-                    }
+                if explicit_initial
+                    && !send(line("BOOKMARK", bookmark(rt, at, true), rt, out, include)).await
+                {
+                    return;
                 }
-                if !page.more {
-                    break;
-                }
+                at
             }
-            last = at.unwrap_or(0);
-            if explicit_initial
-                && !send(line("BOOKMARK", bookmark(rt, last, true), rt, out, include)).await
-            {
-                return;
-            }
-        } else {
-            last = start.unwrap_or(0);
-        }
+            None => start.unwrap_or(0),
+        };
 
         let mut events = match state.store.watch(&prefix, last).await {
             Ok(s) => s,
             Err(e) => {
-                let err = match e {
-                    StoreError::Compacted {
-                        requested,
-                        compacted,
-                    } => ApiError::gone(format!(
-                        "too old resource version: {requested} ({compacted})"
-                    )),
-                    StoreError::FutureRevision(r) => {
-                        ApiError::timeout(format!("Too large resource version: {r}"))
-                    }
-                    other => ApiError::internal(format!("storage: {other}")),
-                };
-                send(line("ERROR", err.to_status(), rt, out, include)).await;
+                fail(e).await;
                 return;
             }
         };
@@ -220,14 +207,8 @@ pub async fn serve(
                 ev = events.recv() => {
                     match ev {
                         None => return,
-                        Some(Err(StoreError::Compacted { requested, compacted })) => {
-                            let e = ApiError::gone(format!("too old resource version: {requested} ({compacted})"));
-                            send(line("ERROR", e.to_status(), rt, out, include)).await;
-                            return;
-                        }
                         Some(Err(e)) => {
-                            let e = ApiError::internal(format!("storage: {e}"));
-                            send(line("ERROR", e.to_status(), rt, out, include)).await;
+                            fail(e).await;
                             return;
                         }
                         Some(Ok(ev)) => {
@@ -254,6 +235,30 @@ pub async fn serve(
         HeaderValue::from_static("no-cache, private"),
     );
     Ok(resp)
+}
+
+/// The ERROR event that ends a watch the store cannot serve: 410 when its
+/// revision was compacted away, 504 ("Too large resource version") when it
+/// is newer than the store.
+fn store_error(
+    e: StoreError,
+    rt: &ResourceType,
+    out: Output,
+    include: table::IncludeObject,
+) -> Bytes {
+    let e = match e {
+        StoreError::Compacted {
+            requested,
+            compacted,
+        } => ApiError::gone(format!(
+            "too old resource version: {requested} ({compacted})"
+        )),
+        StoreError::FutureRevision(r) => {
+            ApiError::timeout(format!("Too large resource version: {r}"))
+        }
+        other => ApiError::internal(format!("storage: {other}")),
+    };
+    line("ERROR", e.to_status(), rt, out, include)
 }
 
 /// The event this watcher sees for a store event, if any.

@@ -52,7 +52,8 @@ macro_rules! conformance_tests {
             recreate_after_delete, values_roundtrip, list_prefix, list_pagination,
             list_at_revision, watch_backlog_then_live, watch_event_shapes, watch_prefix,
             watch_from_current, watch_concurrent_writes_in_order, compact_semantics,
-            compact_trailing_tombstone, slow_watcher, concurrent_updates_one_wins,
+            compact_trailing_tombstone, slow_watcher, stalled_watcher_catches_up,
+            concurrent_updates_one_wins,
             concurrent_creates_one_wins, concurrent_deletes_one_wins);
     };
     (@each $fixture:expr; $($name:ident),* $(,)?) => {
@@ -93,6 +94,7 @@ where
     compact_semantics(&fixture().await.store).await;
     compact_trailing_tombstone(&fixture().await.store).await;
     slow_watcher(&fixture().await.store).await;
+    stalled_watcher_catches_up(&fixture().await.store).await;
     concurrent_updates_one_wins(&fixture().await.store).await;
     concurrent_creates_one_wins(&fixture().await.store).await;
     concurrent_deletes_one_wins(&fixture().await.store).await;
@@ -750,6 +752,49 @@ pub async fn slow_watcher_with<S: Store>(store: &S, writes: usize) -> SlowWatche
 
 pub async fn slow_watcher<S: Store>(store: &S) {
     slow_watcher_with(store, 200).await;
+}
+
+/// A watcher that reads nothing while more writes happen than any buffer
+/// between the store and it holds (its stream's, the SQLite driver's
+/// published rows, etcd's responses), with no compaction: once it reads,
+/// it gets every event, in order. This is the path where a watcher has
+/// fallen behind the live rows and must catch up from the log (SQLite) or
+/// re-watch from its cursor (etcd); `slow_watcher` compacts, so it only
+/// shows that such a watcher ends without a gap.
+pub async fn stalled_watcher_catches_up<S: Store>(store: &S) {
+    let r0 = store.current_revision().await.unwrap();
+    let mut w = store.watch("/t/", r0).await.unwrap();
+    let writers = (0..4).map(|t| async move {
+        let mut acked = Vec::new();
+        for i in 0..500 {
+            acked.push(store.create(&format!("/t/{t}/{i}"), v("x")).await.unwrap());
+        }
+        acked
+    });
+    let acked: BTreeSet<Revision> = join_all(writers.collect())
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut got = Vec::new();
+    while got.len() < acked.len() {
+        let item = tokio::time::timeout(EVENT_TIMEOUT, w.recv()).await;
+        let n = got.len();
+        match item {
+            Ok(Some(Ok(e))) => got.push(e.kv.mod_revision),
+            Ok(Some(Err(e))) => panic!("stalled watcher, after {n} events: {e}"),
+            Ok(None) => panic!("stalled watcher: the stream ended after {n} events"),
+            Err(_) => panic!(
+                "stalled watcher: {n} of {} events, then none for {EVENT_TIMEOUT:?}",
+                acked.len()
+            ),
+        }
+    }
+    let want: Vec<Revision> = acked.into_iter().collect();
+    assert_eq!(
+        got, want,
+        "a stalled watcher lost, repeated or reordered events"
+    );
 }
 
 // ---- concurrency ----
