@@ -692,6 +692,27 @@ pub enum SlowWatcher {
     Compacted,
 }
 
+/// `writers` concurrent writers each creating `per_writer` keys under /t/;
+/// the revisions their creates were acknowledged at.
+async fn create_concurrently<S: Store>(
+    store: &S,
+    writers: usize,
+    per_writer: usize,
+) -> BTreeSet<Revision> {
+    let writers = (0..writers).map(|t| async move {
+        let mut acked = Vec::new();
+        for i in 0..per_writer {
+            acked.push(store.create(&format!("/t/{t}/{i}"), v("x")).await.unwrap());
+        }
+        acked
+    });
+    join_all(writers.collect())
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 /// A watcher that reads nothing while `writes` writes happen and the store
 /// is compacted to the end: it must not hold up the writers, and must get
 /// either every event or an unbroken prefix of them followed by
@@ -699,20 +720,7 @@ pub enum SlowWatcher {
 pub async fn slow_watcher_with<S: Store>(store: &S, writes: usize) -> SlowWatcher {
     let r0 = store.current_revision().await.unwrap();
     let mut w = store.watch("/t/", r0).await.unwrap();
-    let per_writer = writes.div_ceil(4);
-    let writers = (0..4).map(|t| async move {
-        let mut acked = Vec::new();
-        for i in 0..per_writer {
-            acked.push(store.create(&format!("/t/{t}/{i}"), v("x")).await.unwrap());
-        }
-        acked
-    });
-    let acked: Vec<Revision> = join_all(writers.collect())
-        .await
-        .into_iter()
-        .flatten()
-        .collect();
-    let acked: BTreeSet<Revision> = acked.into_iter().collect();
+    let acked = create_concurrently(store, 4, writes.div_ceil(4)).await;
     store
         .compact(store.current_revision().await.unwrap())
         .await
@@ -764,18 +772,7 @@ pub async fn slow_watcher<S: Store>(store: &S) {
 pub async fn stalled_watcher_catches_up<S: Store>(store: &S) {
     let r0 = store.current_revision().await.unwrap();
     let mut w = store.watch("/t/", r0).await.unwrap();
-    let writers = (0..4).map(|t| async move {
-        let mut acked = Vec::new();
-        for i in 0..500 {
-            acked.push(store.create(&format!("/t/{t}/{i}"), v("x")).await.unwrap());
-        }
-        acked
-    });
-    let acked: BTreeSet<Revision> = join_all(writers.collect())
-        .await
-        .into_iter()
-        .flatten()
-        .collect();
+    let acked = create_concurrently(store, 4, 500).await;
     let mut got = Vec::new();
     while got.len() < acked.len() {
         let item = tokio::time::timeout(EVENT_TIMEOUT, w.recv()).await;
