@@ -26,7 +26,7 @@ use std::process::Stdio;
 
 use anyhow::{Context, Result, bail};
 
-use crate::build::BPF_OBJ_ENV;
+use crate::build::{BPF_OBJ_ENV, KPROXY_BIN_ENV};
 use crate::etcd;
 use crate::smoke;
 use crate::util::{self, Toolchain, run};
@@ -224,7 +224,7 @@ pub fn run_bench(args: &[String]) -> Result<()> {
     let mut cmd = util::cargo(Toolchain::Active);
     cmd.current_dir(util::workspace_root())
         .env(BPF_OBJ_ENV, &outputs.bpf_obj)
-        .env("KPROXY_BIN", &outputs.kproxy)
+        .env(KPROXY_BIN_ENV, &outputs.kproxy)
         .args(["run", "--release"]);
     if what == "dataplane" {
         cmd.args(["-p", "proxy-user", "--bin", "kproxy-bench", "--target-dir"])

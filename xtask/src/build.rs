@@ -14,6 +14,11 @@ const BPF_BIN: &str = "kproxy-ebpf";
 /// Environment variable through which proxy-user's build.rs finds the object
 /// to embed (and tests find it to load it directly).
 pub const BPF_OBJ_ENV: &str = "KPROXY_BPF_OBJ";
+/// The agent binary the integration tests, benchmarks and smoke runs use.
+pub const KPROXY_BIN_ENV: &str = "KPROXY_BIN";
+/// The kcontrol binary for the tests that run a real apiserver (and the
+/// smoke runs).
+pub const KCONTROL_BIN_ENV: &str = "KCONTROL_BIN";
 
 /// What a build produced, as absolute paths.
 pub struct BuildOutputs {

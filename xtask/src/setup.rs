@@ -101,6 +101,9 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("kubectl", "machine"),
 ];
 
+/// The [`PROGRAMS`] sources that are not Debian packages.
+const NOT_APT: &[&str] = &["machine", "rustup"];
+
 /// Packages of every Debian 12 system of this kind (essential or priority
 /// required/important, or on the machine before anything is installed:
 /// binutils and python3 come with its toolchains). `machine` is what this
@@ -656,7 +659,7 @@ fn ensure_python_kubernetes(summary: &mut Summary) -> Result<()> {
 fn check_programs(summary: &mut Summary) -> Result<()> {
     let missing: Vec<String> = PROGRAMS
         .iter()
-        .filter(|(_, package)| !["machine", "rustup"].contains(package))
+        .filter(|(_, package)| !NOT_APT.contains(package))
         .filter(|(program, _)| which(program).is_none())
         .map(|(program, package)| {
             let kind = if BASE_PACKAGES.contains(package) {
@@ -736,7 +739,7 @@ fn tempdir(tag: &str) -> Result<PathBuf> {
 /// The kubectl versions the tests pin to (the oldest and newest this kind of
 /// machine ships): `kubectl.1.27` and `kubectl.1.33` beside the `kubectl`
 /// dispatcher.
-pub const KUBECTL_PINNED: &[&str] = &["1.27", "1.33"];
+const KUBECTL_PINNED: &[&str] = &["1.27", "1.33"];
 /// The oldest kubectl the tests and `cargo xtask up` work with.
 const KUBECTL_MIN_MINOR: u32 = 27;
 
@@ -766,7 +769,7 @@ fn check_kubectl(summary: &mut Summary) -> Result<()> {
     let missing: Vec<String> = KUBECTL_PINNED
         .iter()
         .map(|v| dir.join(format!("kubectl.{v}")))
-        .filter(|p| !is_executable_file(p))
+        .filter(|p| !util::is_executable(p))
         .map(|p| p.display().to_string())
         .collect();
     if !missing.is_empty() {
@@ -788,11 +791,6 @@ fn kubectl_minor(json: &str) -> Option<u32> {
     let value: serde_json::Value = serde_json::from_str(json).ok()?;
     let minor = value.get("clientVersion")?.get("minor")?.as_str()?;
     minor.trim_end_matches('+').parse().ok()
-}
-
-fn is_executable_file(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 fn dpkg_installed(pkg: &str) -> bool {
@@ -988,23 +986,12 @@ mod tests {
         "xtask/src",
     ];
 
-    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                rust_files(&path, out);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                out.push(path);
-            }
-        }
-    }
-
     #[test]
     fn every_program_the_code_starts_comes_from_setup() {
         let root = util::workspace_root();
         let mut files = Vec::new();
         for d in SOURCE_DIRS {
-            rust_files(&root.join(d), &mut files);
+            util::files_with_extension(&root.join(d), "rs", true, &mut files).unwrap();
         }
         assert!(files.len() > 50, "found only {} sources", files.len());
         let mut unknown = std::collections::BTreeMap::new();
@@ -1033,14 +1020,12 @@ mod tests {
             assert!(
                 APT_REQUIRED.contains(package)
                     || BASE_PACKAGES.contains(package)
-                    || ["rustup", "machine"].contains(package),
+                    || NOT_APT.contains(package),
                 "{program}: package {package} is neither installed by setup nor a base package"
             );
         }
     }
 
-    /// The table names the right packages: each program on this machine
-    /// (setup has run) belongs to the package the table says.
     /// `coreutils, util-linux: /usr/bin/x` or `iproute2:amd64: /bin/ip` →
     /// the package names.
     fn dpkg_owners(out: &str) -> Vec<String> {
@@ -1053,11 +1038,13 @@ mod tests {
             .collect()
     }
 
+    /// The table names the right packages: each program on this machine
+    /// (setup has run) belongs to the package the table says.
     #[test]
     fn program_table_matches_the_installed_packages() {
         let mut wrong = Vec::new();
         for (program, package) in PROGRAMS {
-            if ["rustup", "machine"].contains(package) {
+            if NOT_APT.contains(package) {
                 continue;
             }
             let path = which(program)

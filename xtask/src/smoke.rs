@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::build::{self, BPF_OBJ_ENV, BuildOutputs};
+use crate::build::{self, BPF_OBJ_ENV, BuildOutputs, KCONTROL_BIN_ENV, KPROXY_BIN_ENV};
 use crate::setup;
 use crate::util::{self, Toolchain, run};
 
@@ -29,8 +29,6 @@ use crate::util::{self, Toolchain, run};
 /// builds named by [`BPF_OBJ_ENV`], [`KPROXY_BIN_ENV`] and
 /// [`KCONTROL_BIN_ENV`] instead of running setup and the build again.
 pub const REUSE_BUILDS_ENV: &str = "XTASK_REUSE_BUILDS";
-const KPROXY_BIN_ENV: &str = "KPROXY_BIN";
-const KCONTROL_BIN_ENV: &str = "KCONTROL_BIN";
 
 /// The workflows [`run_smokes`] runs, in order: (name, `cargo xtask` args).
 /// `up --once` and `vm-test` are not here: `cargo xtask test` runs them
@@ -101,17 +99,12 @@ pub fn builds() -> Result<BuildOutputs> {
 }
 
 /// Runs every workflow of [`SMOKES`] at its smoke scale, in order, each as
-/// `cargo xtask ARGS` with `outputs` reused; returns how long each took
+/// `cargo xtask ARGS` with `outputs` reused, and prints how long each took
 /// (first the build of the benchmark binaries they share). All of them run
 /// even when one fails; the error names every one that failed.
-pub fn run_smokes(outputs: &BuildOutputs) -> Result<Vec<(String, Duration)>> {
+pub fn run_smokes(outputs: &BuildOutputs) -> Result<()> {
     let xtask = std::env::current_exe().context("locating the running xtask binary")?;
-    run_smokes_with(&xtask, outputs)
-}
-
-/// [`run_smokes`] with `xtask` as the `cargo xtask` binary.
-fn run_smokes_with(xtask: &Path, outputs: &BuildOutputs) -> Result<Vec<(String, Duration)>> {
-    let mut timings = Vec::new();
+    let mut timings: Vec<(String, Duration)> = Vec::new();
 
     // kproxy-compare, kcontrol-bench and kcluster-report in one build (the
     // same features as each `cargo run --bin`, so the runs below find them
@@ -136,7 +129,7 @@ fn run_smokes_with(xtask: &Path, outputs: &BuildOutputs) -> Result<Vec<(String, 
     let mut failed = Vec::new();
     for (name, args) in SMOKES {
         say!("==> smoke: {name}");
-        let mut cmd = Command::new(xtask);
+        let mut cmd = Command::new(&xtask);
         cmd.args(*args)
             .current_dir(util::workspace_root())
             .env(REUSE_BUILDS_ENV, "1")
@@ -166,7 +159,7 @@ fn run_smokes_with(xtask: &Path, outputs: &BuildOutputs) -> Result<Vec<(String, 
             failed.join("; ")
         );
     }
-    Ok(timings)
+    Ok(())
 }
 
 /// Checks the report a smoke run wrote: it exists and is not empty, it
@@ -421,24 +414,8 @@ fn committed_documents(root: &Path) -> Result<Vec<PathBuf>> {
         .map(|f| root.join(f))
         .filter(|p| p.is_file())
         .collect();
-    fn walk(dir: &Path, recursive: bool, docs: &mut Vec<PathBuf>) -> Result<()> {
-        if !dir.is_dir() {
-            return Ok(());
-        }
-        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-            let path = entry?.path();
-            if path.is_dir() {
-                if recursive {
-                    walk(&path, true, docs)?;
-                }
-            } else if path.extension().is_some_and(|e| e == "md") {
-                docs.push(path);
-            }
-        }
-        Ok(())
-    }
-    walk(&root.join("docs"), true, &mut docs)?;
-    walk(&root.join("bench/results"), false, &mut docs)?;
+    util::files_with_extension(&root.join("docs"), "md", true, &mut docs)?;
+    util::files_with_extension(&root.join("bench/results"), "md", false, &mut docs)?;
     docs.sort();
     Ok(docs)
 }

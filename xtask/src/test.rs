@@ -11,15 +11,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use crate::build::{self, BPF_OBJ_ENV, BPF_TARGET};
+use crate::build::{self, BPF_OBJ_ENV, BPF_TARGET, KCONTROL_BIN_ENV, KPROXY_BIN_ENV};
 use crate::setup;
 use crate::testcount::{self, Counts};
 use crate::util::{self, Toolchain, run};
 
-/// Tells the integration tests which agent binary to run.
-const KPROXY_BIN_ENV: &str = "KPROXY_BIN";
-/// The kcontrol binary for the tests that run a real apiserver.
-const KCONTROL_BIN_ENV: &str = "KCONTROL_BIN";
 /// Tells the integration tests which datapath (`kproxy --mode`) to test.
 const KPROXY_MODE_ENV: &str = "KPROXY_MODE";
 /// The interpreter of the Python client's virtual environment (setup made it).
@@ -88,17 +84,25 @@ impl ModeCounts {
         say!("==> tests run per datapath mode:");
         let both = &self.namespace_targets;
         let ebpf_only = &self.ebpf_only_targets;
+        // What kproxy-tests ran besides its test files (the harness
+        // library's unit tests, doc tests): counted with those without a
+        // datapath.
+        let mut harness = (0, 0);
         if let Some(c) = &self.ebpf {
-            let (t, n) = c.of(both);
+            let (suite, suite_n) = c.of(both);
+            let (only, only_n) = c.of(ebpf_only);
             say!(
                 "    eBPF mode      namespace suite: {}",
-                testcount::describe(t, n)
+                testcount::describe(suite, suite_n)
             );
-            let (t, n) = c.of(ebpf_only);
             say!(
                 "    eBPF mode      eBPF-only files: {} ({})",
-                testcount::describe(t, n),
+                testcount::describe(only, only_n),
                 testcount::by_target(c, ebpf_only)
+            );
+            harness = (
+                c.total().passed - suite.passed - only.passed,
+                c.targets.len() - suite_n - only_n,
             );
         }
         if let Some(c) = &self.iptables {
@@ -109,18 +113,10 @@ impl ModeCounts {
             );
         }
         if let Some(c) = &self.independent {
-            // The harness library's own unit tests and doc tests count here
-            // too: they do not depend on the mode.
-            let (passed, targets) = self.ebpf.as_ref().map_or((0, 0), |e| {
-                (
-                    e.total().passed - e.of(both).0.passed - e.of(ebpf_only).0.passed,
-                    e.targets.len() - e.of(both).1 - e.of(ebpf_only).1,
-                )
-            });
             say!(
                 "    no datapath    unit tests, kcontrol, store, xtask, docs: {} passed in {} test targets",
-                c.total().passed + passed,
-                c.targets.len() + targets
+                c.total().passed + harness.0,
+                c.targets.len() + harness.1
             );
         }
     }
@@ -215,63 +211,49 @@ fn steps(
     counts.namespace_targets = namespace_test_targets(&root.join(TESTS_DIR))?;
     counts.ebpf_only_targets = EBPF_ONLY_TESTS.iter().map(|s| s.to_string()).collect();
 
-    // Unit tests of every crate and the whole integration suite, eBPF mode:
-    // first everything but the namespace suite, then the suite (kproxy-tests)
-    // on its own, so the per-mode counts are exact (test targets of different
-    // packages share names, e.g. `api`).
-    for (name, package_args) in [
-        (
-            "cargo test",
-            ["--workspace", "--exclude", TESTS_PACKAGE].as_slice(),
-        ),
-        ("tests (eBPF)", ["--package", TESTS_PACKAGE].as_slice()),
-    ] {
-        step(name, &mut || {
-            let mut cmd = util::cargo(Toolchain::Active);
-            cmd.current_dir(&root)
-                .env(BPF_OBJ_ENV, &outputs.bpf_obj)
-                .env(KPROXY_BIN_ENV, &outputs.kproxy)
-                .env(KCONTROL_BIN_ENV, &outputs.kcontrol)
-                .env(KPROXY_MODE_ENV, "ebpf")
-                .env(KPROXY_PYTHON_ENV, &python)
-                .arg("test")
-                .args(package_args)
-                .args(["--release", "--target-dir"])
-                .arg(util::target_dir())
-                .args(cargo_args);
-            with_test_args(&mut cmd, test_args);
-            let c = testcount::run_counting(cmd)?;
-            if package_args[0] == "--workspace" {
-                counts.independent = Some(c);
-            } else {
-                counts.ebpf = Some(c);
-            }
-            Ok(())
-        })?;
-    }
-
-    // The namespace suite again against `kproxy --mode iptables`.
-    step("tests (iptables)", &mut || {
+    // `cargo test --release` of `packages` against the fresh builds with
+    // datapath `mode`, the filter and test-binary arguments appended, its
+    // output tallied.
+    let cargo_test = |mode: &str, packages: &[&str]| -> Result<Counts> {
         let mut cmd = util::cargo(Toolchain::Active);
         cmd.current_dir(&root)
             .env(BPF_OBJ_ENV, &outputs.bpf_obj)
             .env(KPROXY_BIN_ENV, &outputs.kproxy)
             .env(KCONTROL_BIN_ENV, &outputs.kcontrol)
-            .env(KPROXY_MODE_ENV, "iptables")
-            .args([
-                "test",
-                "--package",
-                TESTS_PACKAGE,
-                "--release",
-                "--target-dir",
-            ])
-            .arg(util::target_dir());
-        for target in namespace_test_targets(&root.join(TESTS_DIR))? {
-            cmd.arg("--test").arg(target);
-        }
-        cmd.args(cargo_args);
+            .env(KPROXY_MODE_ENV, mode)
+            .env(KPROXY_PYTHON_ENV, &python)
+            .arg("test")
+            .args(packages)
+            .args(["--release", "--target-dir"])
+            .arg(util::target_dir())
+            .args(cargo_args);
         with_test_args(&mut cmd, test_args);
-        counts.iptables = Some(testcount::run_counting(cmd)?);
+        testcount::run_counting(cmd)
+    };
+
+    // Unit tests of every crate and the whole integration suite, eBPF mode:
+    // first everything but the namespace suite, then the suite (kproxy-tests)
+    // on its own, so the per-mode counts are exact (test targets of different
+    // packages share names, e.g. `api`).
+    step("cargo test", &mut || {
+        counts.independent = Some(cargo_test(
+            "ebpf",
+            &["--workspace", "--exclude", TESTS_PACKAGE],
+        )?);
+        Ok(())
+    })?;
+    step("tests (eBPF)", &mut || {
+        counts.ebpf = Some(cargo_test("ebpf", &["--package", TESTS_PACKAGE])?);
+        Ok(())
+    })?;
+
+    // The namespace suite again against `kproxy --mode iptables`.
+    let mut iptables_args = vec!["--package", TESTS_PACKAGE];
+    for target in &counts.namespace_targets {
+        iptables_args.extend(["--test", target.as_str()]);
+    }
+    step("tests (iptables)", &mut || {
+        counts.iptables = Some(cargo_test("iptables", &iptables_args)?);
         Ok(())
     })?;
 
@@ -288,9 +270,7 @@ fn steps(
         })?;
         // Every other workflow at its smallest scale (`--smoke`), so one that
         // cannot start fails CI.
-        step("smoke", &mut || {
-            crate::smoke::run_smokes(&outputs).map(drop)
-        })?;
+        step("smoke", &mut || crate::smoke::run_smokes(&outputs))?;
     }
 
     // The dataplane suite inside qemu on Debian's 6.1 and 6.12 kernel lines

@@ -66,11 +66,36 @@ pub fn which(name: &str) -> Option<PathBuf> {
         .find(|candidate| is_executable(candidate))
 }
 
-fn is_executable(path: &Path) -> bool {
+pub fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     path.metadata()
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
+}
+
+/// The files ending in `.ext` in `dir` (in its subdirectories too with
+/// `recursive`), appended to `out`; nothing for a missing `dir`.
+#[cfg(test)]
+pub fn files_with_extension(
+    dir: &Path,
+    ext: &str,
+    recursive: bool,
+    out: &mut Vec<PathBuf>,
+) -> Result<()> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            if recursive {
+                files_with_extension(&path, ext, true, out)?;
+            }
+        } else if path.extension().is_some_and(|e| e == ext) {
+            out.push(path);
+        }
+    }
+    Ok(())
 }
 
 /// `KEY=value program args (in dir)` for progress lines and error messages.
