@@ -241,87 +241,35 @@ fn inside(path: &Path, dir: &Path) -> bool {
     normal(path).starts_with(normal(dir))
 }
 
-/// The local link targets of a Markdown document: `[text](target)`,
-/// `![alt](target)`, `[label]: target`, and `src=`/`href=` of HTML tags;
-/// outside fenced code blocks and code spans; `#fragment` and `?query`
-/// removed, `%XX` decoded. URLs with a scheme (`https:`, `mailto:`) and
-/// links to an anchor of the same document are not included.
+/// The local link targets of a Markdown document, as a CommonMark renderer
+/// (GitHub's) sees them: inline links and images, reference definitions,
+/// and `src=`/`href=` of HTML tags; not inside code. `#fragment` and `?query`
+/// removed, `%XX` decoded. URLs with a scheme (`https:`, `mailto:`) and links
+/// to an anchor of the same document are not included.
 pub fn relative_links(md: &str) -> Vec<String> {
-    let text = without_code(md);
+    use pulldown_cmark::{Event, Parser, Tag};
+    let parser = Parser::new(md);
+    let definitions: Vec<String> = parser
+        .reference_definitions()
+        .iter()
+        .map(|(_, d)| d.dest.to_string())
+        .collect();
     let mut raw = Vec::new();
-
-    // Inline links and images: `](target)` or `](<target> "title")`.
-    let mut rest = text.as_str();
-    while let Some(i) = rest.find("](") {
-        rest = &rest[i + 2..];
-        let t = rest.trim_start_matches([' ', '\t', '\n']);
-        let target = if let Some(t) = t.strip_prefix('<') {
-            t.split('>').next().unwrap_or("")
-        } else {
-            // Up to whitespace or the `)` that closes the link (balanced
-            // parentheses inside the target are part of it).
-            let mut depth = 0usize;
-            let end = t
-                .char_indices()
-                .find(|&(_, c)| match c {
-                    '(' => {
-                        depth += 1;
-                        false
-                    }
-                    ')' if depth == 0 => true,
-                    ')' => {
-                        depth -= 1;
-                        false
-                    }
-                    c => c.is_whitespace(),
-                })
-                .map_or(t.len(), |(i, _)| i);
-            &t[..end]
-        };
-        raw.push(target.to_owned());
-    }
-
-    for line in text.lines() {
-        // Reference definitions: `[label]: target`, up to 3 spaces indented.
-        let l = line.trim_start_matches(' ');
-        if line.len() - l.len() <= 3
-            && let Some(after) = l.strip_prefix('[')
-            && let Some(close) = after.find("]:")
-            && !after[..close].is_empty()
-            && !after[..close].contains(']')
-        {
-            let target = after[close + 2..].split_whitespace().next().unwrap_or("");
-            raw.push(target.trim_matches(['<', '>']).to_owned());
-        }
-        // HTML: <img src="…">, <a href="…">.
-        let lower = line.to_ascii_lowercase();
-        for attr in ["src=", "href="] {
-            let mut from = 0;
-            while let Some(i) = lower[from..].find(attr) {
-                let start = from + i + attr.len();
-                from = start;
-                let preceded = lower[..start - attr.len()]
-                    .chars()
-                    .next_back()
-                    .is_some_and(char::is_whitespace);
-                let Some(quote) = line[start..]
-                    .chars()
-                    .next()
-                    .filter(|c| *c == '"' || *c == '\'')
-                else {
-                    continue;
-                };
-                if !preceded || !lower[..start].contains('<') {
-                    continue;
-                }
-                let value = &line[start + 1..];
-                if let Some(end) = value.find(quote) {
-                    raw.push(value[..end].to_owned());
-                }
+    for event in parser {
+        match event {
+            Event::Start(Tag::Link { dest_url, .. } | Tag::Image { dest_url, .. }) => {
+                raw.push(dest_url.to_string())
             }
+            Event::Html(html) | Event::InlineHtml(html) => raw.extend(html_links(&html)),
+            _ => {}
         }
     }
-
+    // A definition some link uses came in with that link already.
+    for d in definitions {
+        if !raw.contains(&d) {
+            raw.push(d);
+        }
+    }
     raw.into_iter()
         .filter_map(|t| {
             let t = t.split(['#', '?']).next().unwrap_or("").trim();
@@ -330,78 +278,45 @@ pub fn relative_links(md: &str) -> Vec<String> {
                     && s.chars()
                         .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
             });
-            (!t.is_empty() && !scheme).then(|| percent_decode(t))
+            (!t.is_empty() && !scheme).then(|| {
+                percent_encoding::percent_decode_str(t)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
         })
         .collect()
 }
 
-/// `md` with fenced code blocks (``` or ~~~) and code spans blanked out.
-fn without_code(md: &str) -> String {
-    let mut out = String::with_capacity(md.len());
-    let mut fence: Option<&str> = None;
-    for line in md.lines() {
-        let t = line.trim_start();
-        match fence {
-            Some(f) => {
-                if t.starts_with(f) {
-                    fence = None;
-                }
+/// The quoted `src=` and `href=` values of the HTML tags in `html`.
+fn html_links(html: &str) -> Vec<String> {
+    let lower = html.to_ascii_lowercase();
+    let mut found = Vec::new();
+    for attr in ["src=", "href="] {
+        let mut from = 0;
+        while let Some(i) = lower[from..].find(attr) {
+            let start = from + i + attr.len();
+            from = start;
+            let preceded = lower[..start - attr.len()]
+                .chars()
+                .next_back()
+                .is_some_and(char::is_whitespace);
+            let Some(quote) = html[start..]
+                .chars()
+                .next()
+                .filter(|c| *c == '"' || *c == '\'')
+            else {
+                continue;
+            };
+            if !preceded || !lower[..start].contains('<') {
+                continue;
             }
-            None if t.starts_with("```") => fence = Some("```"),
-            None if t.starts_with("~~~") => fence = Some("~~~"),
-            None => {
-                out.push_str(&without_code_spans(line));
-                out.push('\n');
-            }
-        }
-    }
-    out
-}
-
-/// A line with its code spans (`` `…` ``, ``` ``…`` ```) removed; an
-/// unmatched backtick run stays.
-fn without_code_spans(line: &str) -> String {
-    let mut out = String::new();
-    let mut rest = line;
-    while let Some(i) = rest.find('`') {
-        out.push_str(&rest[..i]);
-        let run = rest[i..].chars().take_while(|c| *c == '`').count();
-        let ticks = &rest[i..i + run];
-        let after = &rest[i + run..];
-        match after.find(ticks) {
-            Some(j) => rest = &after[j + run..],
-            None => {
-                out.push_str(ticks);
-                rest = after;
+            let value = &html[start + 1..];
+            if let Some(end) = value.find(quote) {
+                found.push(value[..end].to_owned());
             }
         }
     }
-    out.push_str(rest);
-    out
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let hex = |c: u8| (c as char).to_digit(16);
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match (
-            b[i],
-            b.get(i + 1).copied().and_then(hex),
-            b.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    found
 }
 
 /// The committed documents whose links must resolve: README.md,
@@ -471,6 +386,7 @@ See [the report](results/latest.md#headline) and ![a plot](plot.svg \"title\").
 A [link whose
 text wraps](wrapped.md), an [anchor](#headline), [web](https://example.com/x.svg),
 [mail](mailto:a@b.c), <img src=\"img/p.png\" width=\"300\"> and <a href='x y.md'>.
+
 [ref]: refs/target.md \"Title\"
 Code: `[no](code-span.md)` and ``a `[no](double.md)` b``.
 ```markdown
@@ -484,11 +400,11 @@ Code: `[no](code-span.md)` and ``a `[no](double.md)` b``.
                 "results/latest.md",
                 "plot.svg",
                 "wrapped.md",
+                "img/p.png",
+                "x y.md",
                 "with space.md",
                 "file_(1).md",
                 "a b.md",
-                "img/p.png",
-                "x y.md",
                 "refs/target.md",
             ]
         );
