@@ -101,10 +101,9 @@ pub async fn serve(
     };
     let bookmarks = q.flag("allowWatchBookmarks");
     let rv = q.get("resourceVersion").unwrap_or_default().to_string();
-    let explicit_initial = q.bool("sendInitialEvents") == Some(true);
-    let send_initial = q
-        .bool("sendInitialEvents")
-        .unwrap_or(rv.is_empty() || rv == "0");
+    let initial = q.bool("sendInitialEvents");
+    let explicit_initial = initial == Some(true);
+    let send_initial = initial.unwrap_or(rv.is_empty() || rv == "0");
     if explicit_initial {
         if !bookmarks {
             return Err(ApiError::invalid(
