@@ -34,6 +34,12 @@
 //! readers (at worst one backend is briefly listed twice).
 #![no_std]
 
+#[cfg(feature = "lifecycle")]
+extern crate std;
+
+#[cfg(feature = "lifecycle")]
+pub mod lifecycle;
+
 /// Version of the map layout below. Bump it whenever a key or value type
 /// changes meaning (sizes are checked separately): the agent refuses to reuse
 /// pinned maps of another version and recreates them.
