@@ -1,15 +1,14 @@
 //! The Kubernetes API source: Services and EndpointSlices from any
 //! apiserver (kcontrol or a real cluster) through kube-rs runtime watchers.
 //!
-//! Each watched object is one origin of the same [`ManifestSource`] the
-//! manifests mode uses (`api/Service/<ns>/<name>`,
-//! `api/EndpointSlice/<ns>/<name>`), so both modes share one desired-state
-//! model and one diff-and-apply path. The watchers re-list after the
+//! Each watched object is one [`Origin::Api`] of the same
+//! [`ManifestSource`] the manifests mode uses, so both modes share one
+//! desired-state model and one diff-and-apply path. The watchers re-list after the
 //! apiserver comes back; a re-list only upserts what it sees and, when it is
 //! complete, removes what it did not see — working state is never flushed.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
@@ -20,6 +19,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Config, ResourceExt};
 use tokio::sync::mpsc;
 
+use crate::index::{ApiKind, Origin};
 use crate::source::{ManifestSource, Refresh};
 
 /// An event from one of the two watchers.
@@ -86,18 +86,19 @@ pub fn spawn_watchers(client: Client) -> mpsc::Receiver<ApiEvent> {
     rx
 }
 
-fn origin(kind: &str, ns: Option<String>, name: &str) -> PathBuf {
-    PathBuf::from(format!(
-        "api/{kind}/{}/{name}",
-        ns.unwrap_or_else(|| "default".into())
-    ))
+fn origin(kind: ApiKind, ns: Option<String>, name: String) -> Origin {
+    Origin::Api {
+        kind,
+        namespace: ns.unwrap_or_else(|| "default".into()),
+        name,
+    }
 }
 
 /// Folds watcher events into the source. Tracks re-lists per kind.
 #[derive(Default)]
 pub struct ApiState {
-    svc_relist: Option<BTreeSet<PathBuf>>,
-    slice_relist: Option<BTreeSet<PathBuf>>,
+    svc_relist: Option<BTreeSet<Origin>>,
+    slice_relist: Option<BTreeSet<Origin>>,
     /// Both watchers finished their first list.
     services_listed: bool,
     slices_listed: bool,
@@ -112,15 +113,20 @@ impl ApiState {
         match ev {
             ApiEvent::Service(ev) => {
                 let (relist, listed) = (&mut self.svc_relist, &mut self.services_listed);
-                fold(source, *ev, "Service", relist, listed, |s, o| {
+                fold(source, *ev, ApiKind::Service, relist, listed, |s, o| {
                     s.set_origin(o.0, std::slice::from_ref(o.1), &[])
                 })
             }
             ApiEvent::Slice(ev) => {
                 let (relist, listed) = (&mut self.slice_relist, &mut self.slices_listed);
-                fold(source, *ev, "EndpointSlice", relist, listed, |s, o| {
-                    s.set_origin(o.0, &[], std::slice::from_ref(o.1))
-                })
+                fold(
+                    source,
+                    *ev,
+                    ApiKind::EndpointSlice,
+                    relist,
+                    listed,
+                    |s, o| s.set_origin(o.0, &[], std::slice::from_ref(o.1)),
+                )
             }
             ApiEvent::Error(e) => {
                 log::warn!("{e} (retrying)");
@@ -133,12 +139,12 @@ impl ApiState {
 fn fold<K: kube::Resource + Clone>(
     source: &mut ManifestSource,
     ev: Event<K>,
-    kind: &str,
-    relist: &mut Option<BTreeSet<PathBuf>>,
+    kind: ApiKind,
+    relist: &mut Option<BTreeSet<Origin>>,
     listed: &mut bool,
-    set: impl Fn(&mut ManifestSource, (&Path, &K)) -> Refresh,
+    set: impl Fn(&mut ManifestSource, (&Origin, &K)) -> Refresh,
 ) -> Refresh {
-    let key = |o: &K| origin(kind, o.namespace(), &o.name_any());
+    let key = |o: &K| origin(kind, o.namespace(), o.name_any());
     match ev {
         Event::Apply(o) => set(source, (&key(&o), &o)),
         Event::InitApply(o) => {
@@ -155,10 +161,10 @@ fn fold<K: kube::Resource + Clone>(
             *listed = true;
             // Objects that disappeared while we were not watching.
             let seen = relist.take().unwrap_or_default();
-            let prefix = format!("api/{kind}/");
             let mut out = Refresh::default();
             for o in source.origins() {
-                if o.to_string_lossy().starts_with(&prefix) && !seen.contains(&o) {
+                let this_kind = matches!(&o, Origin::Api { kind: k, .. } if *k == kind);
+                if this_kind && !seen.contains(&o) {
                     let r = source.set_origin(&o, &[], &[]);
                     out.changes.extend(r.changes);
                     out.rejected.extend(r.rejected);

@@ -1,11 +1,13 @@
 //! kproxy, the node agent: desired state from Kubernetes objects, a pure
-//! diff, and an eBPF dataplane that applies the diff to its maps.
+//! diff, and a datapath (eBPF or iptables) that applies the diff.
 //!
-//! Object path: `manifests` (or, later, the API) → `model::build` →
-//! `reconcile::diff` → `dataplane::Dataplane::apply` → eBPF maps.
+//! Object path: `source` (manifest files) or `kube_source` (the API) →
+//! `model` → `reconcile` → `datapath::Datapath::apply` → eBPF maps or
+//! iptables rules; `agent` is the loop that drives it.
 
-pub mod dataplane;
-pub mod iptables;
+pub mod agent;
+pub mod datapath;
+pub mod index;
 pub mod kube_source;
 pub mod links;
 pub mod manifests;
@@ -15,3 +17,7 @@ pub mod pktgen;
 pub mod reconcile;
 pub mod source;
 pub mod watch;
+
+// The paths tests and benchmarks have used since before `datapath/`.
+pub use datapath::ebpf as dataplane;
+pub use datapath::iptables;

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::model::{self, DesiredState};
 
@@ -76,7 +77,7 @@ struct TypeMeta {
     kind: Option<String>,
 }
 
-fn describe(doc: &serde_yaml::Value, index: usize) -> String {
+fn describe(doc: &Value, index: usize) -> String {
     let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or("object");
     let meta = doc.get("metadata");
     let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str());
@@ -93,7 +94,7 @@ fn describe(doc: &serde_yaml::Value, index: usize) -> String {
 fn add_doc(
     file: &Path,
     index: usize,
-    doc: serde_yaml::Value,
+    doc: Value,
     out: &mut Objects,
 ) -> Result<(), LoadError> {
     let err = |message: String| LoadError {
@@ -104,23 +105,23 @@ fn add_doc(
         return Ok(()); // empty document (`---` at the end)
     }
     let what = describe(&doc, index);
-    let tm: TypeMeta = serde_yaml::from_value(doc.clone())
+    let tm: TypeMeta = serde_json::from_value(doc.clone())
         .map_err(|e| err(format!("{what}: not a Kubernetes object: {e}")))?;
     match (tm.api_version.as_deref(), tm.kind.as_deref()) {
         (Some("v1"), Some("Service")) => {
-            let svc: Service = serde_yaml::from_value(doc)
+            let svc: Service = serde_json::from_value(doc)
                 .map_err(|e| err(format!("{what}: invalid Service: {e}")))?;
             out.services.push((file.to_path_buf(), svc));
         }
         (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => {
-            let s: EndpointSlice = serde_yaml::from_value(doc)
+            let s: EndpointSlice = serde_json::from_value(doc)
                 .map_err(|e| err(format!("{what}: invalid EndpointSlice: {e}")))?;
             out.slices.push((file.to_path_buf(), s));
         }
         (Some("v1"), Some("List")) => {
             let items = doc
                 .get("items")
-                .and_then(|i| i.as_sequence())
+                .and_then(|i| i.as_array())
                 .cloned()
                 .unwrap_or_default();
             for (i, item) in items.into_iter().enumerate() {
@@ -136,13 +137,17 @@ fn add_doc(
     Ok(())
 }
 
-/// Parses one manifest file's text.
+/// Parses one manifest file's text: YAML documents (JSON is YAML too).
 pub fn parse_text(file: &Path, text: &str, out: &mut Objects) -> Result<(), LoadError> {
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let doc = serde_yaml::Value::deserialize(de).map_err(|e| LoadError {
+    // One line per error (no source snippet): it ends up in a `kproxy:
+    // rejected` line. The error names the line and column.
+    let options = serde_saphyr::options! { with_snippet: false };
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple_with_options(text, options).map_err(|e| LoadError {
             file: file.to_path_buf(),
-            message: format!("document {}: invalid YAML/JSON: {e}", i + 1),
+            message: format!("invalid YAML/JSON: {e}"),
         })?;
+    for (i, doc) in docs.into_iter().enumerate() {
         add_doc(file, i, doc, out)?;
     }
     Ok(())

@@ -1,7 +1,13 @@
-//! Diff of two desired states: the only thing the dataplane is ever asked to
+//! Diff of two desired states: the only thing a datapath is ever asked to
 //! apply. Pure, so it is tested without a kernel.
+//!
+//! Two entry points, one rule per frontend: [`diff`] compares whole states
+//! (at start, against what the datapath holds, and after a failed apply);
+//! [`diff_touched`] compares only the frontends one edit touched (every
+//! event of a source). Both agree by construction, and the property test in
+//! `source.rs` checks it through the whole source.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::model::{BackendAddr, DesiredService, DesiredState, Frontend};
 
@@ -26,6 +32,9 @@ pub enum Change {
         /// the slice.
         flush: BTreeSet<BackendAddr>,
     },
+    /// A frontend now belongs to another service port: same backends and
+    /// flows, a new name for messages and counters.
+    RenameService { frontend: Frontend, name: String },
     /// A frontend disappears.
     RemoveService { frontend: Frontend },
 }
@@ -43,25 +52,71 @@ pub struct ApplyStats {
 /// Changes that turn `old` into `new`, removals first so that freed service
 /// ids and slots can be reused by the additions of the same batch.
 pub fn diff(old: &DesiredState, new: &DesiredState) -> Vec<Change> {
-    let mut removes = Vec::new();
-    let mut others = Vec::new();
-    for fe in old.services.keys() {
+    let mut out = Changes::default();
+    for (fe, svc) in &old.services {
         if !new.services.contains_key(fe) {
-            removes.push(Change::RemoveService { frontend: *fe });
+            out.key(*fe, Some(svc), None);
         }
     }
     for (fe, svc) in &new.services {
-        match old.services.get(fe) {
-            None => others.push(Change::AddService {
-                frontend: *fe,
-                name: svc.name.clone(),
-                backends: svc.backends.clone(),
+        out.key(*fe, old.services.get(fe), Some(svc));
+    }
+    out.into_vec()
+}
+
+/// What the frontends touched by an edit held before it (`None`: absent).
+/// An edit of one origin records the first value of every frontend it
+/// touches; [`diff_touched`] then gives its changes.
+pub type Before = BTreeMap<Frontend, Option<DesiredService>>;
+
+/// [`diff`] restricted to the frontends in `before`: the same changes, in
+/// the same order, as the full diff from the state before the edit to
+/// `new`, when `before` holds every frontend the edit touched.
+pub fn diff_touched(before: &Before, new: &DesiredState) -> Vec<Change> {
+    let mut out = Changes::default();
+    for (fe, old) in before {
+        out.key(*fe, old.as_ref(), new.services.get(fe));
+    }
+    out.into_vec()
+}
+
+/// Changes being collected, removals apart so they go first.
+#[derive(Default)]
+struct Changes {
+    removes: Vec<Change>,
+    others: Vec<Change>,
+}
+
+impl Changes {
+    /// The one rule for one frontend, whichever diff asks.
+    fn key(&mut self, fe: Frontend, old: Option<&DesiredService>, new: Option<&DesiredService>) {
+        match (old, new) {
+            (Some(_), None) => self.removes.push(Change::RemoveService { frontend: fe }),
+            (None, Some(new)) => self.others.push(Change::AddService {
+                frontend: fe,
+                name: new.name.clone(),
+                backends: new.backends.clone(),
             }),
-            Some(prev) => others.extend(update(*fe, prev, svc)),
+            (Some(old), Some(new)) => {
+                // Another service port took the frontend over (or an entry
+                // adopted after a restart learns its name): it stays in
+                // place, flows and all; only its name follows.
+                if old.name != new.name {
+                    self.others.push(Change::RenameService {
+                        frontend: fe,
+                        name: new.name.clone(),
+                    });
+                }
+                self.others.extend(update(fe, old, new));
+            }
+            (None, None) => {}
         }
     }
-    removes.extend(others);
-    removes
+
+    fn into_vec(mut self) -> Vec<Change> {
+        self.removes.append(&mut self.others);
+        self.removes
+    }
 }
 
 /// The `UpdateBackends` that turns `old` into `new` for one frontend, if
@@ -187,5 +242,27 @@ mod tests {
         let mut extra = state(&[(80, &[2, 3])]);
         extra.services.get_mut(&fe(80)).unwrap().draining = [be(1), be(9)].into();
         assert!(diff(&draining, &extra).is_empty());
+    }
+
+    #[test]
+    fn a_frontend_changing_owner_stays_in_place_and_takes_the_new_name() {
+        let old = state(&[(80, &[1, 2])]);
+        let mut new = state(&[(80, &[2, 3])]);
+        new.services.get_mut(&fe(80)).unwrap().name = "other:http".into();
+        let changes = vec![
+            Change::RenameService {
+                frontend: fe(80),
+                name: "other:http".into(),
+            },
+            Change::UpdateBackends {
+                frontend: fe(80),
+                added: [be(3)].into(),
+                removed: [be(1)].into(),
+                flush: [be(1)].into(),
+            },
+        ];
+        assert_eq!(diff(&old, &new), changes);
+        let touched: Before = [(fe(80), old.services.get(&fe(80)).cloned())].into();
+        assert_eq!(diff_touched(&touched, &new), changes);
     }
 }

@@ -1,24 +1,28 @@
 //! The manifests source, incremental: a change to one file costs work in
 //! proportion to that file and the services it touches, not to the whole
 //! directory. Files are re-read only when their fingerprint (size, mtime,
-//! inode) changed; only services whose Service or EndpointSlices changed are
-//! recomputed; the result is the list of [`Change`]s for the dataplane.
+//! inode) changed; the [`Index`] recomputes only the services whose Service
+//! or EndpointSlices changed; the result is the list of [`Change`]s for the
+//! datapath, from [`reconcile::diff_touched`].
 //!
 //! A file that fails to parse or validate is rejected as a whole with an
 //! error naming it and the object; its previous content stays in force.
-//! Other files changed in the same refresh still apply.
+//! Other files changed in the same refresh still apply. Objects from the
+//! Kubernetes API come in through [`ManifestSource::set_origin`], one
+//! origin per object, into the same index.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use crate::manifests::{self, LoadError, Objects};
-use crate::model::{self, DesiredService, DesiredState, Frontend, SliceView, SvcView};
-use crate::reconcile::Change;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-/// (namespace, name) of a Service.
-type SvcId = (String, String);
+use crate::index::{Entry, Index, Origin, Rejected};
+use crate::manifests::{self, LoadError, Objects};
+use crate::model::DesiredState;
+use crate::reconcile::{self, Before, Change};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FileFp {
@@ -36,32 +40,13 @@ fn fingerprint(path: &Path) -> Option<FileFp> {
     })
 }
 
-#[derive(Default)]
-struct FileEntry {
-    services: Vec<SvcView>,
-    slices: Vec<SliceView>,
-}
-
-impl FileEntry {
-    fn svc_ids(&self) -> impl Iterator<Item = SvcId> + '_ {
-        self.services
-            .iter()
-            .map(|s| (s.ns.clone(), s.name.clone()))
-            .chain(
-                self.slices
-                    .iter()
-                    .map(|s| (s.ns.clone(), s.service.clone())),
-            )
-    }
-}
-
 /// Result of one refresh.
 #[derive(Default)]
 pub struct Refresh {
     /// Changes to apply, removals first.
     pub changes: Vec<Change>,
-    /// Files rejected in this refresh (their previous content is kept).
-    pub rejected: Vec<LoadError>,
+    /// Origins rejected in this refresh (their previous content is kept).
+    pub rejected: Vec<Rejected>,
     /// Files re-read.
     pub files_read: usize,
 }
@@ -70,15 +55,7 @@ pub struct ManifestSource {
     root: PathBuf,
     /// Fingerprint of every file as last seen, accepted or rejected.
     seen: BTreeMap<PathBuf, FileFp>,
-    files: BTreeMap<PathBuf, FileEntry>,
-    services: BTreeMap<SvcId, (PathBuf, SvcView)>,
-    /// service → (file, slice namespace/name) → slice
-    slices: BTreeMap<SvcId, BTreeMap<(PathBuf, String), SliceView>>,
-    /// (namespace, slice name) → file, to catch a slice defined twice.
-    slice_files: BTreeMap<(String, String), PathBuf>,
-    frontends_of: BTreeMap<SvcId, Vec<Frontend>>,
-    owner: BTreeMap<Frontend, SvcId>,
-    state: DesiredState,
+    index: Index,
 }
 
 impl ManifestSource {
@@ -86,13 +63,7 @@ impl ManifestSource {
         Self {
             root: root.into(),
             seen: BTreeMap::new(),
-            files: BTreeMap::new(),
-            services: BTreeMap::new(),
-            slices: BTreeMap::new(),
-            slice_files: BTreeMap::new(),
-            frontends_of: BTreeMap::new(),
-            owner: BTreeMap::new(),
-            state: DesiredState::default(),
+            index: Index::default(),
         }
     }
 
@@ -100,9 +71,9 @@ impl ManifestSource {
         &self.root
     }
 
-    /// The desired state of every accepted file.
+    /// The desired state of every accepted origin.
     pub fn state(&self) -> &DesiredState {
-        &self.state
+        self.index.state()
     }
 
     /// Looks for changed files — all of them, or only `hint` (paths an
@@ -114,16 +85,15 @@ impl ManifestSource {
             None => match manifests::manifest_files(&self.root) {
                 Ok(files) => files.into_iter().chain(self.seen.keys().cloned()).collect(),
                 Err(e) => {
-                    out.rejected.push(e);
+                    out.rejected.push(file_rejected(e));
                     return out;
                 }
             },
         };
-        // frontend → its desired service before this refresh (first touch).
-        let mut before: BTreeMap<Frontend, Option<DesiredService>> = BTreeMap::new();
+        let mut before = Before::new();
         // Read every changed file first, so that an object moving from one
         // file to another in the same change is not seen twice.
-        let mut fresh: Vec<(PathBuf, FileEntry)> = Vec::new();
+        let mut fresh: Vec<(Origin, Entry)> = Vec::new();
         for file in candidates {
             let fp = fingerprint(&file);
             if fp.is_none() && !self.seen.contains_key(&file) {
@@ -137,95 +107,64 @@ impl ManifestSource {
                     self.seen.insert(file.clone(), fp);
                     out.files_read += 1;
                     match read_file(&file) {
-                        Ok(e) => fresh.push((file, e)),
+                        Ok(e) => fresh.push((Origin::File(file), e)),
                         Err(e) => out.rejected.push(e),
                     }
                 }
                 None => {
                     self.seen.remove(&file);
-                    fresh.push((file, FileEntry::default()));
+                    fresh.push((Origin::File(file), Entry::default()));
                 }
             }
         }
         // Pass 1: take out the old content of every changed file (removal
         // cannot conflict). Pass 2: put the new content in, file by file.
         let mut olds = BTreeMap::new();
-        for (file, _) in &fresh {
-            if let Ok(old) = self.replace_file(file, FileEntry::default(), &mut before) {
-                olds.insert(file.clone(), old);
+        for (origin, _) in &fresh {
+            if let Ok(old) = self.index.replace(origin, Entry::default(), &mut before) {
+                olds.insert(origin.clone(), old);
             }
         }
-        for (file, new) in fresh {
-            if let Err(e) = self.replace_file(&file, new, &mut before) {
+        for (origin, new) in fresh {
+            if let Err(e) = self.index.replace(&origin, new, &mut before) {
                 out.rejected.push(e);
-                let old = olds.remove(&file).unwrap_or_default();
-                if let Err(e) = self.replace_file(&file, old, &mut before) {
-                    log::error!("previous content of {} no longer fits: {e}", file.display());
+                let old = olds.remove(&origin).unwrap_or_default();
+                if let Err(e) = self.index.replace(&origin, old, &mut before) {
+                    log::error!("previous content of {origin} no longer fits: {e}");
                 }
             }
         }
-        out.changes = self.changes_since(before);
+        out.changes = reconcile::diff_touched(&before, self.state());
         out
     }
 
-    /// Changes that turn the `before` values of the touched frontends into
-    /// their current ones, removals first.
-    fn changes_since(&self, before: BTreeMap<Frontend, Option<DesiredService>>) -> Vec<Change> {
-        let mut removes = Vec::new();
-        let mut others = Vec::new();
-        for (fe, old) in before {
-            match (old, self.state.services.get(&fe)) {
-                (Some(_), None) => removes.push(Change::RemoveService { frontend: fe }),
-                (None, Some(new)) => others.push(Change::AddService {
-                    frontend: fe,
-                    name: new.name.clone(),
-                    backends: new.backends.clone(),
-                }),
-                (Some(old), Some(new)) if old.name != new.name => {
-                    // Same frontend now owned by another service port:
-                    // re-add so names and counters follow the new owner.
-                    removes.push(Change::RemoveService { frontend: fe });
-                    others.push(Change::AddService {
-                        frontend: fe,
-                        name: new.name.clone(),
-                        backends: new.backends.clone(),
-                    });
-                }
-                (Some(old), Some(new)) => others.extend(crate::reconcile::update(fe, &old, new)),
-                _ => {}
-            }
-        }
-        removes.extend(others);
-        removes
-    }
-
-    /// Sets the objects of one origin other than a manifest file — e.g. one
-    /// object watched from the Kubernetes API (`api/Service/ns/name`) — and
-    /// returns the changes. A rejected object keeps the origin's previous
-    /// content, exactly like a rejected file.
+    /// Sets the objects of one origin other than a manifest file — one
+    /// object watched from the Kubernetes API — and returns the changes. A
+    /// rejected object keeps the origin's previous content, exactly like a
+    /// rejected file.
     pub fn set_origin(
         &mut self,
-        origin: &Path,
-        services: &[k8s_openapi::api::core::v1::Service],
-        slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+        origin: &Origin,
+        services: &[Service],
+        slices: &[EndpointSlice],
     ) -> Refresh {
         let mut out = Refresh::default();
-        let mut before = BTreeMap::new();
-        match entry_from_objects(origin, services.iter(), slices.iter()) {
+        let mut before = Before::new();
+        match Entry::new(origin, services, slices) {
             Ok(entry) => {
-                if let Err(e) = self.replace_file(origin, entry, &mut before) {
+                if let Err(e) = self.index.replace(origin, entry, &mut before) {
                     out.rejected.push(e);
                 }
             }
             Err(e) => out.rejected.push(e),
         }
-        out.changes = self.changes_since(before);
+        out.changes = reconcile::diff_touched(&before, self.state());
         out
     }
 
     /// Origins (files or API objects) that currently contribute objects.
-    pub fn origins(&self) -> Vec<PathBuf> {
-        self.files.keys().cloned().collect()
+    pub fn origins(&self) -> Vec<Origin> {
+        self.index.origins().cloned().collect()
     }
 
     fn is_manifest(&self, p: &Path) -> bool {
@@ -240,201 +179,28 @@ impl ManifestSource {
                 Some("yaml" | "yml" | "json")
             )
     }
+}
 
-    /// Swaps a file's objects for `new` and returns the old ones, or rejects
-    /// `new` and keeps the old.
-    fn replace_file(
-        &mut self,
-        file: &Path,
-        new: FileEntry,
-        before: &mut BTreeMap<Frontend, Option<DesiredService>>,
-    ) -> Result<FileEntry, LoadError> {
-        let reject = |message: String| LoadError {
-            file: file.to_path_buf(),
-            message,
-        };
-        // Objects defined in another file too.
-        for s in &new.services {
-            let id = (s.ns.clone(), s.name.clone());
-            if let Some((other, _)) = self.services.get(&id).filter(|(f, _)| f != file) {
-                return Err(reject(format!(
-                    "Service {}/{}: also defined in {}",
-                    s.ns,
-                    s.name,
-                    other.display()
-                )));
-            }
-        }
-        for s in &new.slices {
-            if let Some(other) = self
-                .slice_files
-                .get(&(s.ns.clone(), s.name.clone()))
-                .filter(|f| f.as_path() != file)
-            {
-                return Err(reject(format!(
-                    "EndpointSlice {}/{}: also defined in {}",
-                    s.ns,
-                    s.name,
-                    other.display()
-                )));
-            }
-        }
-        let old = self.files.remove(file).unwrap_or_default();
-        let affected: BTreeSet<SvcId> = old.svc_ids().chain(new.svc_ids()).collect();
-        self.unindex(file, &old);
-        self.index(file, &new);
-        // New frontends of the affected services; a frontend already owned
-        // by a service outside this change is a conflict.
-        let mut computed: BTreeMap<SvcId, Vec<(Frontend, DesiredService)>> = BTreeMap::new();
-        let mut claimed: BTreeMap<Frontend, SvcId> = BTreeMap::new();
-        let mut conflict = None;
-        for id in &affected {
-            let fes = match self.services.get(id) {
-                Some((_, svc)) => {
-                    let slices = self.slices.get(id);
-                    model::frontends(svc, slices.into_iter().flat_map(|m| m.values()))
-                }
-                None => Vec::new(),
-            };
-            for (fe, _) in &fes {
-                let holder = claimed
-                    .get(fe)
-                    .or_else(|| self.owner.get(fe).filter(|o| !affected.contains(*o)));
-                if let Some(holder) = holder {
-                    conflict = Some(format!(
-                        "Service {}/{}: frontend {fe} is already used by Service {}/{}",
-                        id.0, id.1, holder.0, holder.1
-                    ));
-                }
-                claimed.insert(*fe, id.clone());
-            }
-            computed.insert(id.clone(), fes);
-        }
-        if let Some(message) = conflict {
-            self.unindex(file, &new);
-            self.index(file, &old);
-            self.files.insert(file.to_path_buf(), old);
-            return Err(reject(message));
-        }
-        for id in &affected {
-            for fe in self.frontends_of.remove(id).unwrap_or_default() {
-                before
-                    .entry(fe)
-                    .or_insert_with(|| self.state.services.get(&fe).cloned());
-                self.state.services.remove(&fe);
-                self.owner.remove(&fe);
-            }
-        }
-        for (id, fes) in computed {
-            let mut list = Vec::with_capacity(fes.len());
-            for (fe, desired) in fes {
-                before
-                    .entry(fe)
-                    .or_insert_with(|| self.state.services.get(&fe).cloned());
-                self.state.services.insert(fe, desired);
-                self.owner.insert(fe, id.clone());
-                list.push(fe);
-            }
-            if !list.is_empty() {
-                self.frontends_of.insert(id, list);
-            }
-        }
-        if !new.services.is_empty() || !new.slices.is_empty() {
-            self.files.insert(file.to_path_buf(), new);
-        }
-        Ok(old)
-    }
-
-    fn index(&mut self, file: &Path, e: &FileEntry) {
-        for s in &e.services {
-            self.services.insert(
-                (s.ns.clone(), s.name.clone()),
-                (file.to_path_buf(), s.clone()),
-            );
-        }
-        for s in &e.slices {
-            self.slices
-                .entry((s.ns.clone(), s.service.clone()))
-                .or_default()
-                .insert((file.to_path_buf(), s.name.clone()), s.clone());
-            self.slice_files
-                .insert((s.ns.clone(), s.name.clone()), file.to_path_buf());
-        }
-    }
-
-    fn unindex(&mut self, file: &Path, e: &FileEntry) {
-        for s in &e.services {
-            self.services.remove(&(s.ns.clone(), s.name.clone()));
-        }
-        for s in &e.slices {
-            let id = (s.ns.clone(), s.service.clone());
-            if let Some(m) = self.slices.get_mut(&id) {
-                m.remove(&(file.to_path_buf(), s.name.clone()));
-                if m.is_empty() {
-                    self.slices.remove(&id);
-                }
-            }
-            self.slice_files.remove(&(s.ns.clone(), s.name.clone()));
-        }
+fn file_rejected(e: LoadError) -> Rejected {
+    Rejected {
+        origin: Origin::File(e.file),
+        message: e.message,
     }
 }
 
-/// Parses and validates one file into views.
-fn read_file(file: &Path) -> Result<FileEntry, LoadError> {
-    let text = std::fs::read_to_string(file).map_err(|e| LoadError {
-        file: file.to_path_buf(),
+/// Parses and validates one file.
+fn read_file(file: &Path) -> Result<Entry, Rejected> {
+    let text = std::fs::read_to_string(file).map_err(|e| Rejected {
+        origin: Origin::File(file.to_path_buf()),
         message: format!("cannot read: {e}"),
     })?;
     let mut objects = Objects::default();
-    manifests::parse_text(file, &text, &mut objects)?;
-    entry_from_objects(
-        file,
+    manifests::parse_text(file, &text, &mut objects).map_err(file_rejected)?;
+    Entry::new(
+        &Origin::File(file.to_path_buf()),
         objects.services.iter().map(|(_, s)| s),
         objects.slices.iter().map(|(_, s)| s),
     )
-}
-
-/// Validates objects into views; the first invalid one rejects them all.
-fn entry_from_objects<'a>(
-    file: &Path,
-    services: impl Iterator<Item = &'a k8s_openapi::api::core::v1::Service>,
-    slices: impl Iterator<Item = &'a k8s_openapi::api::discovery::v1::EndpointSlice>,
-) -> Result<FileEntry, LoadError> {
-    let err = |e: model::ObjectError| LoadError {
-        file: file.to_path_buf(),
-        message: e.to_string(),
-    };
-    let mut entry = FileEntry::default();
-    for s in services {
-        entry.services.push(model::view_service(s).map_err(err)?);
-    }
-    for s in slices {
-        if let Some(v) = model::view_slice(s).map_err(err)? {
-            entry.slices.push(v);
-        }
-    }
-    // The same object twice in one file is as wrong as in two files.
-    let mut ids = BTreeSet::new();
-    for s in &entry.services {
-        if !ids.insert(("Service", &s.ns, &s.name)) {
-            return Err(LoadError {
-                file: file.to_path_buf(),
-                message: format!("Service {}/{}: defined twice in this file", s.ns, s.name),
-            });
-        }
-    }
-    for s in &entry.slices {
-        if !ids.insert(("EndpointSlice", &s.ns, &s.name)) {
-            return Err(LoadError {
-                file: file.to_path_buf(),
-                message: format!(
-                    "EndpointSlice {}/{}: defined twice in this file",
-                    s.ns, s.name
-                ),
-            });
-        }
-    }
-    Ok(entry)
 }
 
 #[cfg(test)]
@@ -563,5 +329,212 @@ mod tests {
                 .contains("already used by Service default/a")
         );
         assert_eq!(src.state(), &good);
+    }
+
+    mod incremental_equals_full {
+        //! Any sequence of edits, fed to the source one origin at a time,
+        //! gives the same changes as the full diff between the states before
+        //! and after each edit, and lands a datapath on the same state as one
+        //! full diff from the start to the end.
+
+        use proptest::prelude::*;
+        use serde_json::json;
+
+        use super::*;
+        use crate::datapath::Datapath;
+        use crate::datapath::memory::Memory;
+        use crate::index::ApiKind;
+        use crate::model::DesiredService;
+
+        #[derive(Clone, Debug)]
+        enum Obj {
+            Service {
+                name: u8,
+                ip: u8,
+                /// (port, port name, UDP?)
+                ports: Vec<(u16, u8, bool)>,
+            },
+            Slice {
+                name: u8,
+                service: u8,
+                endpoints: Vec<Endpoint>,
+                /// (port name, target port, UDP?)
+                ports: Vec<(u8, u16, bool)>,
+            },
+        }
+
+        /// (address, ready, serving, terminating)
+        type Endpoint = (u8, Option<bool>, Option<bool>, Option<bool>);
+
+        fn proto(udp: bool) -> &'static str {
+            if udp { "UDP" } else { "TCP" }
+        }
+
+        fn obj() -> impl Strategy<Value = Obj> {
+            // Few names, addresses and ports, so that edits collide: the same
+            // object in two origins, one frontend claimed by two services, a
+            // frontend changing owner or port name.
+            let port_name = 0u8..3;
+            prop_oneof![
+                (
+                    0u8..3,
+                    0u8..2,
+                    prop::collection::vec(
+                        (
+                            prop::sample::select(vec![80u16, 81]),
+                            port_name.clone(),
+                            any::<bool>()
+                        ),
+                        0..3
+                    )
+                )
+                    .prop_map(|(name, ip, ports)| Obj::Service { name, ip, ports }),
+                (
+                    0u8..3,
+                    0u8..3,
+                    prop::collection::vec(
+                        (
+                            0u8..4,
+                            any::<Option<bool>>(),
+                            any::<Option<bool>>(),
+                            any::<Option<bool>>()
+                        ),
+                        0..4
+                    ),
+                    prop::collection::vec(
+                        (
+                            port_name,
+                            prop::sample::select(vec![8080u16, 8081]),
+                            any::<bool>()
+                        ),
+                        0..3
+                    )
+                )
+                    .prop_map(|(name, service, endpoints, ports)| Obj::Slice {
+                        name,
+                        service,
+                        endpoints,
+                        ports,
+                    }),
+            ]
+        }
+
+        /// (origin number, its new objects); an empty list removes it.
+        fn edit() -> impl Strategy<Value = (u8, Vec<Obj>)> {
+            (0u8..4, prop::collection::vec(obj(), 0..3))
+        }
+
+        fn origin(n: u8) -> Origin {
+            match n {
+                0 | 1 => Origin::File(PathBuf::from(format!("/m/{n}.yaml"))),
+                _ => Origin::Api {
+                    kind: ApiKind::Service,
+                    namespace: "default".into(),
+                    name: format!("o{n}"),
+                },
+            }
+        }
+
+        fn objects(objs: &[Obj]) -> (Vec<Service>, Vec<EndpointSlice>) {
+            let port_name = |n: u8| ["", "http", "dns"][n as usize];
+            let mut services = Vec::new();
+            let mut slices = Vec::new();
+            for o in objs {
+                match o {
+                    Obj::Service { name, ip, ports } => {
+                        let ports: Vec<_> = ports
+                            .iter()
+                            .map(|(port, n, udp)| {
+                                json!({"port": port, "name": port_name(*n), "protocol": proto(*udp)})
+                            })
+                            .collect();
+                        let v = json!({
+                            "metadata": {"name": format!("s{name}"), "namespace": "default"},
+                            "spec": {"clusterIP": format!("10.96.0.{}", ip + 1), "ports": ports},
+                        });
+                        services.push(serde_json::from_value(v).unwrap());
+                    }
+                    Obj::Slice {
+                        name,
+                        service,
+                        endpoints,
+                        ports,
+                    } => {
+                        let endpoints: Vec<_> = endpoints
+                            .iter()
+                            .map(|(a, ready, serving, terminating)| {
+                                json!({
+                                    "addresses": [format!("10.0.0.{}", a + 1)],
+                                    "conditions": {
+                                        "ready": ready, "serving": serving, "terminating": terminating
+                                    },
+                                })
+                            })
+                            .collect();
+                        let ports: Vec<_> = ports
+                            .iter()
+                            .map(|(n, port, udp)| {
+                                json!({"name": port_name(*n), "port": port, "protocol": proto(*udp)})
+                            })
+                            .collect();
+                        let v = json!({
+                            "metadata": {
+                                "name": format!("e{name}"),
+                                "namespace": "default",
+                                "labels": {"kubernetes.io/service-name": format!("s{service}")},
+                            },
+                            "addressType": "IPv4",
+                            "endpoints": endpoints,
+                            "ports": ports,
+                        });
+                        slices.push(serde_json::from_value(v).unwrap());
+                    }
+                }
+            }
+            (services, slices)
+        }
+
+        /// What a datapath holds for a desired state: draining backends
+        /// are not in it.
+        fn programmed(s: &DesiredState) -> DesiredState {
+            DesiredState {
+                services: s
+                    .services
+                    .iter()
+                    .map(|(fe, d)| (*fe, DesiredService::new(d.name.clone(), d.backends.clone())))
+                    .collect(),
+            }
+        }
+
+        fn set(src: &mut ManifestSource, (n, objs): &(u8, Vec<Obj>)) -> Refresh {
+            let (services, slices) = objects(objs);
+            src.set_origin(&origin(*n), &services, &slices)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            #[test]
+            fn any_edit_sequence_lands_where_one_full_diff_does(
+                setup in prop::collection::vec(edit(), 0..6),
+                edits in prop::collection::vec(edit(), 1..12),
+            ) {
+                let mut src = ManifestSource::new("/m");
+                for e in &setup {
+                    set(&mut src, e);
+                }
+                let start = src.state().clone();
+                let mut incremental = Memory::with_state(programmed(&start));
+                for e in &edits {
+                    let prev = src.state().clone();
+                    let r = set(&mut src, e);
+                    prop_assert_eq!(&r.changes, &reconcile::diff(&prev, src.state()));
+                    incremental.apply(&r.changes).unwrap();
+                    prop_assert_eq!(incremental.programmed_state(), programmed(src.state()));
+                }
+                let mut full = Memory::with_state(programmed(&start));
+                full.apply(&reconcile::diff(&start, src.state())).unwrap();
+                prop_assert_eq!(full.programmed_state(), incremental.programmed_state());
+            }
+        }
     }
 }

@@ -1,0 +1,89 @@
+//! Packet counters (global and per service, per CPU in the kernel, summed
+//! here) and the conntrack table size.
+
+use anyhow::Result;
+use aya::maps::PerCpuValues;
+use proxy_common::Counters;
+
+use super::Dataplane;
+use crate::datapath::PacketCounters;
+use crate::metrics::Snapshot;
+use crate::model::Frontend;
+
+impl Dataplane {
+    pub(super) fn zeroed_counters(&self) -> PerCpuValues<Counters> {
+        PerCpuValues::try_from(vec![Counters::default(); self.nr_cpus])
+            .expect("nr_cpus matches the per-CPU map")
+    }
+    /// Number of conntrack entries (two per flow).
+    pub fn conntrack_entries(&self) -> usize {
+        self.conntrack.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Global counters summed over CPUs.
+    pub fn global_counters(&self) -> Result<Counters> {
+        sum(&self.global_counters.get(&0, 0)?)
+    }
+
+    /// Per-service counters summed over CPUs, with the service name.
+    pub fn service_counters(&self) -> Result<Vec<(Frontend, String, Counters)>> {
+        self.programmed
+            .iter()
+            .map(|(fe, p)| Ok((*fe, p.name.clone(), sum(&self.svc_counters.get(&p.id, 0)?)?)))
+            .collect()
+    }
+}
+
+fn sum(values: &PerCpuValues<Counters>) -> Result<Counters> {
+    let mut total = Counters::default();
+    for c in values.iter() {
+        total.add(c);
+    }
+    Ok(total)
+}
+
+impl PacketCounters for Dataplane {
+    fn snapshot(&self) -> Option<Snapshot> {
+        match (self.global_counters(), self.service_counters()) {
+            (Ok(global), Ok(per_service)) => Some(Snapshot {
+                global,
+                conntrack_entries: self.conntrack_entries(),
+                per_service,
+            }),
+            (Err(e), _) | (_, Err(e)) => {
+                log::warn!("reading counters for /metrics: {e:#}");
+                None
+            }
+        }
+    }
+
+    fn report(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        match self.global_counters() {
+            Ok(c) => lines.push(format!(
+                "kproxy: counters packets={} bytes={} new_flows={} rejects={} drops={} \
+                 malformed={} fragments={} fragments_unmatched={} conntrack_entries={}",
+                c.packets,
+                c.bytes,
+                c.new_flows,
+                c.rejects,
+                c.drops,
+                c.malformed,
+                c.fragments,
+                c.fragments_unmatched,
+                self.conntrack_entries()
+            )),
+            Err(e) => log::warn!("reading counters: {e:#}"),
+        }
+        if let Ok(per_service) = self.service_counters() {
+            for (fe, name, c) in per_service {
+                lines.push(format!(
+                    "kproxy: service {name} {fe} packets={} bytes={} new_flows={} rejects={} \
+                     drops={}",
+                    c.packets, c.bytes, c.new_flows, c.rejects, c.drops
+                ));
+            }
+        }
+        lines
+    }
+}

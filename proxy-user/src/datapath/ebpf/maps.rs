@@ -1,0 +1,390 @@
+//! Applying changes to the maps, and rebuilding the mirror from maps a
+//! previous agent left pinned.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result, anyhow, bail};
+use proxy_common::*;
+
+use super::Dataplane;
+use crate::model::{BackendAddr, DesiredService, DesiredState, Frontend, Proto};
+use crate::reconcile::{ApplyStats, Change};
+
+/// What the agent wrote for one frontend.
+pub(super) struct Programmed {
+    pub(super) id: u32,
+    pub(super) name: String,
+    /// Slot i of the service holds `slots[i]`; `slots.len()` is the count.
+    pub(super) slots: Vec<BackendAddr>,
+}
+
+/// Service ids: dense indexes into the per-service arrays, reused after a
+/// service is removed.
+pub(super) struct IdAllocator {
+    pub(super) next: u32,
+    pub(super) free: Vec<u32>,
+    pub(super) max: u32,
+}
+
+impl IdAllocator {
+    pub(super) fn alloc(&mut self) -> Option<u32> {
+        if let Some(id) = self.free.pop() {
+            return Some(id);
+        }
+        (self.next < self.max).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+}
+
+pub fn svc_key(fe: &Frontend) -> SvcKey {
+    SvcKey {
+        addr: ip_raw(fe.ip),
+        port: fe.port.to_be(),
+        proto: fe.proto.number(),
+        _pad: 0,
+    }
+}
+
+pub fn backend_raw(b: &BackendAddr) -> Backend {
+    Backend {
+        addr: ip_raw(b.ip),
+        port: b.port.to_be(),
+        _pad: 0,
+    }
+}
+
+/// An address as the datapath stores it: network order in memory.
+pub fn ip_raw(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+impl Dataplane {
+    /// Rebuilds the agent's mirror from pinned maps left by a previous agent,
+    /// dropping anything inconsistent (a service whose slots are incomplete,
+    /// slots of no service or past a service's count). Conntrack is kept:
+    /// established flows stay on their backends.
+    pub(super) fn adopt(&mut self) -> Result<()> {
+        let mut services = Vec::new();
+        for entry in self.services.iter() {
+            match entry {
+                Ok(kv) => services.push(kv),
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut live: HashSet<(u32, u32)> = HashSet::new();
+        let mut used_ids = HashSet::new();
+        let mut dropped = 0usize;
+        for (key, val) in services {
+            let fe = Frontend {
+                ip: Ipv4Addr::from(key.addr.to_ne_bytes()),
+                port: u16::from_be(key.port),
+                proto: match key.proto {
+                    IPPROTO_TCP => Proto::Tcp,
+                    IPPROTO_UDP => Proto::Udp,
+                    _ => {
+                        self.services.remove(&key).or_else(ignore_missing)?;
+                        dropped += 1;
+                        continue;
+                    }
+                },
+            };
+            let mut slots = Vec::with_capacity(val.count as usize);
+            for slot in 0..val.count {
+                match self.slots.get(
+                    &SlotKey {
+                        svc_id: val.id,
+                        slot,
+                    },
+                    0,
+                ) {
+                    Ok(b) => slots.push(BackendAddr {
+                        ip: Ipv4Addr::from(b.addr.to_ne_bytes()),
+                        port: u16::from_be(b.port),
+                    }),
+                    Err(_) => break,
+                }
+            }
+            if slots.len() != val.count as usize
+                || val.id >= self.ids.max
+                || !used_ids.insert(val.id)
+            {
+                // Half-written or clashing: remove; the reconcile re-adds it.
+                self.services.remove(&key).or_else(ignore_missing)?;
+                dropped += 1;
+                continue;
+            }
+            for slot in 0..val.count {
+                live.insert((val.id, slot));
+            }
+            self.programmed.insert(
+                fe,
+                Programmed {
+                    id: val.id,
+                    name: format!("{fe} (adopted)"),
+                    slots,
+                },
+            );
+        }
+        let orphans: Vec<SlotKey> = self
+            .slots
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !live.contains(&(k.svc_id, k.slot)))
+            .collect();
+        for k in &orphans {
+            self.slots.remove(k).or_else(ignore_missing)?;
+        }
+        let max_id = used_ids.iter().copied().max().map_or(0, |m| m + 1);
+        self.ids.next = max_id;
+        self.ids.free = (0..max_id)
+            .filter(|i| !used_ids.contains(i))
+            .rev()
+            .collect();
+        if !self.programmed.is_empty() || dropped > 0 || !orphans.is_empty() {
+            log::info!(
+                "adopted pinned datapath: {} frontends, {} backends, {} conntrack entries; \
+                 dropped {dropped} inconsistent frontends and {} orphaned slots",
+                self.programmed.len(),
+                self.backend_count(),
+                self.conntrack_entries(),
+                orphans.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// The desired state the maps currently implement.
+    pub fn programmed_state(&self) -> DesiredState {
+        DesiredState {
+            services: self
+                .programmed
+                .iter()
+                .map(|(fe, p)| {
+                    let svc =
+                        DesiredService::new(p.name.clone(), p.slots.iter().copied().collect());
+                    (*fe, svc)
+                })
+                .collect(),
+        }
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.programmed.len()
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.programmed.values().map(|p| p.slots.len()).sum()
+    }
+
+    /// Applies changes in order. Each change leaves the maps consistent for
+    /// packets in flight; flows whose backend went away are flushed from
+    /// conntrack at the end, after no slot points at those backends any more.
+    pub fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats> {
+        let mut stats = ApplyStats::default();
+        // (service id, backend) pairs whose flows must go.
+        let mut gone_backends: HashSet<(u32, Backend)> = HashSet::new();
+        // Ids of removed services: their flows go, then the ids are freed.
+        let mut gone_ids: HashSet<u32> = HashSet::new();
+        for change in changes {
+            match change {
+                Change::RemoveService { frontend } => {
+                    let Some(p) = self.programmed.remove(frontend) else {
+                        continue;
+                    };
+                    // Frontend first: from here packets pass untouched.
+                    self.services
+                        .remove(&svc_key(frontend))
+                        .or_else(ignore_missing)?;
+                    for slot in 0..p.slots.len() as u32 {
+                        self.slots
+                            .remove(&SlotKey { svc_id: p.id, slot })
+                            .or_else(ignore_missing)?;
+                    }
+                    gone_ids.insert(p.id);
+                    stats.services_removed += 1;
+                    stats.backends_removed += p.slots.len();
+                }
+                Change::AddService {
+                    frontend,
+                    name,
+                    backends,
+                } => {
+                    if self.programmed.contains_key(frontend) {
+                        bail!("service {frontend} is already programmed");
+                    }
+                    let id = self.ids.alloc().ok_or_else(|| {
+                        anyhow!(
+                            "service table full ({} frontends): raise --max-services",
+                            self.ids.max
+                        )
+                    })?;
+                    // A reused id starts with a fresh cursor and counters.
+                    self.cursors.set(id, 0, 0)?;
+                    let zero = self.zeroed_counters();
+                    self.svc_counters.set(id, zero, 0)?;
+                    let slots: Vec<BackendAddr> = backends.iter().copied().collect();
+                    for (i, b) in slots.iter().enumerate() {
+                        self.slots
+                            .insert(
+                                SlotKey {
+                                    svc_id: id,
+                                    slot: i as u32,
+                                },
+                                backend_raw(b),
+                                0,
+                            )
+                            .with_context(|| slot_table_hint(frontend))?;
+                    }
+                    self.services.insert(
+                        svc_key(frontend),
+                        SvcValue {
+                            id,
+                            count: slots.len() as u32,
+                        },
+                        0,
+                    )?;
+                    stats.services_added += 1;
+                    stats.backends_added += slots.len();
+                    self.programmed.insert(
+                        *frontend,
+                        Programmed {
+                            id,
+                            name: name.clone(),
+                            slots,
+                        },
+                    );
+                }
+                Change::RenameService { frontend, name } => {
+                    // Names live in the mirror only; the maps key on ids.
+                    let Some(p) = self.programmed.get_mut(frontend) else {
+                        bail!("service {frontend} is not programmed");
+                    };
+                    p.name.clone_from(name);
+                }
+                Change::UpdateBackends {
+                    frontend,
+                    added,
+                    removed,
+                    flush,
+                } => {
+                    let Some(p) = self.programmed.get_mut(frontend) else {
+                        bail!("service {frontend} is not programmed");
+                    };
+                    let old = p.slots.clone();
+                    let mut new = old.clone();
+                    // Swap-remove keeps the table dense: the last backend
+                    // moves into the hole. Round-robin stays exact over the
+                    // new count; existing flows live in conntrack and do not
+                    // depend on slots.
+                    for b in removed {
+                        if let Some(i) = new.iter().position(|x| x == b) {
+                            new.swap_remove(i);
+                        }
+                    }
+                    // Draining backends keep their flows (they are in
+                    // `removed` but not in `flush`).
+                    gone_backends.extend(flush.iter().map(|b| (p.id, backend_raw(b))));
+                    new.extend(added.iter().copied());
+                    // 1. Slots that change or appear (beyond the old count
+                    //    they are invisible until step 2).
+                    for (i, b) in new.iter().enumerate() {
+                        if old.get(i) != Some(b) {
+                            self.slots
+                                .insert(
+                                    SlotKey {
+                                        svc_id: p.id,
+                                        slot: i as u32,
+                                    },
+                                    backend_raw(b),
+                                    0,
+                                )
+                                .with_context(|| slot_table_hint(frontend))?;
+                        }
+                    }
+                    // 2. The new count makes them live.
+                    self.services.insert(
+                        svc_key(frontend),
+                        SvcValue {
+                            id: p.id,
+                            count: new.len() as u32,
+                        },
+                        0,
+                    )?;
+                    // 3. Slots past the new count are unreachable now.
+                    for i in new.len()..old.len() {
+                        self.slots
+                            .remove(&SlotKey {
+                                svc_id: p.id,
+                                slot: i as u32,
+                            })
+                            .or_else(ignore_missing)?;
+                    }
+                    stats.backends_added += added.len();
+                    stats.backends_removed += removed.len();
+                    p.slots = new;
+                }
+            }
+        }
+        if !gone_backends.is_empty() || !gone_ids.is_empty() {
+            stats.flows_flushed = self.flush_flows(&gone_backends, &gone_ids)?;
+        }
+        for id in gone_ids {
+            self.ids.free.push(id);
+        }
+        Ok(stats)
+    }
+
+    /// Deletes conntrack entries (both directions) of flows on removed
+    /// backends or removed services, so UDP flows move to a live backend on
+    /// their next packet and TCP flows get a reset instead of hanging.
+    fn flush_flows(
+        &mut self,
+        backends: &HashSet<(u32, Backend)>,
+        ids: &HashSet<u32>,
+    ) -> Result<usize> {
+        let mut doomed = Vec::new();
+        for entry in self.conntrack.iter() {
+            let (k, v) = match entry {
+                Ok(kv) => kv,
+                // An LRU entry evicted while we walk: nothing to flush.
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let backend = if k.dir == CT_DIR_FORWARD {
+                Backend {
+                    addr: v.addr,
+                    port: v.port,
+                    _pad: 0,
+                }
+            } else {
+                Backend {
+                    addr: k.saddr,
+                    port: k.sport,
+                    _pad: 0,
+                }
+            };
+            if ids.contains(&v.svc_id) || backends.contains(&(v.svc_id, backend)) {
+                doomed.push(k);
+            }
+        }
+        for k in &doomed {
+            self.conntrack.remove(k).or_else(ignore_missing)?;
+        }
+        Ok(doomed.len())
+    }
+}
+
+pub(super) fn ignore_missing(e: aya::maps::MapError) -> Result<(), aya::maps::MapError> {
+    match e {
+        aya::maps::MapError::KeyNotFound => Ok(()),
+        e => Err(e),
+    }
+}
+
+fn slot_table_hint(fe: &Frontend) -> String {
+    format!("writing backend slots of {fe} (slot table full? raise --max-backends)")
+}

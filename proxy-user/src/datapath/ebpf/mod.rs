@@ -1,0 +1,108 @@
+//! The eBPF datapath: TC programs on client-facing interfaces, driven
+//! through BPF maps.
+//!
+//! The agent keeps a mirror of what it wrote (`programmed`), so each change
+//! touches only the map entries it concerns: O(changed backends), never a
+//! rewrite of the tables. Map layouts are documented in `proxy-common`.
+//!
+//! One file per job: [`load`] (object, map sizes, pinning and adoption of a
+//! previous agent's maps), [`attach`] (tcx links or clsact + cls_bpf),
+//! [`follow`] (interfaces named by prefix, as they come and go), [`maps`]
+//! (applying [`Change`](crate::reconcile::Change)s), [`counters`] and
+//! [`test_run`] (BPF_PROG_TEST_RUN, for tests and benchmarks).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use aya::Ebpf;
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use proxy_common::*;
+
+use crate::datapath::{Datapath, FollowLinks, PacketCounters};
+use crate::model::{DesiredState, Frontend};
+use crate::reconcile::{ApplyStats, Change};
+
+pub mod attach;
+pub mod counters;
+pub mod follow;
+pub mod load;
+pub mod maps;
+pub mod test_run;
+
+pub use attach::AttachMode;
+pub use follow::Following;
+pub use load::{LoadOptions, layout_tag};
+pub use maps::{backend_raw, ip_raw, svc_key};
+pub use test_run::TestRunOutput;
+
+/// The eBPF object built by `cargo xtask build`, embedded at compile time.
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KPROXY_BPF_OBJ_PATH"));
+
+pub const INGRESS_PROG: &str = "kproxy_ingress";
+pub const EGRESS_PROG: &str = "kproxy_egress";
+
+pub struct Dataplane {
+    bpf: Ebpf,
+    services: HashMap<MapData, SvcKey, SvcValue>,
+    slots: HashMap<MapData, SlotKey, Backend>,
+    cursors: Array<MapData, u64>,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    svc_counters: PerCpuArray<MapData, Counters>,
+    global_counters: PerCpuArray<MapData, Counters>,
+    programmed: BTreeMap<Frontend, maps::Programmed>,
+    ids: maps::IdAllocator,
+    attachments: Vec<attach::Attachment>,
+    nr_cpus: usize,
+    /// `<pin_dir>/<layout tag>` when pinning.
+    pin_root: Option<PathBuf>,
+    /// Leave links and pinned maps in place on drop (graceful handover).
+    keep_on_exit: bool,
+    /// Interfaces attached by name prefix as they appear.
+    following: Option<Following>,
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        if self.keep_on_exit {
+            return;
+        }
+        if let Err(e) = self.detach_all() {
+            log::warn!("detach on drop: {e:#}");
+        }
+    }
+}
+
+impl Datapath for Dataplane {
+    fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats> {
+        Dataplane::apply(self, changes)
+    }
+
+    fn programmed_state(&self) -> DesiredState {
+        Dataplane::programmed_state(self)
+    }
+
+    fn service_count(&self) -> usize {
+        Dataplane::service_count(self)
+    }
+
+    fn backend_count(&self) -> usize {
+        Dataplane::backend_count(self)
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        self.detach_all()
+    }
+
+    fn counters(&self) -> Option<&dyn PacketCounters> {
+        Some(self)
+    }
+
+    fn follow_links(&mut self) -> Option<&mut dyn FollowLinks> {
+        if self.following.is_some() {
+            Some(self)
+        } else {
+            None
+        }
+    }
+}
