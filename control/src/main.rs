@@ -3,22 +3,14 @@
 //! `kcontrol all` (all four in one process for a single-node cluster, as k3s),
 //! and `kcontrol migrate` (embedded store → etcd).
 
-mod all;
-mod apiserver;
-mod controllers;
-mod events;
-mod informer;
-mod kubelet;
-mod migrate;
-mod podutil;
-mod quantity;
-mod scheduler;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use kcontrol::{
+    all, apiserver, client_from, controllers, kubelet, migrate, parse_duration, scheduler,
+};
 
 #[derive(Parser)]
 #[command(name = "kcontrol", version, about = "A small Kubernetes control plane")]
@@ -154,36 +146,6 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         lease_renew_seconds: u64,
     },
-}
-
-/// `500ms`, `40s`, `5m`, `1h` (a bare number is seconds).
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 40s, 5m or 1h"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
-}
-
-/// A kube client from a kubeconfig file.
-async fn client_from(path: &std::path::Path) -> anyhow::Result<kube::Client> {
-    use anyhow::Context;
-    let kc = kube::config::Kubeconfig::read_from(path)
-        .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .with_context(|| format!("using the kubeconfig {}", path.display()))?;
-    Ok(kube::Client::try_from(cfg)?)
 }
 
 /// Runs `f` until it ends or SIGINT/SIGTERM arrives.

@@ -120,7 +120,7 @@ pub fn negotiate(accept: Option<&str>, allow_protobuf: bool) -> ApiResult<Output
 pub fn encode(code: u16, v: &Value, out: Output, warnings: &[String]) -> Response<Body> {
     let (bytes, ctype) = match out {
         Output::Yaml => (
-            serde_yaml::to_string(v).unwrap_or_default().into_bytes(),
+            serde_saphyr::to_string(v).unwrap_or_default().into_bytes(),
             "application/yaml",
         ),
         _ => (
@@ -229,7 +229,12 @@ impl Query {
 const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
 
 /// Reads the whole body, at most [`MAX_BODY`] bytes (413 beyond).
-pub async fn read_body(headers: &HeaderMap, mut body: hyper::body::Incoming) -> ApiResult<Bytes> {
+pub async fn read_body<B>(headers: &HeaderMap, body: B) -> ApiResult<Bytes>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let mut body = std::pin::pin!(body);
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -258,6 +263,12 @@ pub async fn read_body(headers: &HeaderMap, mut body: hyper::body::Incoming) -> 
     Ok(buf.freeze())
 }
 
+/// Reads YAML as serde_yaml did (YAML 1.2): only `true`/`false` are
+/// booleans, so `yes` and `on` stay strings in a JSON value.
+pub fn yaml_from_slice(body: &[u8]) -> Result<Value, serde_saphyr::Error> {
+    serde_saphyr::from_slice_with_options(body, serde_saphyr::options! { strict_booleans: true })
+}
+
 /// Decodes a request body as JSON or YAML per its Content-Type.
 pub fn decode_body(headers: &HeaderMap, body: &[u8]) -> ApiResult<Value> {
     let ctype = headers
@@ -284,10 +295,11 @@ pub fn decode_body(headers: &HeaderMap, body: &[u8]) -> ApiResult<Value> {
                 ApiError::bad_request(format!("the request body is not valid JSON: {e}"))
             })?
         }
-        "application/yaml" | "application/apply-patch+yaml" => serde_yaml::from_slice(body)
-            .map_err(|e| {
+        "application/yaml" | "application/apply-patch+yaml" => {
+            yaml_from_slice(body).map_err(|e| {
                 ApiError::bad_request(format!("the request body is not valid YAML: {e}"))
-            })?,
+            })?
+        }
         "application/vnd.kubernetes.protobuf" => super::protobuf::decode(body).map_err(|e| {
             ApiError::bad_request(format!(
                 "the request body is not a valid protobuf object: {e}"
@@ -323,6 +335,26 @@ mod tests {
         );
         assert_eq!(negotiate(Some("*/*"), false).unwrap(), Output::Json);
         assert!(negotiate(Some("text/html"), false).is_err());
+    }
+
+    #[test]
+    fn yaml_round_trips_what_json_holds() {
+        use serde_json::json;
+        let v = json!({
+            "s": ["true", "yes", "on", "80", "0x1F", "1e3", "", "~", "null", " x", "#x", "a: b", "- a", "multi\nline\n"],
+            "n": [1, -3, 2.5, 0, 1e300, true, false, null],
+            "nested": {"a": [{"b": {}}, []], "c": {}},
+        });
+        let yaml = serde_saphyr::to_string(&v).unwrap();
+        assert_eq!(yaml_from_slice(yaml.as_bytes()).unwrap(), v, "{yaml}");
+        // `08` is not a YAML 1.2 integer (no leading zeros without a radix
+        // prefix); it reads as the float 8, as go-yaml v2 (kubectl's and the
+        // real apiserver's reader) reads it after its octal parse fails.
+        let plain = "a: yes\nb: on\nc: 1.0\nd: 08\ne: 8\n";
+        assert_eq!(
+            yaml_from_slice(plain.as_bytes()).unwrap(),
+            json!({"a": "yes", "b": "on", "c": 1.0, "d": 8.0, "e": 8}),
+        );
     }
 
     #[test]

@@ -2,27 +2,36 @@
 //! durable store of `kcontrol-store`.
 //!
 //! A request goes: TLS + HTTP/1.1 or HTTP/2 (this file) → authentication
-//! (`auth.rs`) → routing (discovery in `discovery.rs`, resource paths in
-//! `handlers.rs`) → decoding/defaulting/validation (`validate.rs`, patches
-//! in `patch.rs`, Service addresses in `allocate.rs`) → the store →
-//! watchers (`watch.rs`). Responses are JSON, YAML or Tables (`table.rs`).
+//! (`auth.rs`) → routing (`router.rs`; discovery in `discovery.rs`) → a
+//! generic verb (`verbs/`), which asks the kind's strategy (`registry/`)
+//! for defaulting, validation (shared validators in `validate.rs`) and
+//! side effects (Service addresses in `allocate/`) → the store (objects
+//! and revisions: `object.rs`) → watchers (`watch.rs`). Responses are
+//! JSON, YAML or Tables (`table.rs`).
 
 pub mod allocate;
 pub mod apply;
 pub mod auth;
 pub mod discovery;
-pub mod handlers;
 pub mod http;
+pub mod object;
 pub mod patch;
 pub mod protobuf;
+pub mod registry;
 pub mod resources;
 pub mod reviews;
+pub mod router;
 pub mod selectors;
+pub mod state;
 pub mod status;
 pub mod table;
 pub mod tls;
 pub mod validate;
+pub mod verbs;
 pub mod watch;
+
+#[cfg(test)]
+mod tests;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -30,16 +39,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::http::{Method, Request, Response, header};
 use anyhow::{Context, Result};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kcontrol_store::Store;
 use tokio::net::TcpListener;
 
-use self::handlers::State;
-use self::http::{Body, Output, Query};
-use self::status::ApiError;
+pub use self::state::State;
 
 pub struct Config {
     /// Certificates, token and kubeconfig; the embedded store too unless
@@ -107,14 +112,14 @@ pub async fn run(cfg: Config) -> Result<()> {
     };
     let server_address = format!("{host}:{}", local.port());
 
-    let state = Arc::new(State {
+    let state = start(State {
         store: store.clone(),
         alloc,
         token: token.clone(),
         server_address: server_address.clone(),
         bookmark_interval: cfg.bookmark_interval,
-    });
-    state.bootstrap().await?;
+    })
+    .await?;
     auth::write_kubeconfig(
         &cfg.data_dir,
         &format!("https://{server_address}"),
@@ -155,13 +160,21 @@ pub async fn run(cfg: Config) -> Result<()> {
             };
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(state, req).await) }
+                async move { Ok::<_, Infallible>(router::handle(state, req).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), svc)
                 .await;
         });
     }
+}
+
+/// Readies `state` to serve (the kinds' start hooks, the objects that
+/// always exist). Requests then go to [`router::handle`]: [`run`] feeds it
+/// from TLS connections, tests call it in-process.
+pub async fn start(state: State) -> Result<Arc<State>> {
+    verbs::bootstrap(&state).await?;
+    Ok(Arc::new(state))
 }
 
 async fn shutdown_signal() {
@@ -189,123 +202,4 @@ async fn compactor(store: Arc<dyn Store>, every: Duration) {
         }
         previous = store.current_revision().await.ok();
     }
-}
-
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
-    let (parts, body) = req.into_parts();
-    let method = parts.method.clone();
-    let path = parts.uri.path().to_string();
-    let result = route(&state, &parts, body).await;
-    match result {
-        Ok(r) => r,
-        Err(e) => {
-            if e.code >= 500 {
-                eprintln!("kcontrol: {method} {path}: {e}");
-            }
-            http::error(&e)
-        }
-    }
-}
-
-async fn route(
-    state: &Arc<State>,
-    parts: &::http::request::Parts,
-    body: Incoming,
-) -> Result<Response<Body>, ApiError> {
-    let path = parts.uri.path().trim_end_matches('/');
-    let path = if path.is_empty() { "/" } else { path };
-    let accept = parts
-        .headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok());
-
-    match path {
-        "/healthz" | "/livez" | "/readyz" => return Ok(http::text(200, "ok")),
-        "/version" => return Ok(http::encode(200, &discovery::version(), Output::Json, &[])),
-        _ => {}
-    }
-    if auth::is_public(path) {
-        return Ok(http::text(200, "ok"));
-    }
-    let authz = parts
-        .headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if !auth::authorized(authz, &state.token) {
-        return Err(ApiError::unauthorized());
-    }
-
-    let out = http::negotiate(accept, path == "/openapi/v2")?;
-    let segs: Vec<&str> = path.split('/').skip(1).collect();
-    let get_only = |doc: Option<serde_json::Value>| -> Result<Response<Body>, ApiError> {
-        if parts.method != Method::GET {
-            return Err(ApiError::method_not_allowed(format!(
-                "{} is not supported here",
-                parts.method
-            )));
-        }
-        let doc = doc.ok_or_else(ApiError::no_route)?;
-        Ok(http::encode(200, &doc, out, &[]))
-    };
-    match segs.as_slice() {
-        ["api"] => get_only(Some(discovery::core_versions(&state.server_address))),
-        ["api", "v1"] => get_only(discovery::resource_list("", "v1")),
-        ["apis"] => get_only(Some(discovery::group_list())),
-        ["apis", g] => get_only(discovery::group(g)),
-        ["apis", g, v] => get_only(discovery::resource_list(g, v)),
-        ["openapi", "v2"] => {
-            if out == Output::Protobuf {
-                let mut r = Response::new(http::full(discovery::openapi_v2_protobuf()));
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
-                        .parse()
-                        .expect("static header"),
-                );
-                Ok(r)
-            } else {
-                get_only(Some(discovery::openapi_v2_json()))
-            }
-        }
-        ["apis", g, v, plural] if reviews::is_review(g, v, plural) => {
-            if parts.method != Method::POST {
-                return Err(ApiError::method_not_allowed(
-                    "reviews are only created (POST)",
-                ));
-            }
-            let bytes = http::read_body(&parts.headers, body).await?;
-            let review = reviews::answer(g, plural, http::decode_body(&parts.headers, &bytes)?)?;
-            Ok(http::encode(201, &review, out, &[]))
-        }
-        ["api", "v1", rest @ ..] => resource(state, parts, body, "", "v1", rest, out).await,
-        ["apis", g, v, rest @ ..] => resource(state, parts, body, g, v, rest, out).await,
-        _ => Err(ApiError::no_route()),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn resource(
-    state: &Arc<State>,
-    parts: &::http::request::Parts,
-    body: Incoming,
-    group: &str,
-    version: &str,
-    rest: &[&str],
-    out: Output,
-) -> Result<Response<Body>, ApiError> {
-    let (target, watch_prefix) =
-        handlers::parse_target(group, version, rest).ok_or_else(ApiError::no_route)?;
-    let q = Query::parse(parts.uri.query());
-    let body = http::read_body(&parts.headers, body).await?;
-    handlers::serve(
-        state,
-        &parts.method,
-        target,
-        watch_prefix,
-        q,
-        &parts.headers,
-        body,
-        out,
-    )
-    .await
 }

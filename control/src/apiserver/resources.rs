@@ -1,7 +1,9 @@
 //! The table of served resources. Everything generic (routing, discovery,
-//! storage keys, list/watch, field selectors) is driven by this table; only
-//! defaulting/validation (`validate.rs`), printing (`table.rs`) and a few
-//! subresources look at the kind.
+//! storage keys, list/watch, field selectors, the verbs) is driven by this
+//! table; the per-kind rules are each kind's [`Strategy`] (`registry/`),
+//! and printing (`table.rs`) looks at the kind.
+
+use super::registry::{self, Strategy};
 
 /// One served resource type.
 #[derive(Debug)]
@@ -23,6 +25,7 @@ pub struct ResourceType {
     /// Delete answers with the deleted object (pods, services) rather than a
     /// success Status, as the real registry does.
     pub delete_returns_object: bool,
+    pub strategy: &'static dyn Strategy,
 }
 
 impl ResourceType {
@@ -71,188 +74,20 @@ impl ResourceType {
     }
 }
 
-const POD_FIELDS: &[&str] = &[
-    "spec.nodeName",
-    "spec.restartPolicy",
-    "spec.schedulerName",
-    "spec.serviceAccountName",
-    "spec.hostNetwork",
-    "status.phase",
-    "status.podIP",
-    "status.nominatedNodeName",
-];
-
-const EVENT_FIELDS: &[&str] = &[
-    "involvedObject.kind",
-    "involvedObject.namespace",
-    "involvedObject.name",
-    "involvedObject.uid",
-    "involvedObject.apiVersion",
-    "involvedObject.resourceVersion",
-    "involvedObject.fieldPath",
-    "reason",
-    "reportingComponent",
-    "source",
-    "type",
-];
-
+/// Every served kind, in discovery order: one line per file of `registry/`.
 pub static RESOURCES: &[ResourceType] = &[
-    ResourceType {
-        group: "",
-        version: "v1",
-        plural: "namespaces",
-        singular: "namespace",
-        kind: "Namespace",
-        namespaced: false,
-        short_names: &["ns"],
-        categories: &[],
-        subresources: &["status"],
-        field_labels: &["status.phase"],
-        delete_returns_object: false,
-    },
-    ResourceType {
-        group: "",
-        version: "v1",
-        plural: "pods",
-        singular: "pod",
-        kind: "Pod",
-        namespaced: true,
-        short_names: &["po"],
-        categories: &["all"],
-        subresources: &["status", "binding"],
-        field_labels: POD_FIELDS,
-        delete_returns_object: true,
-    },
-    ResourceType {
-        group: "",
-        version: "v1",
-        plural: "services",
-        singular: "service",
-        kind: "Service",
-        namespaced: true,
-        short_names: &["svc"],
-        categories: &["all"],
-        subresources: &["status"],
-        field_labels: &[],
-        delete_returns_object: true,
-    },
-    ResourceType {
-        group: "",
-        version: "v1",
-        plural: "endpoints",
-        singular: "endpoints",
-        kind: "Endpoints",
-        namespaced: true,
-        short_names: &["ep"],
-        categories: &[],
-        subresources: &[],
-        field_labels: &[],
-        delete_returns_object: false,
-    },
-    ResourceType {
-        group: "",
-        version: "v1",
-        plural: "nodes",
-        singular: "node",
-        kind: "Node",
-        namespaced: false,
-        short_names: &["no"],
-        categories: &[],
-        subresources: &["status"],
-        field_labels: &["spec.unschedulable"],
-        delete_returns_object: false,
-    },
-    ResourceType {
-        group: "",
-        version: "v1",
-        plural: "events",
-        singular: "event",
-        kind: "Event",
-        namespaced: true,
-        short_names: &["ev"],
-        categories: &[],
-        subresources: &[],
-        field_labels: EVENT_FIELDS,
-        delete_returns_object: false,
-    },
-    ResourceType {
-        group: "",
-        version: "v1",
-        plural: "configmaps",
-        singular: "configmap",
-        kind: "ConfigMap",
-        namespaced: true,
-        short_names: &["cm"],
-        categories: &[],
-        subresources: &[],
-        field_labels: &[],
-        delete_returns_object: false,
-    },
-    ResourceType {
-        group: "",
-        version: "v1",
-        plural: "serviceaccounts",
-        singular: "serviceaccount",
-        kind: "ServiceAccount",
-        namespaced: true,
-        short_names: &["sa"],
-        categories: &[],
-        subresources: &[],
-        field_labels: &[],
-        delete_returns_object: false,
-    },
-    ResourceType {
-        group: "apps",
-        version: "v1",
-        plural: "deployments",
-        singular: "deployment",
-        kind: "Deployment",
-        namespaced: true,
-        short_names: &["deploy"],
-        categories: &["all"],
-        subresources: &["status", "scale"],
-        field_labels: &[],
-        delete_returns_object: false,
-    },
-    ResourceType {
-        group: "apps",
-        version: "v1",
-        plural: "replicasets",
-        singular: "replicaset",
-        kind: "ReplicaSet",
-        namespaced: true,
-        short_names: &["rs"],
-        categories: &["all"],
-        subresources: &["status"],
-        field_labels: &["status.replicas"],
-        delete_returns_object: false,
-    },
-    ResourceType {
-        group: "discovery.k8s.io",
-        version: "v1",
-        plural: "endpointslices",
-        singular: "endpointslice",
-        kind: "EndpointSlice",
-        namespaced: true,
-        short_names: &[],
-        categories: &[],
-        subresources: &[],
-        field_labels: &[],
-        delete_returns_object: false,
-    },
-    ResourceType {
-        group: "coordination.k8s.io",
-        version: "v1",
-        plural: "leases",
-        singular: "lease",
-        kind: "Lease",
-        namespaced: true,
-        short_names: &[],
-        categories: &[],
-        subresources: &[],
-        field_labels: &[],
-        delete_returns_object: false,
-    },
+    registry::namespace::RESOURCE,
+    registry::pod::RESOURCE,
+    registry::service::RESOURCE,
+    registry::endpoints::RESOURCE,
+    registry::node::RESOURCE,
+    registry::event::RESOURCE,
+    registry::configmap::RESOURCE,
+    registry::serviceaccount::RESOURCE,
+    registry::deployment::RESOURCE,
+    registry::replicaset::RESOURCE,
+    registry::endpointslice::RESOURCE,
+    registry::lease::RESOURCE,
 ];
 
 pub fn lookup(group: &str, version: &str, plural: &str) -> Option<&'static ResourceType> {

@@ -23,10 +23,11 @@ use kcontrol_store::{Event, EventKind, Revision, StoreError};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::handlers::{State, from_kv, parse_rv, set_rv};
 use super::http::{Body, ChannelBody, Output, Query};
+use super::object::{from_kv, parse_rv, set_rv};
 use super::resources::ResourceType;
 use super::selectors::{FieldSelector, LabelSelector};
+use super::state::State;
 use super::status::{ApiError, ApiResult};
 use super::table;
 

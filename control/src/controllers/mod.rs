@@ -20,6 +20,8 @@ mod endpointslice;
 mod gc;
 mod nodelifecycle;
 mod replicaset;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

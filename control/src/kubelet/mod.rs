@@ -9,9 +9,9 @@
 //!   dropped) stops every container and removes every namespace, veth, the
 //!   bridge and the cgroups it made.
 //!
-//! Host names: veths `kcv<12 hex of a hash of the pod UID>`, namespaces
-//! `/run/netns/kcns-<same hash>`, crun containers `kc-<hash>-<container>`
-//! under crun root `<root_dir>/crun`, cgroups `/kcontrol/<node>/<hash>/<container>`.
+//! Host names (veths, namespaces, crun containers under crun root
+//! `<root_dir>/crun`, cgroups) follow the `kcontrol-names` crate, which the
+//! test harnesses share.
 
 pub mod net;
 mod node;
@@ -109,17 +109,6 @@ pub(crate) struct Shared {
     bridge_index: u32,
     net: rtnetlink::Handle,
     ipam: Mutex<()>,
-}
-
-/// 12 hex digits of a hash (FNV-1a) of the pod UID: names its veth,
-/// namespace, containers and cgroup.
-pub fn pod_hash(uid: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in uid.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{:012x}", h & 0xffff_ffff_ffff)
 }
 
 impl Shared {
@@ -400,7 +389,7 @@ async fn cleanup(cfg: &Config, all: bool) -> Result<()> {
     let pods = cfg.root_dir.join("pods");
     for e in fs::read_dir(&pods).into_iter().flatten().flatten() {
         let uid = e.file_name().to_string_lossy().into_owned();
-        let hash = pod_hash(&uid);
+        let hash = kcontrol_names::pod_hash(&uid);
         if let Err(e) = net::teardown_pod(&h, &PodNet::new(&hash, Ipv4Addr::UNSPECIFIED)).await {
             errors.push(format!("{e:#}"));
         }

@@ -18,9 +18,7 @@ use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 /// Where pod network namespaces are bind-mounted (as `ip netns add` does).
 pub const NETNS_DIR: &str = "/run/netns";
-/// Host-side veth names start with this, followed by 12 hex digits of a
-/// hash of the pod UID (15 characters, the kernel's limit).
-pub const VETH_PREFIX: &str = "kcv";
+pub use kcontrol_names::VETH_PREFIX;
 /// The pod side is created under this name before it moves into the pod's
 /// namespace and is renamed eth0.
 const PEER_PREFIX: &str = "kcp";
@@ -311,8 +309,8 @@ impl PodNet {
     /// Names derived from the pod UID's hash.
     pub fn new(hash: &str, ip: Ipv4Addr) -> PodNet {
         PodNet {
-            netns: format!("kcns-{hash}"),
-            host_veth: format!("{VETH_PREFIX}{hash}"),
+            netns: kcontrol_names::netns(hash),
+            host_veth: kcontrol_names::veth(hash),
             ip,
         }
     }
