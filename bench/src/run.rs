@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use kproxy_tests::kproxy::{READY, field_u64};
+use kproxy_tests::kproxy::{Event, field_u64};
 use kproxy_tests::{Kproxy, ManifestDir, Mode, Netns, Topology, backend_ip, backend_name, run_in};
 use serde::Serialize;
 
@@ -190,7 +190,7 @@ fn run_mode(s: &Scale, mode: Mode, progress: &Progress, r: &mut ModeRun) -> Resu
     let ifaces = [s.topo.client_iface_on_node()];
     let mut kp = Kproxy::start_with_mode(node, s.manifests.path(), &ifaces, &[], mode)?;
     let bound = Duration::from_secs(plan.program_bound_s);
-    let ready = match kp.wait_line_timed(READY, bound) {
+    let ready = match kp.wait_event("ready", |e| matches!(e, Event::Ready { .. }), bound) {
         Ok(line) => line,
         Err(e) => {
             if kp.is_running() {

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use common::{Server, TempDir, post_json};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use kcontrol_store::etcd_cluster::EtcdCluster;
 use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::watcher;
 use serde_json::json;
+use testbed::EtcdCluster;
 
 /// The CA and admin token of `from` in `to`, so that one kubeconfig works
 /// against both apiservers (as when several apiservers front one etcd).

@@ -7,20 +7,25 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use common::{Server, TempDir};
 
-struct Kubectl<'a> {
-    server: &'a Server,
-    cache: std::path::PathBuf,
-    /// The kubectl binary (`kubectl` from PATH unless a version is pinned).
-    bin: PathBuf,
-}
+/// The test bed's kubectl runner with this file's assertions: `bin`
+/// against `server`, with a cache dir of its own.
+struct Kubectl(testbed::Kubectl);
 
-impl Kubectl<'_> {
+impl Kubectl {
+    fn new(server: &Server, cache: &Path, bin: &Path) -> Kubectl {
+        Kubectl(
+            testbed::Kubectl::new(&server.kubeconfig)
+                .bin(bin)
+                .cache_dir(cache),
+        )
+    }
+
     /// Runs kubectl; returns stdout, panics with stderr on failure.
     fn ok(&self, args: &[&str]) -> String {
         let (ok, out, err) = self.run(args);
@@ -36,14 +41,10 @@ impl Kubectl<'_> {
     }
 
     fn run(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(&self.bin)
-            .arg("--kubeconfig")
-            .arg(&self.server.kubeconfig)
-            .arg("--cache-dir")
-            .arg(&self.cache)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("running {} failed: {e}", self.bin.display()));
+        let out = self
+            .0
+            .output(args, None)
+            .unwrap_or_else(|e| panic!("{e:#}"));
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -65,7 +66,7 @@ struct Watching {
     seen: Vec<String>,
 }
 
-impl Kubectl<'_> {
+impl Kubectl {
     /// Starts `kubectl ARGS` (a `get -w`) and returns once kubectl has the
     /// 200 of its watch request, which it logs at `-v=6`. The apiserver
     /// fixes a watch's starting point before it answers (watch.rs), so
@@ -74,17 +75,15 @@ impl Kubectl<'_> {
     /// does not print that: it takes the watch's first event for the
     /// object it printed already (issue 22).
     fn watch(&self, args: &[&str]) -> Watching {
-        let mut child = Command::new(&self.bin)
-            .arg("--kubeconfig")
-            .arg(&self.server.kubeconfig)
-            .arg("--cache-dir")
-            .arg(&self.cache)
+        let mut child = self
+            .0
+            .command()
             .args(args)
             .arg("-v=6")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("running {} failed: {e}", self.bin.display()));
+            .unwrap_or_else(|e| panic!("running kubectl {args:?} failed: {e}"));
         let lines = forward_lines(child.stdout.take().unwrap());
         let log = forward_lines(child.stderr.take().unwrap());
         let watching = Watching {
@@ -210,11 +209,7 @@ fn column(table: &str, header: &str, row: &str) -> String {
 fn kubectl_end_to_end() {
     let dir = TempDir::new("kubectl");
     let server = Server::start(&dir.0, &[]);
-    let k = Kubectl {
-        server: &server,
-        cache: dir.0.join("kube-cache"),
-        bin: "kubectl".into(),
-    };
+    let k = Kubectl::new(&server, &dir.0.join("kube-cache"), Path::new("kubectl"));
 
     // Namespaces that exist from the start, as a server-side table.
     let ns = k.ok(&["get", "ns"]);
@@ -516,11 +511,7 @@ fn described<'a>(description: &'a str, field: &str) -> &'a str {
 fn core_workflow(bin: &Path, tag: &str) {
     let dir = TempDir::new(tag);
     let server = Server::start(&dir.0, &[]);
-    let k = Kubectl {
-        server: &server,
-        cache: dir.0.join("kube-cache"),
-        bin: bin.to_path_buf(),
-    };
+    let k = Kubectl::new(&server, &dir.0.join("kube-cache"), bin);
     let client_version = k.ok(&["version", "--client", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_str(&client_version).unwrap();
     eprintln!(

@@ -5,23 +5,19 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::ffi::OsStr;
+use std::path::Path;
 
 use common::{Server, TempDir};
+use testbed::python;
 
 #[test]
 fn python_client() {
-    let python = python();
-    let importable = Command::new(&python)
-        .args(["-c", "import kubernetes"])
-        .status()
-        .is_ok_and(|s| s.success());
     assert!(
-        importable,
+        python::client_importable(),
         "{} cannot import the Python client `kubernetes`: run `cargo xtask setup` \
          (it makes that virtual environment) or set KPROXY_PYTHON",
-        python.display()
+        python::interpreter().display()
     );
     let dir = TempDir::new("python");
     let server = Server::start(&dir.0, &[]);
@@ -33,25 +29,11 @@ fn python_client() {
     run_script(&server, &["expired"]);
 }
 
-/// `$KPROXY_PYTHON`, else the interpreter of the workspace's target/pyenv.
-fn python() -> PathBuf {
-    match std::env::var_os("KPROXY_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../target/pyenv/bin/python3"
-        )),
-    }
-}
-
 fn run_script(server: &Server, extra: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/client.py");
-    let out = Command::new(python())
-        .arg(script)
-        .arg(&server.kubeconfig)
-        .args(extra)
-        .output()
-        .expect("running python3");
+    let script = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/client.py"));
+    let mut args: Vec<&OsStr> = vec![server.kubeconfig.as_os_str()];
+    args.extend(extra.iter().map(OsStr::new));
+    let out = python::run_script(script, &args).expect("running python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

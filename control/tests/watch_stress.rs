@@ -19,15 +19,15 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use common::{Server, TempDir};
 use http_body_util::BodyExt;
-use kcontrol_store::etcd_cluster::EtcdCluster;
 use serde_json::{Value, json};
+use testbed::EtcdCluster;
 
 /// Writers, each owning [`KEYS_PER_WRITER`] ConfigMaps.
 const WRITERS: usize = 6;
@@ -602,20 +602,18 @@ fn kubectl_session(
     phase: &Phase,
 ) -> Session {
     let mut s = Session::new(name, None);
-    let mut cmd = Command::new("kubectl");
-    cmd.arg("--kubeconfig")
-        .arg(&server.kubeconfig)
-        .arg("--cache-dir")
-        .arg(cache)
-        .args([
-            "get",
-            "configmaps",
-            "-n",
-            NS,
-            "--watch-only",
-            "--output-watch-events",
-        ])
-        .arg("-v=6");
+    let mut cmd = testbed::Kubectl::new(&server.kubeconfig)
+        .cache_dir(cache)
+        .command();
+    cmd.args([
+        "get",
+        "configmaps",
+        "-n",
+        NS,
+        "--watch-only",
+        "--output-watch-events",
+    ])
+    .arg("-v=6");
     match format {
         Format::Json => cmd.args(["-o", "json"]),
         Format::Table => cmd.args(["--no-headers", "-L", "seq"]),

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::netns::Netns;
+use testbed::Kubectl;
+
+use crate::netns::{NETNS_DIR, Netns};
 
 /// The `kcontrol` binary: env KCONTROL_BIN (set by `cargo xtask test`).
 pub fn kcontrol_bin() -> PathBuf {
@@ -121,33 +123,9 @@ impl Apiserver {
 
     /// Runs real kubectl in the node namespace against this apiserver.
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
-        use std::io::Write;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns, "kubectl", "--kubeconfig"])
-            .arg(self.kubeconfig())
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if stdin.is_some() {
-            cmd.stdin(Stdio::piped());
-        }
-        let mut child = cmd.spawn().context("run kubectl")?;
-        if let Some(text) = stdin {
-            child
-                .stdin
-                .take()
-                .expect("piped")
-                .write_all(text.as_bytes())?;
-        }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Kubectl::new(&self.kubeconfig())
+            .in_netns_path(&Path::new(NETNS_DIR).join(&self.ns))
+            .run_stdin(args, stdin)
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+pub use proxy_common::lifecycle::Event;
 
 use crate::mode::{Mode, mode};
 use crate::netns::Netns;
@@ -18,11 +19,6 @@ pub const KPROXY_BIN_ENV: &str = "KPROXY_BIN";
 pub const KPROXY_LOG_LEVEL_ENV: &str = "KPROXY_LOG_LEVEL";
 /// Optional: seconds to wait for `kproxy: ready` (default 30).
 pub const READY_TIMEOUT_ENV: &str = "KPT_READY_TIMEOUT_SECS";
-
-pub const READY: &str = "kproxy: ready";
-pub const APPLIED: &str = "kproxy: applied";
-pub const REJECTED: &str = "kproxy: rejected";
-pub const DETACHED: &str = "kproxy: detached";
 
 /// How long to wait for `kproxy: ready`: the BPF verifier runs first, and
 /// the machine may have two busy cores.
@@ -205,6 +201,42 @@ impl Kproxy {
         &self.seen
     }
 
+    /// Waits for the next lifecycle line whose [`Event`] satisfies `want`
+    /// (`what` names it in the error). Lines in between are consumed.
+    pub fn wait_event(
+        &mut self,
+        what: &str,
+        mut want: impl FnMut(&Event) -> bool,
+        timeout: Duration,
+    ) -> Result<Line> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(remaining) {
+                Ok(line) => {
+                    self.seen.push(line.text.clone());
+                    if Event::parse(&line.text).is_some_and(|e| want(&e)) {
+                        return Ok(line);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => bail!(
+                    "{}: no {what} line within {timeout:?}; lines so far: {:#?}",
+                    self.label,
+                    self.seen
+                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.reap(Duration::from_secs(2));
+                    bail!(
+                        "{}: stdout closed (exit status {status:?}) before a {what} line; \
+                         lines so far: {:#?}",
+                        self.label,
+                        self.seen
+                    )
+                }
+            }
+        }
+    }
+
     /// Waits for the next stdout line starting with `prefix` and returns it.
     /// Lines in between are consumed (and kept in [`Kproxy::lines_seen`]).
     pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Result<String> {
@@ -248,14 +280,28 @@ impl Kproxy {
 
     /// Waits for `kproxy: ready` (timeout from [`ready_timeout`]).
     pub fn wait_ready(&mut self) -> Result<String> {
-        self.wait_line(READY, ready_timeout())
+        let ready = |e: &Event| matches!(e, Event::Ready { .. });
+        Ok(self.wait_event("ready", ready, ready_timeout())?.text)
+    }
+
+    /// Waits for `kproxy: detached` (the clean stop).
+    pub fn wait_detached(&mut self, timeout: Duration) -> Result<Line> {
+        self.wait_event("detached", |e| matches!(e, Event::Detached), timeout)
+    }
+
+    /// Waits for the next `applied` or `rejected` line.
+    fn wait_verdict(&mut self, timeout: Duration) -> Result<(Line, bool)> {
+        let verdict = |e: &Event| matches!(e, Event::Applied { .. } | Event::Rejected { .. });
+        let line = self.wait_event("applied or rejected", verdict, timeout)?;
+        let applied = matches!(Event::parse(&line.text), Some(Event::Applied { .. }));
+        Ok((line, applied))
     }
 
     /// Waits for the next `kproxy: applied` line; fails at once on a
     /// `kproxy: rejected` line instead.
     pub fn wait_applied(&mut self, timeout: Duration) -> Result<Line> {
-        let line = self.wait_any(&[APPLIED, REJECTED], timeout)?;
-        if line.text.starts_with(REJECTED) {
+        let (line, applied) = self.wait_verdict(timeout)?;
+        if !applied {
             bail!(
                 "{}: expected an applied change, got {:?}",
                 self.label,
@@ -268,8 +314,8 @@ impl Kproxy {
     /// Waits for the next `kproxy: rejected` line; fails at once on a
     /// `kproxy: applied` line instead.
     pub fn wait_rejected(&mut self, timeout: Duration) -> Result<Line> {
-        let line = self.wait_any(&[APPLIED, REJECTED], timeout)?;
-        if line.text.starts_with(APPLIED) {
+        let (line, applied) = self.wait_verdict(timeout)?;
+        if applied {
             bail!("{}: expected a rejection, got {:?}", self.label, line.text);
         }
         Ok(line)

@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use kcontrol_store::etcd_cluster::EtcdCluster;
 use kproxy_tests::apiserver::Apiserver;
 use kproxy_tests::fixture::{
     DNS_PORT, HTTP_PORT, IO_TIMEOUT, STOP_TIMEOUT, VIP, assert_spread, backend_index, spread_flows,
@@ -17,6 +16,7 @@ use kproxy_tests::fixture::{
 };
 use kproxy_tests::kproxy::{Launch, Source, field_u64};
 use kproxy_tests::{Fixture, Kproxy, mode, multi_doc};
+use testbed::EtcdCluster;
 
 /// Removes the apiserver's data directory however the test ends.
 struct DataDir(PathBuf);

@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::Result;
 use kproxy_tests::bpf::tc_state;
 use kproxy_tests::fixture::{DNS_PORT, HTTP_PORT, IO_TIMEOUT, STOP_TIMEOUT, VIP, backend_index};
-use kproxy_tests::kproxy::DETACHED;
 use kproxy_tests::{Fixture, Mode, iptables, mode};
 
 use detach::{assert_cluster_ip_dead_direct_alive, check_detach};
@@ -69,7 +68,7 @@ fn check_rules_removed() -> Result<()> {
 
     let status = f.kproxy().stop(STOP_TIMEOUT)?;
     assert_eq!(status.code(), Some(0), "kproxy exit status {status}");
-    f.kproxy().wait_line(DETACHED, Duration::from_secs(2))?;
+    f.kproxy().wait_detached(Duration::from_secs(2))?;
 
     let dump = iptables::save(&f.topo.node)?;
     let left = iptables::kube_lines(&dump);

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use kproxy_tests::cluster::{Cluster, Container};
+use kproxy_tests::cluster::{self, Cluster, Container};
+use kproxy_tests::kproxy::Event;
 use kproxy_tests::poll_until;
 
 /// The bound for a Deployment of 3 to be Running, Ready and
@@ -130,20 +131,13 @@ fn wait_serving(
     )?;
     // kproxy reports the backend slots it holds: n more than at its start
     // (web has one port).
-    let want = format!(" backends={} ", c.base_backends + n as u64);
+    let want = c.base_backends + n as u64;
     poll_until("kproxy to program the endpoints", timeout, || {
-        // Drains kproxy's output; a timeout here just means no new line.
-        let _ = c
-            .kproxy()
-            .wait_any(&["kproxy: applied"], Duration::from_millis(200));
-        let last = c
-            .kproxy()
-            .lines_seen()
-            .iter()
-            .rev()
-            .find(|l| l.starts_with("kproxy: applied") || l.starts_with("kproxy: ready"))
-            .cloned();
-        Ok(last.filter(|l| l.contains(&want)).map(|_| ()))
+        let last = c.log.last(|l| match l.kproxy_event() {
+            Some(Event::Applied { backends, .. } | Event::Ready { backends, .. }) => Some(backends),
+            _ => None,
+        });
+        Ok((last == Some(want)).then_some(()))
     })?;
     if let Some(client) = client {
         for ip in c.ready_endpoints("web")? {
@@ -163,7 +157,7 @@ fn wait_serving(
 
 #[test]
 fn deployment_behind_a_service_is_balanced_scaled_updated_and_healed() -> Result<()> {
-    let mut c = Cluster::start(&[])?;
+    let mut c = cluster::start(&[])?;
     c.kubectl_in(&["apply", "-f", "-"], Some(CLIENT_YAML))?;
     let applied = std::time::Instant::now();
     c.kubectl_in(&["apply", "-f", "-"], Some(&web_yaml(3, "1")))?;
@@ -249,7 +243,7 @@ fn deployment_behind_a_service_is_balanced_scaled_updated_and_healed() -> Result
 /// Service is balanced 3/3/3, and nothing was written to the embedded store.
 #[test]
 fn a_cluster_on_etcd_balances_a_deployment() -> Result<()> {
-    let mut c = Cluster::start_on_etcd()?;
+    let mut c = cluster::start_on_etcd()?;
     c.kubectl_in(&["apply", "-f", "-"], Some(CLIENT_YAML))?;
     c.kubectl_in(&["apply", "-f", "-"], Some(&web_yaml(3, "1")))?;
     wait_serving(&mut c, 3, UP, None)?;
@@ -267,7 +261,7 @@ fn a_cluster_on_etcd_balances_a_deployment() -> Result<()> {
         t, want,
         "9 requests to {vip} from the client pod, objects in etcd"
     );
-    let embedded: Vec<_> = std::fs::read_dir(&c.data_dir)?
+    let embedded: Vec<_> = std::fs::read_dir(&c.dir)?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".db"))
@@ -320,7 +314,7 @@ fn wait_serving_quiet(c: &Cluster, n: usize) -> Result<()> {
 
 #[test]
 fn liveness_failures_restart_and_oversized_pods_stay_pending() -> Result<()> {
-    let c = Cluster::start(&[])?;
+    let c = cluster::start(&[])?;
     c.kubectl_in(
         &["apply", "-f", "-"],
         Some(
@@ -390,7 +384,7 @@ spec:
 fn a_node_whose_heartbeat_stops_turns_not_ready_and_leaves_the_rotation() -> Result<()> {
     // Separate processes, so the kubelet alone can be paused; the node
     // monitor's grace period is 3 s instead of 40 s.
-    let mut c = Cluster::start_split("3s")?;
+    let mut c = cluster::start_split("3s")?;
     c.kubectl_in(&["apply", "-f", "-"], Some(&web_yaml(2, "1")))?;
     wait_serving(&mut c, 2, UP, None)?;
 
@@ -405,19 +399,13 @@ fn a_node_whose_heartbeat_stops_turns_not_ready_and_leaves_the_rotation() -> Res
         Ok(c.ready_endpoints("web")?.is_empty().then_some(()))
     })?;
     // …and kproxy dropped them from the dataplane.
-    let want = format!(" backends={} ", c.base_backends);
+    let want = c.base_backends;
     poll_until("kproxy to remove the endpoints", CHANGE, || {
-        let _ = c
-            .kproxy()
-            .wait_any(&["kproxy: applied"], Duration::from_millis(200));
-        let last = c
-            .kproxy()
-            .lines_seen()
-            .iter()
-            .rev()
-            .find(|l| l.starts_with("kproxy: applied"))
-            .cloned();
-        Ok(last.filter(|l| l.contains(&want)).map(|_| ()))
+        let last = c.log.last(|l| match l.kproxy_event() {
+            Some(Event::Applied { backends, .. }) => Some(backends),
+            _ => None,
+        });
+        Ok((last == Some(want)).then_some(()))
     })?;
     eprintln!(
         "node NotReady and endpoints out of the dataplane {:?} after the kubelet stopped",

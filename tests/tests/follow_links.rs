@@ -6,9 +6,18 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use kproxy_tests::fixture::{HTTP_PORT, IO_TIMEOUT, VIP, counts, tally};
+use kproxy_tests::kproxy::Event;
 use kproxy_tests::{Client, Fixture, Kproxy};
 
 const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The interface a `kproxy: attached IF …` line names.
+fn attached(line: &str) -> Option<String> {
+    match Event::parse(line)? {
+        Event::Attached { iface, .. } => Some(iface),
+        _ => None,
+    }
+}
 
 /// 9 connections from one client namespace, all kept open: round-robin
 /// gives each of the 3 backends exactly 3.
@@ -36,11 +45,13 @@ fn interfaces_matching_the_prefix_are_followed() -> Result<()> {
     kp.wait_ready()?;
     let seen = kp.lines_seen().to_vec();
     ensure!(
-        seen.iter().any(|l| l.starts_with("kproxy: attached c0 ")),
+        seen.iter().any(|l| attached(l).as_deref() == Some("c0")),
         "the existing c0 was not attached at start: {seen:?}"
     );
     ensure!(
-        !seen.iter().any(|l| l.starts_with("kproxy: attached b")),
+        !seen
+            .iter()
+            .any(|l| attached(l).is_some_and(|i| i.starts_with('b'))),
         "a backend veth was attached: {seen:?}"
     );
     let names = nine_flows(f.topo.client())?;
@@ -53,8 +64,10 @@ fn interfaces_matching_the_prefix_are_followed() -> Result<()> {
     // A new interface appears while kproxy runs: attached on its link event.
     let index = f.topo.add_client()?.index;
     let second = &f.topo.clients()[index];
-    kp.wait_line(
-        &format!("kproxy: attached {} ", second.node_iface),
+    let want = second.node_iface.clone();
+    kp.wait_event(
+        &format!("attached {want}"),
+        |e| matches!(e, Event::Attached { iface, .. } if *iface == want),
         EVENT_TIMEOUT,
     )?;
     let names = nine_flows(second)?;
@@ -67,7 +80,11 @@ fn interfaces_matching_the_prefix_are_followed() -> Result<()> {
     // It vanishes: released (its pinned links removed), kproxy keeps going.
     let gone = second.node_iface.clone();
     f.topo.node.ip(&["link", "del", "dev", gone.as_str()])?;
-    kp.wait_line(&format!("kproxy: released {gone}"), EVENT_TIMEOUT)?;
+    kp.wait_event(
+        &format!("released {gone}"),
+        |e| matches!(e, Event::Released { iface } if *iface == gone),
+        EVENT_TIMEOUT,
+    )?;
     let names = nine_flows(f.topo.client())?;
     assert_eq!(
         tally(&names),

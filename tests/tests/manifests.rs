@@ -6,7 +6,7 @@ use kproxy_tests::fixture::{
     APPLY_TIMEOUT, DNS_PORT, HTTP_PORT, SLICE_FILE, VIP, assert_spread, spread_flows,
     web_slice_yaml_with,
 };
-use kproxy_tests::kproxy::APPLIED;
+use kproxy_tests::kproxy::Event;
 
 /// New flows reach all of backends 1..3 and nothing else: 9 flows go 3/3/3
 /// with round-robin (eBPF); see [`assert_spread`] for iptables mode.
@@ -75,7 +75,11 @@ fn endpointslice_with_invalid_ip_is_rejected_and_state_kept() -> Result<()> {
 
     // A valid change afterwards is applied again.
     f.set_slice(&[1, 2])?;
-    f.kproxy().wait_line(APPLIED, APPLY_TIMEOUT)?;
+    f.kproxy().wait_event(
+        "applied",
+        |e| matches!(e, Event::Applied { .. }),
+        APPLY_TIMEOUT,
+    )?;
     let names = f.tcp_round(VIP, HTTP_PORT, spread_flows(2, 6))?;
     assert_spread(&names, &[1, 2], "after the fix");
     Ok(())

@@ -27,7 +27,6 @@ use std::process::Stdio;
 use anyhow::{Context, Result, bail};
 
 use crate::build::{BPF_OBJ_ENV, KPROXY_BIN_ENV};
-use crate::etcd;
 use crate::smoke;
 use crate::util::{self, Toolchain, run};
 
@@ -152,7 +151,7 @@ fn run_apiserver_bench(args: &[String], rest: &[String]) -> Result<()> {
     let rest = &rest[..];
     let mut etcd = None;
     let (backends, rest) = apiserver_backends(rest, || {
-        let e = etcd::Etcd::start()?;
+        let e = testbed::EtcdCluster::start(1)?;
         let url = e.url();
         println!("xtask: etcd for the benchmark at {url}");
         etcd = Some(e);

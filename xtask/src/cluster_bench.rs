@@ -1,5 +1,5 @@
 //! `cargo xtask bench cluster [--pods N]`: on a fresh single-node cluster
-//! (the one `cargo xtask up` runs, see cluster.rs), creates N pods one at a
+//! (the one `cargo xtask up` runs, testbed's `cluster`), creates N pods one at a
 //! time, all selected by one Service, and measures for each:
 //!
 //! - **running**: created → phase Running, and **ready**: created → Ready
@@ -34,10 +34,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::cluster::{Cluster, Line, Log, PIN_DIR, Src};
-use crate::up::field;
 use crate::util::{self, Toolchain, output, run};
 use crate::{build, smoke};
+use proxy_common::lifecycle::Event;
+use testbed::cluster::{Cluster, Options, PIN_DIR};
+use testbed::log::{Line, Log, Src};
 
 const SERVICE_YAML: &str = r#"apiVersion: v1
 kind: Service
@@ -188,17 +189,11 @@ fn watch_event<'a>(l: &'a Line, name: &str) -> Option<(&'a str, &'a str, bool, &
 
 /// The backend count of kproxy's latest `ready`/`applied` line.
 fn latest_backends(log: &Log) -> Result<u64> {
-    // wait_for scans forward; the last match wins, so walk all lines.
-    let mut last = None;
-    let _ = log.wait_for(0, Duration::ZERO, "", |l| {
-        if l.src == Src::Kproxy
-            && (l.text.starts_with("kproxy: applied") || l.text.starts_with("kproxy: ready"))
-        {
-            last = field(&l.text, "backends");
-        }
-        None::<()>
-    });
-    last.context("kproxy has not reported its backends yet")
+    log.last(|l| match l.kproxy_event() {
+        Some(Event::Applied { backends, .. } | Event::Ready { backends, .. }) => Some(backends),
+        _ => None,
+    })
+    .context("kproxy has not reported its backends yet")
 }
 
 fn measure_pod(c: &Cluster, name: &str, probe: bool) -> Result<Sample> {
@@ -206,7 +201,7 @@ fn measure_pod(c: &Cluster, name: &str, probe: bool) -> Result<Sample> {
     let base = latest_backends(log)?;
     let cursor = log.len();
     let t_cmd = Instant::now();
-    c.kubectl_stdin(&["create", "-f", "-"], &pod_yaml(name, probe))?;
+    c.kubectl_in(&["create", "-f", "-"], Some(&pod_yaml(name, probe)))?;
     let create_call = t_cmd.elapsed();
     let ((), i_add) = log.wait_for(cursor, PER_POD_TIMEOUT, &format!("{name} ADDED"), |l| {
         watch_event(l, name).filter(|e| e.0 == "ADDED").map(drop)
@@ -225,12 +220,9 @@ fn measure_pod(c: &Cluster, name: &str, probe: bool) -> Result<Sample> {
         cursor,
         PER_POD_TIMEOUT,
         &format!("kproxy to program {name}'s endpoint"),
-        |l| {
-            (l.src == Src::Kproxy && l.text.starts_with("kproxy: applied"))
-                .then(|| field(&l.text, "backends"))
-                .flatten()
-                .filter(|b| *b > base)
-                .map(drop)
+        |l| match l.kproxy_event() {
+            Some(Event::Applied { backends, .. }) => (backends > base).then_some(()),
+            _ => None,
         },
     )?;
     let since = |i: usize| ms(at(i).saturating_duration_since(t_add));
@@ -297,10 +289,11 @@ pub fn run_cluster_bench(args: &[String]) -> Result<()> {
     ctrlc::set_handler(move || on_signal.interrupt()).context("installing the Ctrl-C handler")?;
     let dir = util::target_dir().join("cluster-bench");
     say!("==> starting a fresh cluster in {}", dir.display());
-    let mut c = Cluster::start(&outputs.kcontrol, &outputs.kproxy, &dir, log.clone())?;
+    let host = Options::host(&outputs.kcontrol, &outputs.kproxy, &dir)?;
+    let mut c = Cluster::start(host, log.clone())?;
     let result = measure(&mut c, pods, probe);
     say!("==> stopping the cluster");
-    let stopped = c.stop();
+    let stopped = c.stop_clean();
     let (samples, verified) = result?;
     stopped?;
 
@@ -342,7 +335,7 @@ pub fn run_cluster_bench(args: &[String]) -> Result<()> {
 }
 
 fn measure(c: &mut Cluster, pods: usize, probe: bool) -> Result<(Vec<Sample>, String)> {
-    c.kubectl_stdin(&["apply", "-f", "-"], SERVICE_YAML)?;
+    c.kubectl_in(&["apply", "-f", "-"], Some(SERVICE_YAML))?;
     c.watch(&[
         "get",
         "pods",

@@ -13,9 +13,7 @@ macro_rules! say {
 
 mod bench;
 mod build;
-mod cluster;
 mod cluster_bench;
-mod etcd;
 mod setup;
 mod smoke;
 mod test;

@@ -33,7 +33,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use crate::util::{self, output, run};
 use crate::{build, setup};
 
-use crate::cluster::{Cluster, Log, Src};
+use proxy_common::lifecycle;
+use testbed::cluster::{Cluster, Options};
+use testbed::log::Log;
 
 /// The cluster's data dir (store, kubeconfig, kubelet state, logs).
 pub fn cluster_dir() -> PathBuf {
@@ -114,13 +116,14 @@ pub fn run_up(once: bool) -> Result<()> {
 
     let dir = cluster_dir();
     say!("==> [1/5] starting the cluster in {}", dir.display());
-    let mut c = Cluster::start(&outputs.kcontrol, &outputs.kproxy, &dir, log.clone())?;
+    let opts = Options::host(&outputs.kcontrol, &outputs.kproxy, &dir)?;
+    let mut c = Cluster::start(opts, log.clone())?;
     let result = demo(&mut c, once);
     if let Err(e) = &result {
         say!("==> error: {e:#}");
     }
     say!("==> stopping the cluster");
-    let stopped = c.stop();
+    let stopped = c.stop_clean();
     result.and(stopped)
 }
 
@@ -133,7 +136,7 @@ fn demo(c: &mut Cluster, once: bool) -> Result<()> {
     say!();
 
     say!("==> [2/5] kubectl apply: Deployment demo (3 × busybox httpd), Service demo, Pod client");
-    let applied = c.kubectl_stdin(&["apply", "-f", "-"], DEMO_YAML)?;
+    let applied = c.kubectl_in(&["apply", "-f", "-"], Some(DEMO_YAML))?;
     for l in applied.lines() {
         say!("    {l}");
     }
@@ -142,23 +145,23 @@ fn demo(c: &mut Cluster, once: bool) -> Result<()> {
     let started = Instant::now();
     let mut last = String::new();
     let endpoints = loop {
-        let eps = c
-            .kubectl_out(&[
+        let eps = kubectl_out(
+            c,
+            &[
                 "get",
                 "endpointslices",
                 "-l",
                 "kubernetes.io/service-name=demo",
                 "-o",
                 "jsonpath={range .items[*].endpoints[*]}{.addresses[0]}={.conditions.ready} {end}",
-            ])
-            .unwrap_or_default();
+            ],
+        )
+        .unwrap_or_default();
         let ready: Vec<String> = eps
             .split_whitespace()
             .filter_map(|e| e.strip_suffix("=true").map(str::to_owned))
             .collect();
-        let pods = c
-            .kubectl_out(&["get", "pods", "--no-headers"])
-            .unwrap_or_default();
+        let pods = kubectl_out(c, &["get", "pods", "--no-headers"]).unwrap_or_default();
         let status = format!("{} ready endpoints: {}", ready.len(), ready.join(" "));
         if status != last {
             say!("    [{:>5} ms] {status}", started.elapsed().as_millis());
@@ -183,36 +186,45 @@ fn demo(c: &mut Cluster, once: bool) -> Result<()> {
     // ready: wait for an `applied` line that holds all of them (its
     // `backends=` count covers every service, so compare with the count
     // before the demo: the `ready` line).
-    let (base, _) = c
-        .log
-        .wait_for(0, Duration::from_secs(5), "kproxy's ready line", |l| {
-            (l.src == Src::Kproxy && l.text.starts_with("kproxy: ready"))
-                .then(|| field(&l.text, "backends"))
-                .flatten()
-        })?;
+    let (base, _) = c.log.wait_for(
+        0,
+        Duration::from_secs(5),
+        "kproxy's ready line",
+        |l| match l.kproxy_event() {
+            Some(lifecycle::Event::Ready { backends, .. }) => Some(backends),
+            _ => None,
+        },
+    )?;
     let (n, _) = c.log.wait_for(
         0,
         Duration::from_secs(30),
         "kproxy to program the endpoints",
         |l| {
-            (l.src == Src::Kproxy && l.text.starts_with("kproxy: applied"))
-                .then(|| field(&l.text, "backends"))
-                .flatten()
-                .filter(|n| *n >= base + endpoints.len() as u64)
+            match l.kproxy_event() {
+                Some(lifecycle::Event::Applied { backends, .. }) => Some(backends),
+                _ => None,
+            }
+            .filter(|n| *n >= base + endpoints.len() as u64)
         },
     )?;
     say!("==> kproxy programs {n} backends ({} for demo)", n - base);
 
-    let vip = c.kubectl_out(&["get", "service", "demo", "-o", "jsonpath={.spec.clusterIP}"])?;
+    let vip = kubectl_out(
+        c,
+        &["get", "service", "demo", "-o", "jsonpath={.spec.clusterIP}"],
+    )?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let uid = loop {
-        let s = c.kubectl_out(&[
-            "get",
-            "pod",
-            "client",
-            "-o",
-            "jsonpath={.status.phase} {.metadata.uid}",
-        ])?;
+        let s = kubectl_out(
+            c,
+            &[
+                "get",
+                "pod",
+                "client",
+                "-o",
+                "jsonpath={.status.phase} {.metadata.uid}",
+            ],
+        )?;
         if let Some(uid) = s.strip_prefix("Running ") {
             break uid.to_string();
         }
@@ -299,11 +311,9 @@ fn http_body(response: &str) -> Result<String> {
     Ok(body.trim().to_string())
 }
 
-/// `key=N` from a `kproxy: …` line.
-pub fn field(line: &str, key: &str) -> Option<u64> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-        .and_then(|v| v.parse().ok())
+/// `kubectl ARGS` against the cluster, its stdout trimmed.
+fn kubectl_out(c: &Cluster, args: &[&str]) -> Result<String> {
+    Ok(c.kubectl(args)?.trim().to_string())
 }
 
 const NS_PREFIX: &str = "kpdemo-";
@@ -318,9 +328,6 @@ const SERVICE_PORT: u16 = 80;
 const BACKEND_PORT: u16 = 8080;
 /// Connections the demo makes through the VIP: two rounds over 3 backends.
 const PROBES: usize = 6;
-/// kproxy prints a line starting with this once its programs are attached
-/// and the maps hold the manifests' services.
-const READY_PREFIX: &str = "kproxy: ready";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn backend_ns(i: u8) -> String {
@@ -701,7 +708,12 @@ fn start_kproxy(
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             say!("[kproxy] {line}");
-            if line.starts_with(READY_PREFIX) {
+            // Its programs are attached and the maps hold the manifests'
+            // services.
+            if matches!(
+                lifecycle::Event::parse(&line),
+                Some(lifecycle::Event::Ready { .. })
+            ) {
                 let _ = events.send(Event::Ready);
             }
         }
@@ -713,10 +725,10 @@ fn start_kproxy(
 fn wait_ready(events: &Receiver<Event>) -> Result<()> {
     match events.recv_timeout(READY_TIMEOUT) {
         Ok(Event::Ready) => Ok(()),
-        Ok(Event::KproxyExited) => bail!("kproxy exited before printing `{READY_PREFIX}`"),
+        Ok(Event::KproxyExited) => bail!("kproxy exited before printing its `ready` line"),
         Ok(Event::Interrupted) => bail!("interrupted while waiting for kproxy"),
         Err(_) => bail!(
-            "kproxy did not print `{READY_PREFIX}` within {} s",
+            "kproxy did not print its `ready` line within {} s",
             READY_TIMEOUT.as_secs()
         ),
     }

@@ -11,6 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub mod fake_kubelet;
+pub mod kubelet_node;
 
 use http_body_util::BodyExt;
 use kube::Client;

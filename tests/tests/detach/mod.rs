@@ -11,7 +11,6 @@ use kproxy_tests::bpf::{self, tc_state};
 use kproxy_tests::fixture::{
     DNS_PORT, HTTP_PORT, IO_TIMEOUT, STOP_TIMEOUT, TARGET_PORT, VIP, backend_index,
 };
-use kproxy_tests::kproxy::DETACHED;
 use kproxy_tests::{Fixture, backend_ip, poll_until};
 
 /// Files and directories under /sys/fs/bpf (pins), recursively.
@@ -99,7 +98,7 @@ pub fn check_detach(extra: &[&str], expect_tc: bool) -> Result<()> {
     // Stop it.
     let status = f.kproxy().stop(STOP_TIMEOUT)?;
     assert_eq!(status.code(), Some(0), "kproxy exit status {status}");
-    f.kproxy().wait_line(DETACHED, Duration::from_secs(2))?;
+    f.kproxy().wait_detached(Duration::from_secs(2))?;
 
     // Nothing left attached.
     let tc = tc_state(&f.topo.node, &iface)?;
