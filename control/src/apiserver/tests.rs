@@ -18,25 +18,12 @@ const TOKEN: &str = "unit-test-token";
 /// An apiserver on its own store; the directory goes with it.
 struct Server {
     state: Arc<State>,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    _dir: tempfile::TempDir,
 }
 
 async fn server() -> Server {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "kcontrol-apiserver-unit-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let store = kcontrol_store::SqliteStore::open(dir.join("store.db")).unwrap();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = kcontrol_store::SqliteStore::open(dir.path().join("store.db")).unwrap();
     let state = start(State {
         store: Arc::new(store),
         alloc: Allocator::new("10.96.0.0/24", "30000-30099").unwrap(),
@@ -46,16 +33,26 @@ async fn server() -> Server {
     })
     .await
     .unwrap();
-    Server { state, dir }
+    Server { state, _dir: dir }
 }
 
 impl Server {
     async fn send(&self, method: Method, path: &str, body: Option<Value>) -> Response {
+        self.send_as(method, path, "application/json", body).await
+    }
+
+    async fn send_as(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Option<Value>,
+    ) -> Response {
         let req = Request::builder()
             .method(method)
             .uri(path)
             .header("authorization", format!("Bearer {TOKEN}"))
-            .header("content-type", "application/json")
+            .header("content-type", content_type)
             .body(Full::new(Bytes::from(
                 body.map(|b| b.to_string()).unwrap_or_default(),
             )))
@@ -65,7 +62,17 @@ impl Server {
 
     /// The code and the JSON document of a request that is not a watch.
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let resp = self.send(method, path, body).await.0;
+        self.call_as(method, path, "application/json", body).await
+    }
+
+    async fn call_as(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let resp = self.send_as(method, path, content_type, body).await.0;
         let code = resp.status().as_u16();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         let doc = serde_json::from_slice(&bytes)
@@ -245,4 +252,35 @@ async fn deleting_a_namespace_deletes_its_contents_and_addresses() {
         .call(Method::DELETE, "/api/v1/namespaces/default", None)
         .await;
     assert_eq!(code, 403, "{status}");
+}
+
+#[tokio::test]
+async fn a_service_keeps_its_cluster_ip_on_update() {
+    let s = server().await;
+    let (code, a) = s
+        .call(Method::POST, SERVICES, Some(service("a", None)))
+        .await;
+    assert_eq!(code, 201, "{a}");
+    // Another address of the range than the one allocated (at random).
+    let ip: std::net::Ipv4Addr = a["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
+    let other = std::net::Ipv4Addr::from([10, 96, 0, if ip.octets()[3] == 99 { 98 } else { 99 }])
+        .to_string();
+    let mut changed = a.clone();
+    changed["spec"]["clusterIP"] = json!(other);
+    changed["spec"]["clusterIPs"] = json!([other]);
+    let (code, r) = s
+        .call(Method::PUT, &format!("{SERVICES}/a"), Some(changed))
+        .await;
+    assert_eq!(code, 422, "{r}");
+    let (code, r) = s
+        .call_as(
+            Method::PATCH,
+            &format!("{SERVICES}/a"),
+            "application/merge-patch+json",
+            Some(json!({"spec": {"clusterIP": other, "clusterIPs": [other]}})),
+        )
+        .await;
+    assert_eq!(code, 422, "{r}");
+    let (_, got) = s.call(Method::GET, &format!("{SERVICES}/a"), None).await;
+    assert_eq!(got["spec"]["clusterIP"], a["spec"]["clusterIP"]);
 }

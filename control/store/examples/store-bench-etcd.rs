@@ -5,8 +5,8 @@
 //! temporary directory), or the etcd cluster given as a URL.
 
 use kcontrol_store::bench::{BenchReport, CONCURRENT_WRITERS, bench};
-use kcontrol_store::etcd_cluster::EtcdCluster;
 use kcontrol_store::{EtcdOptions, EtcdStore, SqliteStore};
+use testbed::etcd::EtcdCluster;
 
 fn row(name: &str, r: &BenchReport) {
     println!(

@@ -18,8 +18,6 @@ pub mod bench;
 pub mod conformance;
 pub mod driver;
 pub mod etcd;
-#[cfg(feature = "test-support")]
-pub mod etcd_cluster;
 pub mod logstructured;
 pub mod sqlite;
 

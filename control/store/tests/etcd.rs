@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use kcontrol_store::conformance::{Fixture, next_event};
-use kcontrol_store::etcd_cluster::EtcdCluster;
 use kcontrol_store::{EtcdOptions, EtcdStore, Store, StoreError};
+use testbed::etcd::EtcdCluster;
 
 async fn fixture() -> Fixture<EtcdStore> {
     let cluster = tokio::task::spawn_blocking(|| EtcdCluster::start(1))
