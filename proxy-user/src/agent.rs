@@ -16,11 +16,14 @@ use proxy_common::lifecycle::Event;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc::Receiver;
 
 use crate::datapath::Datapath;
+use crate::index::Index;
 use crate::kube_source::{self, ApiEvent, ApiState};
 use crate::links::{LinkEvent, LinkWatcher};
 use crate::metrics::{self, Metrics, ScrapeRequest};
+use crate::model::DesiredState;
 use crate::reconcile;
 use crate::source::ManifestSource;
 use crate::watch::{Events, Inotify};
@@ -61,7 +64,7 @@ pub struct Started {
 /// kernel untouched; then `start` builds the datapath.
 pub async fn run(config: Config, start: impl FnOnce() -> Result<Started>) -> Result<()> {
     let load_started = Instant::now();
-    let (mut source, mut api) = read_sources(&config.objects).await?;
+    let mut sources = read_sources(&config.objects).await?;
     if let Some(node) = &config.node_name {
         log::info!("running on node {node}");
     }
@@ -90,7 +93,7 @@ pub async fn run(config: Config, start: impl FnOnce() -> Result<Started>) -> Res
     // Against what the datapath already holds: nothing on a fresh start, the
     // adopted tables after a restart (then only the difference is written
     // and conntrack survives).
-    let initial = reconcile::diff(&dp.programmed_state(), source.state());
+    let initial = reconcile::diff(&dp.programmed_state(), sources.state());
     if let Err(e) = dp.apply(&initial) {
         let _ = dp.shutdown();
         return Err(e);
@@ -146,7 +149,7 @@ pub async fn run(config: Config, start: impl FnOnce() -> Result<Started>) -> Res
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = tick.tick(), if manifests.is_some() => Input::Files(None),
-            Some(ev) = next_api_event(api.as_mut()) => Input::Api(ev),
+            Some(ev) = next_api_event(sources.api_events()) => Input::Api(ev),
             events = next_link_events(links.as_ref()) => {
                 if let Some(follow) = dp.follow_links() {
                     match events {
@@ -175,12 +178,14 @@ pub async fn run(config: Config, start: impl FnOnce() -> Result<Started>) -> Res
             },
         };
         let started = Instant::now();
-        let refresh = match input {
-            Input::Files(hint) => source.refresh(hint.as_ref()),
-            Input::Api(ev) => match api.as_mut() {
-                Some((_, state)) => state.handle(&mut source, ev),
-                None => continue,
-            },
+        let refresh = match (input, &mut sources) {
+            (Input::Files(hint), Sources::Files(source)) => source.refresh(hint.as_ref()),
+            (Input::Api(ev), Sources::Api { index, state, .. }) => state.handle(index, ev),
+            // Neither happens: files are only watched in manifests mode,
+            // API events only come in API mode.
+            (Input::Files(_), Sources::Api { .. }) | (Input::Api(_), Sources::Files(_)) => {
+                continue;
+            }
         };
         for e in &refresh.rejected {
             println!(
@@ -195,7 +200,7 @@ pub async fn run(config: Config, start: impl FnOnce() -> Result<Started>) -> Res
             metrics.manifests_rejected.inc();
         }
         let changes = if resync {
-            reconcile::diff(&dp.programmed_state(), source.state())
+            reconcile::diff(&dp.programmed_state(), sources.state())
         } else {
             refresh.changes
         };
@@ -258,12 +263,40 @@ pub async fn run(config: Config, start: impl FnOnce() -> Result<Started>) -> Res
     Ok(())
 }
 
-type Api = (tokio::sync::mpsc::Receiver<ApiEvent>, ApiState);
+/// The objects the agent follows, by mode; each feeds an [`Index`].
+enum Sources {
+    /// A manifest file or directory.
+    Files(ManifestSource),
+    /// The Kubernetes API: watcher events folded into `index` by `state`.
+    Api {
+        index: Index,
+        events: Receiver<ApiEvent>,
+        state: ApiState,
+    },
+}
 
-/// The source at its first complete state: every manifest accepted, or the
-/// first complete list of both kinds from the API, so the datapath starts
-/// from the whole picture.
-async fn read_sources(objects: &Objects) -> Result<(ManifestSource, Option<Api>)> {
+impl Sources {
+    /// The desired state of every accepted object.
+    fn state(&self) -> &DesiredState {
+        match self {
+            Sources::Files(source) => source.state(),
+            Sources::Api { index, .. } => index.state(),
+        }
+    }
+
+    /// The API watchers' events, in API mode.
+    fn api_events(&mut self) -> Option<&mut Receiver<ApiEvent>> {
+        match self {
+            Sources::Api { events, .. } => Some(events),
+            Sources::Files(_) => None,
+        }
+    }
+}
+
+/// The sources at their first complete state: every manifest accepted, or
+/// the first complete list of both kinds from the API, so the datapath
+/// starts from the whole picture.
+async fn read_sources(objects: &Objects) -> Result<Sources> {
     match objects {
         Objects::Manifests(path) => {
             let mut source = ManifestSource::new(path);
@@ -271,18 +304,18 @@ async fn read_sources(objects: &Objects) -> Result<(ManifestSource, Option<Api>)
             if let Some(e) = first.rejected.first() {
                 bail!("initial manifests: {e}");
             }
-            Ok((source, None))
+            Ok(Sources::Files(source))
         }
         Objects::Api { kubeconfig } => {
             let client = kube_source::client(kubeconfig.as_deref()).await?;
             let mut events = kube_source::spawn_watchers(client);
             let mut state = ApiState::default();
-            let mut source = ManifestSource::new("api");
+            let mut index = Index::default();
             while !state.synced() {
                 let Some(ev) = events.recv().await else {
                     bail!("Kubernetes API watchers stopped");
                 };
-                for e in state.handle(&mut source, ev).rejected {
+                for e in state.handle(&mut index, ev).rejected {
                     println!(
                         "{}",
                         Event::Rejected {
@@ -293,7 +326,11 @@ async fn read_sources(objects: &Objects) -> Result<(ManifestSource, Option<Api>)
                     );
                 }
             }
-            Ok((source, Some((events, state))))
+            Ok(Sources::Api {
+                index,
+                events,
+                state,
+            })
         }
     }
 }
@@ -307,9 +344,9 @@ enum Input {
 }
 
 /// The next Kubernetes API event, or never without the API source.
-async fn next_api_event(api: Option<&mut Api>) -> Option<ApiEvent> {
-    match api {
-        Some((rx, _)) => rx.recv().await,
+async fn next_api_event(events: Option<&mut Receiver<ApiEvent>>) -> Option<ApiEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }

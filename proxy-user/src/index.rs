@@ -7,6 +7,10 @@
 //! An origin is rejected as a whole (an invalid object, an object another
 //! origin already defines, a frontend another service already uses) and
 //! then keeps its previous objects.
+//!
+//! [`ManifestSource`](crate::source::ManifestSource) owns an index for the
+//! files of a manifest directory; the Kubernetes API source feeds one
+//! through [`Index::set_origin`], one origin per watched object.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -16,7 +20,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::{self, DesiredService, DesiredState, Frontend, SliceView, SvcView};
-use crate::reconcile::Before;
+use crate::reconcile::{self, Before, Change};
 
 /// Where objects came from: what a source replaces as a whole.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -76,6 +80,17 @@ impl fmt::Display for Rejected {
 }
 
 impl std::error::Error for Rejected {}
+
+/// What one update of the index did.
+#[derive(Default)]
+pub struct Refresh {
+    /// Changes to apply, removals first.
+    pub changes: Vec<Change>,
+    /// Origins rejected in this update (their previous content is kept).
+    pub rejected: Vec<Rejected>,
+    /// Manifest files re-read (always 0 for [`Index::set_origin`]).
+    pub files_read: usize,
+}
 
 /// (namespace, name) of a Service.
 type SvcId = (String, String);
@@ -169,6 +184,29 @@ impl Index {
     /// Origins that currently contribute objects.
     pub fn origins(&self) -> impl Iterator<Item = &Origin> {
         self.origins.keys()
+    }
+
+    /// Sets the objects of one origin — in practice one object watched from
+    /// the Kubernetes API — and returns the changes. A rejected origin keeps
+    /// its previous content, exactly like a rejected manifest file.
+    pub fn set_origin(
+        &mut self,
+        origin: &Origin,
+        services: &[Service],
+        slices: &[EndpointSlice],
+    ) -> Refresh {
+        let mut out = Refresh::default();
+        let mut before = Before::new();
+        match Entry::new(origin, services, slices) {
+            Ok(entry) => {
+                if let Err(e) = self.replace(origin, entry, &mut before) {
+                    out.rejected.push(e);
+                }
+            }
+            Err(e) => out.rejected.push(e),
+        }
+        out.changes = reconcile::diff_touched(&before, self.state());
+        out
     }
 
     /// Swaps an origin's objects for `new` and returns the old ones, or

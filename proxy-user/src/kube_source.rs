@@ -1,11 +1,12 @@
 //! The Kubernetes API source: Services and EndpointSlices from any
 //! apiserver (kcontrol or a real cluster) through kube-rs runtime watchers.
 //!
-//! Each watched object is one [`Origin::Api`] of the same
-//! [`ManifestSource`] the manifests mode uses, so both modes share one
-//! desired-state model and one diff-and-apply path. The watchers re-list after the
-//! apiserver comes back; a re-list only upserts what it sees and, when it is
-//! complete, removes what it did not see — working state is never flushed.
+//! Each watched object is one [`Origin::Api`] of an [`Index`], set through
+//! [`Index::set_origin`]; the manifests mode feeds the same kind of index
+//! from files, so both modes share one desired-state model and one
+//! diff-and-apply path. The watchers re-list after the apiserver comes
+//! back; a re-list only upserts what it sees and, when it is complete,
+//! removes what it did not see — working state is never flushed.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -19,8 +20,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Config, ResourceExt};
 use tokio::sync::mpsc;
 
-use crate::index::{ApiKind, Origin};
-use crate::source::{ManifestSource, Refresh};
+use crate::index::{ApiKind, Index, Origin, Refresh};
 
 /// An event from one of the two watchers.
 pub enum ApiEvent {
@@ -94,7 +94,7 @@ fn origin(kind: ApiKind, ns: Option<String>, name: String) -> Origin {
     }
 }
 
-/// Folds watcher events into the source. Tracks re-lists per kind.
+/// Folds watcher events into an [`Index`]. Tracks re-lists per kind.
 #[derive(Default)]
 pub struct ApiState {
     svc_relist: Option<BTreeSet<Origin>>,
@@ -109,23 +109,23 @@ impl ApiState {
         self.services_listed && self.slices_listed
     }
 
-    pub fn handle(&mut self, source: &mut ManifestSource, ev: ApiEvent) -> Refresh {
+    pub fn handle(&mut self, index: &mut Index, ev: ApiEvent) -> Refresh {
         match ev {
             ApiEvent::Service(ev) => {
                 let (relist, listed) = (&mut self.svc_relist, &mut self.services_listed);
-                fold(source, *ev, ApiKind::Service, relist, listed, |s, o| {
-                    s.set_origin(o.0, std::slice::from_ref(o.1), &[])
+                fold(index, *ev, ApiKind::Service, relist, listed, |i, o| {
+                    i.set_origin(o.0, std::slice::from_ref(o.1), &[])
                 })
             }
             ApiEvent::Slice(ev) => {
                 let (relist, listed) = (&mut self.slice_relist, &mut self.slices_listed);
                 fold(
-                    source,
+                    index,
                     *ev,
                     ApiKind::EndpointSlice,
                     relist,
                     listed,
-                    |s, o| s.set_origin(o.0, &[], std::slice::from_ref(o.1)),
+                    |i, o| i.set_origin(o.0, &[], std::slice::from_ref(o.1)),
                 )
             }
             ApiEvent::Error(e) => {
@@ -137,22 +137,22 @@ impl ApiState {
 }
 
 fn fold<K: kube::Resource + Clone>(
-    source: &mut ManifestSource,
+    index: &mut Index,
     ev: Event<K>,
     kind: ApiKind,
     relist: &mut Option<BTreeSet<Origin>>,
     listed: &mut bool,
-    set: impl Fn(&mut ManifestSource, (&Origin, &K)) -> Refresh,
+    set: impl Fn(&mut Index, (&Origin, &K)) -> Refresh,
 ) -> Refresh {
     let key = |o: &K| origin(kind, o.namespace(), o.name_any());
     match ev {
-        Event::Apply(o) => set(source, (&key(&o), &o)),
+        Event::Apply(o) => set(index, (&key(&o), &o)),
         Event::InitApply(o) => {
             let k = key(&o);
             relist.get_or_insert_with(BTreeSet::new).insert(k.clone());
-            set(source, (&k, &o))
+            set(index, (&k, &o))
         }
-        Event::Delete(o) => source.set_origin(&key(&o), &[], &[]),
+        Event::Delete(o) => index.set_origin(&key(&o), &[], &[]),
         Event::Init => {
             *relist = Some(BTreeSet::new());
             Refresh::default()
@@ -162,10 +162,11 @@ fn fold<K: kube::Resource + Clone>(
             // Objects that disappeared while we were not watching.
             let seen = relist.take().unwrap_or_default();
             let mut out = Refresh::default();
-            for o in source.origins() {
+            let origins: Vec<Origin> = index.origins().cloned().collect();
+            for o in origins {
                 let this_kind = matches!(&o, Origin::Api { kind: k, .. } if *k == kind);
                 if this_kind && !seen.contains(&o) {
-                    let r = source.set_origin(&o, &[], &[]);
+                    let r = index.set_origin(&o, &[], &[]);
                     out.changes.extend(r.changes);
                     out.rejected.extend(r.rejected);
                 }

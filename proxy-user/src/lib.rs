@@ -2,8 +2,10 @@
 //! diff, and a datapath (eBPF or iptables) that applies the diff.
 //!
 //! Object path: `source` (manifest files) or `kube_source` (the API) →
-//! `model` → `reconcile` → `datapath::Datapath::apply` → eBPF maps or
-//! iptables rules; `agent` is the loop that drives it.
+//! `index` (objects by origin, validated and turned into the desired state
+//! by `model`) → `reconcile` (the diff, as `Change`s) →
+//! `datapath::Datapath::apply` → eBPF maps or iptables rules; `agent` is
+//! the loop that drives it.
 
 pub mod agent;
 pub mod datapath;
@@ -17,7 +19,3 @@ pub mod pktgen;
 pub mod reconcile;
 pub mod source;
 pub mod watch;
-
-// The paths tests and benchmarks have used since before `datapath/`.
-pub use datapath::ebpf as dataplane;
-pub use datapath::iptables;

@@ -1,5 +1,6 @@
-//! `kproxy`: the node agent. Reads Services and EndpointSlices, programs the
-//! eBPF dataplane, follows changes, and detaches cleanly on SIGINT/SIGTERM.
+//! `kproxy`: the node agent. Reads Services and EndpointSlices, programs a
+//! datapath (eBPF TC programs, or iptables rules with `--mode iptables`),
+//! follows changes, and detaches cleanly on SIGINT/SIGTERM.
 //!
 //! This file turns the command line into an [`agent::Config`] and a
 //! datapath; the loop is [`agent::run`]. Stdout carries one

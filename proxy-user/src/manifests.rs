@@ -91,12 +91,7 @@ fn describe(doc: &Value, index: usize) -> String {
     }
 }
 
-fn add_doc(
-    file: &Path,
-    index: usize,
-    doc: Value,
-    out: &mut Objects,
-) -> Result<(), LoadError> {
+fn add_doc(file: &Path, index: usize, doc: Value, out: &mut Objects) -> Result<(), LoadError> {
     let err = |message: String| LoadError {
         file: file.to_path_buf(),
         message,

@@ -1,8 +1,9 @@
 //! `/metrics` (Prometheus / OpenMetrics text), `/healthz` and `/readyz`.
 //!
 //! The HTTP side never touches the datapath: a scrape is a message to the
-//! agent's loop, which owns the maps, reads the per-CPU counters and answers
-//! with the rendered text. So a scrape never races a map update.
+//! agent's loop, which owns the datapath, reads its counters (eBPF: the
+//! per-CPU maps; iptables keeps none) and answers with the rendered text.
+//! So a scrape never races a map update.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,8 +1,8 @@
 //! The desired state: which frontends exist and which ready backends each
 //! has. Built from Kubernetes `Service` and `discovery.k8s.io/v1`
-//! `EndpointSlice` objects, whatever their source (manifests today, the API
-//! later); the reconciler diffs two of these and the dataplane applies the
-//! difference.
+//! `EndpointSlice` objects, whatever their source (manifest files or the
+//! API, through the index); the reconciler diffs two of these and the
+//! datapath applies the difference.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

@@ -2,27 +2,25 @@
 //! proportion to that file and the services it touches, not to the whole
 //! directory. Files are re-read only when their fingerprint (size, mtime,
 //! inode) changed; the [`Index`] recomputes only the services whose Service
-//! or EndpointSlices changed; the result is the list of [`Change`]s for the
+//! or EndpointSlices changed; the result is the list of
+//! [`Change`](crate::reconcile::Change)s for the
 //! datapath, from [`reconcile::diff_touched`].
 //!
 //! A file that fails to parse or validate is rejected as a whole with an
 //! error naming it and the object; its previous content stays in force.
-//! Other files changed in the same refresh still apply. Objects from the
-//! Kubernetes API come in through [`ManifestSource::set_origin`], one
-//! origin per object, into the same index.
+//! Other files changed in the same refresh still apply. (Objects from the
+//! Kubernetes API do not pass through here: the API source feeds its own
+//! [`Index`] through [`Index::set_origin`].)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-
-use crate::index::{Entry, Index, Origin, Rejected};
+use crate::index::{Entry, Index, Origin, Refresh, Rejected};
 use crate::manifests::{self, LoadError, Objects};
 use crate::model::DesiredState;
-use crate::reconcile::{self, Before, Change};
+use crate::reconcile::{self, Before};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FileFp {
@@ -38,17 +36,6 @@ fn fingerprint(path: &Path) -> Option<FileFp> {
         mtime: m.modified().ok(),
         ino: m.ino(),
     })
-}
-
-/// Result of one refresh.
-#[derive(Default)]
-pub struct Refresh {
-    /// Changes to apply, removals first.
-    pub changes: Vec<Change>,
-    /// Origins rejected in this refresh (their previous content is kept).
-    pub rejected: Vec<Rejected>,
-    /// Files re-read.
-    pub files_read: usize,
 }
 
 pub struct ManifestSource {
@@ -138,35 +125,6 @@ impl ManifestSource {
         out
     }
 
-    /// Sets the objects of one origin other than a manifest file — one
-    /// object watched from the Kubernetes API — and returns the changes. A
-    /// rejected object keeps the origin's previous content, exactly like a
-    /// rejected file.
-    pub fn set_origin(
-        &mut self,
-        origin: &Origin,
-        services: &[Service],
-        slices: &[EndpointSlice],
-    ) -> Refresh {
-        let mut out = Refresh::default();
-        let mut before = Before::new();
-        match Entry::new(origin, services, slices) {
-            Ok(entry) => {
-                if let Err(e) = self.index.replace(origin, entry, &mut before) {
-                    out.rejected.push(e);
-                }
-            }
-            Err(e) => out.rejected.push(e),
-        }
-        out.changes = reconcile::diff_touched(&before, self.state());
-        out
-    }
-
-    /// Origins (files or API objects) that currently contribute objects.
-    pub fn origins(&self) -> Vec<Origin> {
-        self.index.origins().cloned().collect()
-    }
-
     fn is_manifest(&self, p: &Path) -> bool {
         if p == self.root {
             return true;
@@ -206,7 +164,7 @@ fn read_file(file: &Path) -> Result<Entry, Rejected> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reconcile::diff;
+    use crate::reconcile::{Change, diff};
 
     struct Dir(PathBuf);
     impl Drop for Dir {
@@ -332,13 +290,16 @@ mod tests {
     }
 
     mod incremental_equals_full {
-        //! Any sequence of edits, fed to the source one origin at a time,
+        //! Any sequence of edits, fed to the index one origin at a time,
         //! gives the same changes as the full diff between the states before
         //! and after each edit, and lands a datapath on the same state as one
         //! full diff from the start to the end.
 
         use proptest::prelude::*;
         use serde_json::json;
+
+        use k8s_openapi::api::core::v1::Service;
+        use k8s_openapi::api::discovery::v1::EndpointSlice;
 
         use super::*;
         use crate::datapath::Datapath;
@@ -506,7 +467,7 @@ mod tests {
             }
         }
 
-        fn set(src: &mut ManifestSource, (n, objs): &(u8, Vec<Obj>)) -> Refresh {
+        fn set(src: &mut Index, (n, objs): &(u8, Vec<Obj>)) -> Refresh {
             let (services, slices) = objects(objs);
             src.set_origin(&origin(*n), &services, &slices)
         }
@@ -518,7 +479,7 @@ mod tests {
                 setup in prop::collection::vec(edit(), 0..6),
                 edits in prop::collection::vec(edit(), 1..12),
             ) {
-                let mut src = ManifestSource::new("/m");
+                let mut src = Index::default();
                 for e in &setup {
                     set(&mut src, e);
                 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use proxy_user::dataplane::{Dataplane, EGRESS_PROG, INGRESS_PROG, LoadOptions};
+use proxy_user::datapath::ebpf::{Dataplane, EGRESS_PROG, INGRESS_PROG, LoadOptions};
 use proxy_user::model::{DesiredService, DesiredState, Frontend, Proto};
 use proxy_user::pktgen::{Frame, parse};
 use proxy_user::reconcile::diff;

@@ -22,7 +22,7 @@ use kproxy_tests::fixture::{
 use kproxy_tests::kproxy::Launch;
 use kproxy_tests::{Fixture, Kproxy, Mode, iptables, mode};
 use proxy_common::{SlotKey, SvcKey, SvcValue};
-use proxy_user::dataplane::{LoadOptions, layout_tag};
+use proxy_user::datapath::ebpf::{LoadOptions, layout_tag};
 
 /// Removes the test's pin directory however the test ends.
 struct PinDir(PathBuf);

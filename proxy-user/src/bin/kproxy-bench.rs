@@ -16,7 +16,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use proxy_user::dataplane::{Dataplane, EGRESS_PROG, INGRESS_PROG, LoadOptions};
+use proxy_user::datapath::ebpf::{Dataplane, EGRESS_PROG, INGRESS_PROG, LoadOptions};
 use proxy_user::model::{BackendAddr, DesiredService, DesiredState, Frontend, Proto};
 use proxy_user::pktgen::Frame;
 use proxy_user::reconcile::diff;

@@ -1,6 +1,6 @@
 //! A datapath that only keeps the state it was given: the model the real
-//! datapaths are held to, and a stand-in for them in tests of the diff and
-//! the agent.
+//! datapaths are held to, and a stand-in for them in tests of the diff
+//! (the proptest in `source.rs`).
 
 use anyhow::{Result, bail};
 
