@@ -16,7 +16,7 @@ pub type SlicePort<'a> = (&'a str, u16, &'a str);
 pub type Endpoint<'a> = (&'a str, bool);
 
 fn to_yaml(v: &Value) -> String {
-    serde_yaml::to_string(v).expect("serialising a JSON value as YAML cannot fail")
+    serde_saphyr::to_string(v).expect("serialising a JSON value as YAML cannot fail")
 }
 
 /// A `v1/Service` in namespace `default` with the given ClusterIP and ports

@@ -13,7 +13,7 @@ use kproxy_tests::{
     ManifestDir, Mode, Netns, SuiteLock, Topology, backend_ip, endpointslice_yaml, mode,
     service_yaml,
 };
-use serde_yaml::Value;
+use serde_json::Value;
 
 const T: Duration = Duration::from_secs(3);
 
@@ -152,9 +152,18 @@ fn netns_is_deleted_on_panic_and_run_in_enters_it() -> Result<()> {
     Ok(())
 }
 
+/// Reads YAML with YAML 1.2 booleans (only `true`/`false`), as kcontrol's
+/// apiserver does (`yaml_from_slice`).
+fn from_yaml(yaml: &str) -> Result<Value> {
+    Ok(serde_saphyr::from_str_with_options(
+        yaml,
+        serde_saphyr::options! { strict_booleans: true },
+    )?)
+}
+
 #[test]
 fn manifests_have_the_kubernetes_shape() -> Result<()> {
-    let svc: Value = serde_yaml::from_str(&service_yaml(
+    let svc = from_yaml(&service_yaml(
         "web",
         "10.96.0.10",
         &[("http", 80, 8080, "TCP"), ("dns", 53, 8080, "UDP")],
@@ -170,7 +179,7 @@ fn manifests_have_the_kubernetes_shape() -> Result<()> {
     assert_eq!(svc["spec"]["ports"][1]["targetPort"], 8080);
     assert_eq!(svc["spec"]["ports"][1]["protocol"], "UDP");
 
-    let slice: Value = serde_yaml::from_str(&endpointslice_yaml(
+    let slice = from_yaml(&endpointslice_yaml(
         "web-abc",
         "web",
         &[("10.0.11.2", true), ("10.0.12.2", false)],
@@ -191,8 +200,8 @@ fn manifests_have_the_kubernetes_shape() -> Result<()> {
     assert_eq!(slice["ports"][0]["protocol"], "TCP");
 
     // An empty endpoint list is still a list.
-    let empty: Value = serde_yaml::from_str(&web_slice_yaml_with(&[]))?;
-    assert_eq!(empty["endpoints"].as_sequence().map(Vec::len), Some(0));
+    let empty = from_yaml(&web_slice_yaml_with(&[]))?;
+    assert_eq!(empty["endpoints"].as_array().map(Vec::len), Some(0));
 
     let dir = ManifestDir::new()?;
     let root = dir.path().parent().unwrap().to_owned();

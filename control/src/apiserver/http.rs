@@ -263,7 +263,7 @@ where
     Ok(buf.freeze())
 }
 
-/// Reads YAML as serde_yaml did (YAML 1.2): only `true`/`false` are
+/// Reads YAML with YAML 1.2 booleans: only `true`/`false` are
 /// booleans, so `yes` and `on` stay strings in a JSON value.
 pub fn yaml_from_slice(body: &[u8]) -> Result<Value, serde_saphyr::Error> {
     serde_saphyr::from_slice_with_options(body, serde_saphyr::options! { strict_booleans: true })
