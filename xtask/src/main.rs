@@ -118,9 +118,6 @@ enum Cmd {
         #[arg(long, value_name = "SECS")]
         timeout: Option<u64>,
     },
-    /// Internal: the init of `vm-test`'s guest (PID 1 in the initramfs)
-    #[command(name = "__vm-init", hide = true)]
-    VmInit,
     /// Internal (used by `up`): TCP server answering every connection with
     /// REPLY, optionally inside network namespace NS
     #[command(name = "__serve", hide = true)]
@@ -167,7 +164,6 @@ fn main() -> ExitCode {
             dynamic,
             timeout: timeout.map(Duration::from_secs),
         }),
-        Cmd::VmInit => vmtest::guest_init(),
         Cmd::Serve { ns, addr, reply } => up::serve(ns.as_deref(), addr, &reply),
     };
     match result {

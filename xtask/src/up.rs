@@ -233,7 +233,7 @@ fn demo(c: &mut Cluster, once: bool) -> Result<()> {
         }
         c.log.pause(Duration::from_millis(200))?;
     };
-    let id = Cluster::container_id(&uid, "client");
+    let id = kcontrol_names::container_id(&kcontrol_names::pod_hash(&uid), "client");
     say!(
         "==> [4/5] {REQUESTS} requests from pod client to http://{vip}/ (Service demo's ClusterIP)"
     );

@@ -2,7 +2,6 @@
 //! commands with visible progress, and building `cargo` commands whose
 //! environment is not polluted by the `cargo run` that started xtask.
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -98,34 +97,15 @@ pub fn files_with_extension(
     Ok(())
 }
 
-/// `KEY=value program args (in dir)` for progress lines and error messages.
-/// Only variables set explicitly on the command are shown.
+/// `KEY=value program args (in dir)` for progress lines and error messages
+/// (the test bed's form plus the working directory). Only variables set
+/// explicitly on the command are shown.
 pub fn display(cmd: &Command) -> String {
-    let mut parts = Vec::new();
-    for (key, value) in cmd.get_envs() {
-        if let Some(value) = value {
-            parts.push(format!("{}={}", key.to_string_lossy(), quote(value)));
-        }
-    }
-    parts.push(quote(cmd.get_program()));
-    parts.extend(cmd.get_args().map(quote));
-    let mut out = parts.join(" ");
+    let mut out = testbed::process::display(cmd);
     if let Some(dir) = cmd.get_current_dir() {
         out.push_str(&format!("  (in {})", dir.display()));
     }
     out
-}
-
-fn quote(s: &OsStr) -> String {
-    let s = s.to_string_lossy();
-    let plain = !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
-    if plain {
-        s.into_owned()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
 }
 
 /// Runs a command with inherited stdio, announcing it first; fails on a

@@ -61,7 +61,10 @@ fn main() -> Result<()> {
     // Ctrl-C only sets a flag: the cluster has to be stopped in order and
     // checked.
     ctrlc::set_handler(move || on_signal.interrupt()).context("installing the Ctrl-C handler")?;
-    println!("==> starting a fresh cluster in {}", args.data_dir.display());
+    println!(
+        "==> starting a fresh cluster in {}",
+        args.data_dir.display()
+    );
     let host = Options::host(&args.kcontrol, &args.kproxy, &args.data_dir)?;
     let mut c = Cluster::start(host, log)?;
     let result = measure::measure(&mut c, args.pods, args.probe);

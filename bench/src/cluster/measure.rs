@@ -213,10 +213,7 @@ pub fn measure(c: &mut Cluster, pods: usize, probe: bool) -> Result<(Vec<Sample>
     let warm = measure_pod(c, "bench-0", probe)?;
     println!(
         "    bench-0 {}: running {:.0} ms, ready {:.0} ms, programmed {:.0} ms",
-        warm.ip,
-        warm.running_ms,
-        warm.ready_ms,
-        warm.programmed_ms
+        warm.ip, warm.running_ms, warm.ready_ms, warm.programmed_ms
     );
     println!("==> creating {pods} pods one at a time (Service bench selects them all)");
     let mut samples = Vec::new();
@@ -224,12 +221,7 @@ pub fn measure(c: &mut Cluster, pods: usize, probe: bool) -> Result<(Vec<Sample>
         let s = measure_pod(c, &format!("bench-{i}"), probe)?;
         println!(
             "    [{i:>3}/{pods}] {:<9} {:<12} create call {:>4.0} ms | running {:>5.0} ms  ready {:>5.0} ms  programmed {:>5.0} ms",
-            s.name,
-            s.ip,
-            s.create_call_ms,
-            s.running_ms,
-            s.ready_ms,
-            s.programmed_ms
+            s.name, s.ip, s.create_call_ms, s.running_ms, s.ready_ms, s.programmed_ms
         );
         samples.push(s);
     }
@@ -275,4 +267,3 @@ pub fn measure(c: &mut Cluster, pods: usize, probe: bool) -> Result<(Vec<Sample>
     }
     Ok((samples, verified))
 }
-

@@ -184,7 +184,7 @@ pub fn write(samples: &Path, out: &Path) -> Result<()> {
         Stat::new("created → endpoint programmed", &s, |x| x.programmed_ms),
         Stat::new("`kubectl create` call", &s, |x| x.create_call_ms),
     ];
-    std::fs::create_dir_all(&out)?;
+    std::fs::create_dir_all(out)?;
     let suffix = if s.probe { "-probe" } else { "" };
     let stem = format!("cluster-{}{suffix}", s.date);
     let svg = out.join(format!("{stem}.svg"));

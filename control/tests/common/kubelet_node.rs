@@ -307,20 +307,23 @@ pub fn exec(node: &Node1, pod: &Pod, cmd: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), s)
 }
 
+/// crun's id of the pod's first container: the kubelet's naming rule
+/// ([`kcontrol_names::container_id`]) over the pod's UID and the container's
+/// name, checked against the `containerID` the kubelet reports, if any yet.
 pub fn container_id(pod: &Pod) -> String {
-    let cs = &pod
+    let uid = pod.metadata.uid.as_deref().expect("pod without uid");
+    let name = &pod.spec.as_ref().expect("pod without spec").containers[0].name;
+    let id = kcontrol_names::container_id(&pod_hash(uid), name);
+    let reported = pod
         .status
         .as_ref()
-        .unwrap()
-        .container_statuses
-        .as_ref()
-        .unwrap()[0];
-    cs.container_id
-        .as_deref()
-        .expect("containerID")
-        .strip_prefix("crun://")
-        .unwrap()
-        .to_string()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| &c.name == name))
+        .and_then(|c| c.container_id.as_deref());
+    if let Some(reported) = reported {
+        assert_eq!(reported, format!("crun://{id}"), "containerID of {name}");
+    }
+    id
 }
 
 pub fn pod_json(name: &str, node: &str, containers: Value) -> Pod {

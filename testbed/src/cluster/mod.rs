@@ -490,11 +490,6 @@ impl Cluster {
         Ok(())
     }
 
-    /// crun's id for container `container` of the pod with UID `uid`.
-    pub fn container_id(uid: &str, container: &str) -> String {
-        container_id(&pod_hash(uid), container)
-    }
-
     /// A handle to run commands inside a pod's container (`crun exec`).
     pub fn container(&self, pod: &str, container: &str) -> Result<Container> {
         let uid = self.get_json(&["pod", pod])?["metadata"]["uid"]
@@ -503,7 +498,7 @@ impl Cluster {
             .to_string();
         Ok(Container {
             root: self.crun_root.clone(),
-            id: Cluster::container_id(&uid, container),
+            id: container_id(&pod_hash(&uid), container),
         })
     }
 

@@ -148,14 +148,3 @@ fn boot_kernel(
     let initrd = write_initramfs(kernel, base, bins, &dir)?;
     run_qemu(kernel, &initrd, &dir, timeout)
 }
-
-/// `cargo xtask __vm-init` (main.rs) no longer boots anything: the guest's
-/// `/init` is the kproxy-vm-init binary. Kept until main.rs drops the hidden
-/// subcommand.
-pub fn guest_init() -> ! {
-    eprintln!(
-        "error: the vm-test guest's init is the kproxy-vm-init binary (xtask/vm-init/), \
-         not `xtask __vm-init`"
-    );
-    std::process::exit(1)
-}

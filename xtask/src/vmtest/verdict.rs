@@ -4,6 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use proxy_common::lifecycle::{self, Event};
+
 use super::Options;
 use super::kernels::Kernel;
 use super::protocol::VERDICT_MARK;
@@ -135,7 +137,7 @@ impl AttachLog {
             } else {
                 "auto"
             };
-            *self.seen.entry((how, mode.to_string())).or_default() += 1;
+            *self.seen.entry((how, mode)).or_default() += 1;
         }
     }
 
@@ -160,11 +162,14 @@ impl AttachLog {
     }
 }
 
-/// `kproxy: attached c0 mode=tcx` → `tcx`.
-fn attach_mode(line: &str) -> Option<&str> {
-    let rest = &line[line.find("kproxy: attached ")?..];
-    let mode = rest.split_once("mode=")?.1;
-    Some(mode.split_whitespace().next().unwrap_or(mode))
+/// `… | kproxy: attached c0 mode=tcx` → `tcx`: the lifecycle line kproxy
+/// printed, read with its own parser, wherever it starts in the console
+/// line.
+fn attach_mode(line: &str) -> Option<String> {
+    match Event::parse(&line[line.find(lifecycle::PREFIX)?..])? {
+        Event::Attached { mode, .. } => Some(mode),
+        _ => None,
+    }
 }
 
 pub(super) fn print_summary(runs: &[KernelRun], opts: &Options, total: Duration) {
@@ -268,7 +273,7 @@ mod tests {
         assert_eq!(parse_verdict("KPROXY-VM: loaded"), None);
         assert_eq!(
             attach_mode("kproxy[7@kpt-1-0-node] | kproxy: attached c0 mode=netlink"),
-            Some("netlink")
+            Some("netlink".to_string())
         );
         assert_eq!(attach_mode("kproxy: ready services=1 backends=3"), None);
 
