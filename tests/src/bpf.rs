@@ -1,5 +1,6 @@
 //! Inspection of what is attached to interfaces: classic tc (clsact qdisc
-//! and filters, via `tc`) and BPF links/programs (via `bpftool`, optional).
+//! and filters, via `tc`) and BPF links/programs (via `bpftool`, which the
+//! cleanup checks require: `cargo xtask setup` installs it).
 
 use std::collections::BTreeSet;
 

@@ -1,7 +1,7 @@
 //! The table of served resources. Everything generic (routing, discovery,
 //! storage keys, list/watch, field selectors, the verbs) is driven by this
 //! table; the per-kind rules are each kind's [`Strategy`] (`registry/`),
-//! and printing (`table.rs`) looks at the kind.
+//! its table columns included (printed by `table.rs`).
 
 use super::registry::{self, Strategy};
 

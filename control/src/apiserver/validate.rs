@@ -379,6 +379,16 @@ pub fn check_endpoint_ip(ip: &str, path: &str, errs: &mut Vec<FieldError>) {
     }
 }
 
+/// For tests: normalizes a new `plural` object of API group `group` (v1).
+#[cfg(test)]
+pub(crate) fn norm(plural: &str, group: &str, v: Value) -> ApiResult<Normalized> {
+    normalize(
+        super::resources::lookup(group, "v1", plural).unwrap(),
+        &v,
+        None,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -142,17 +142,8 @@ fn validate_deployment(d: &Deployment, old: Option<&Deployment>) -> Vec<FieldErr
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::apiserver::validate::{Normalized, normalize};
+    use crate::apiserver::validate::norm;
     use serde_json::json;
-
-    fn norm(plural: &str, group: &str, v: Value) -> ApiResult<Normalized> {
-        normalize(
-            crate::apiserver::resources::lookup(group, "v1", plural).unwrap(),
-            &v,
-            None,
-        )
-    }
 
     #[test]
     fn deployment_selector_must_match() {

@@ -467,17 +467,8 @@ fn pod_status(o: &Value) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::apiserver::validate::{Normalized, normalize};
+    use crate::apiserver::validate::norm;
     use serde_json::json;
-
-    fn norm(plural: &str, group: &str, v: Value) -> ApiResult<Normalized> {
-        normalize(
-            crate::apiserver::resources::lookup(group, "v1", plural).unwrap(),
-            &v,
-            None,
-        )
-    }
 
     #[test]
     fn pod_defaults_and_unknown_fields() {

@@ -1,5 +1,5 @@
 //! Services: defaulting and validation, and their addresses — a ClusterIP
-//! and node ports allocated before the write (`allocate.rs`), released
+//! and node ports allocated before the write (`allocate/`), released
 //! when the Service lets them go.
 
 use std::collections::BTreeSet;
@@ -477,17 +477,8 @@ fn validate_service(svc: &Service, old: Option<&Service>) -> Vec<FieldError> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::apiserver::validate::{Normalized, normalize};
+    use crate::apiserver::validate::norm;
     use serde_json::json;
-
-    fn norm(plural: &str, group: &str, v: Value) -> ApiResult<Normalized> {
-        normalize(
-            crate::apiserver::resources::lookup(group, "v1", plural).unwrap(),
-            &v,
-            None,
-        )
-    }
 
     #[test]
     fn service_rules() {
