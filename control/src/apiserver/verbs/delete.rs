@@ -77,6 +77,38 @@ pub fn check_delete_options(opts: &Value, q: &Query) -> ApiResult<()> {
 }
 
 impl State {
+    /// Marks an object as being deleted (deletionTimestamp `at`, the grace
+    /// period) and stores it, unless `dry_run`: a graceful delete, or one
+    /// that waits for finalizers.
+    #[allow(clippy::too_many_arguments)]
+    async fn mark_deleted(
+        &self,
+        rt: &ResourceType,
+        name: &str,
+        key: &str,
+        kv: &kcontrol_store::KeyValue,
+        obj: &mut Value,
+        at: Value,
+        grace: i64,
+        dry_run: bool,
+    ) -> ApiResult<()> {
+        let meta = meta_mut(obj);
+        meta.insert("deletionTimestamp".into(), at);
+        meta.insert("deletionGracePeriodSeconds".into(), json!(grace));
+        if !dry_run {
+            let rev = self
+                .store
+                .update(key, to_bytes(obj), kv.mod_revision)
+                .await
+                .map_err(|e| match e {
+                    StoreError::Conflict { .. } => ApiError::conflict(rt.group, rt.plural, name),
+                    other => internal(other),
+                })?;
+            set_rv(obj, rev);
+        }
+        Ok(())
+    }
+
     /// Deletes an object (or marks it for deletion while it has
     /// finalizers). Returns the object as last stored.
     pub(crate) async fn delete(
@@ -125,22 +157,9 @@ impl State {
                 .pointer("/metadata/deletionGracePeriodSeconds")
                 .and_then(Value::as_i64);
             if current.is_none_or(|c| grace < c) {
-                let meta = meta_mut(&mut obj);
-                meta.insert("deletionTimestamp".into(), json!(after_seconds(grace)));
-                meta.insert("deletionGracePeriodSeconds".into(), json!(grace));
-                if !dry_run {
-                    let rev = self
-                        .store
-                        .update(&key, to_bytes(&obj), kv.mod_revision)
-                        .await
-                        .map_err(|e| match e {
-                            StoreError::Conflict { .. } => {
-                                ApiError::conflict(rt.group, rt.plural, name)
-                            }
-                            other => internal(other),
-                        })?;
-                    set_rv(&mut obj, rev);
-                }
+                let at = json!(after_seconds(grace));
+                self.mark_deleted(rt, name, &key, &kv, &mut obj, at, grace, dry_run)
+                    .await?;
             }
             return Ok(obj);
         }
@@ -154,22 +173,8 @@ impl State {
                 .and_then(Value::as_i64)
                 .is_some_and(|g| g != 0);
             if obj.pointer("/metadata/deletionTimestamp").is_none() || graceful {
-                let meta = meta_mut(&mut obj);
-                meta.insert("deletionTimestamp".into(), json!(now()));
-                meta.insert("deletionGracePeriodSeconds".into(), json!(0));
-                if !dry_run {
-                    let rev = self
-                        .store
-                        .update(&key, to_bytes(&obj), kv.mod_revision)
-                        .await
-                        .map_err(|e| match e {
-                            StoreError::Conflict { .. } => {
-                                ApiError::conflict(rt.group, rt.plural, name)
-                            }
-                            other => internal(other),
-                        })?;
-                    set_rv(&mut obj, rev);
-                }
+                self.mark_deleted(rt, name, &key, &kv, &mut obj, json!(now()), 0, dry_run)
+                    .await?;
             }
             return Ok(obj);
         }
