@@ -17,6 +17,20 @@
 //! | `FRAGS` | LRU hash | [`FragKey`] → [`Backend`] | ingress (first fragment) | ingress (later fragments) |
 //! | `SVC_COUNTERS` | per-CPU array | service id → [`Counters`] | ingress | agent |
 //! | `GLOBAL_COUNTERS` | per-CPU array | `0` → [`Counters`] | ingress, egress | agent |
+//! | `NODE_IPS` | hash | node address (`u32`) → `u32` (unused, `1`) | agent (at start) | ingress |
+//! | `SNAT_ADDRS` | hash | ifindex (`u32`) → address (`u32`) | agent (at start) | ingress |
+//!
+//! North-south: a NodePort frontend is stored with address `0`
+//! ([`NODEPORT_ADDR`]) and matches a packet to *any* address in `NODE_IPS` on
+//! its port, so one frontend (one cursor, one set of slots) serves every node
+//! address. externalIPs and LoadBalancer ingress addresses are ordinary
+//! frontends with [`SVC_F_EXTERNAL`]. A backend of an external frontend that
+//! lives on another node carries [`BACKEND_F_SNAT`]: its flows leave with
+//! the node's address on the egress interface (`SNAT_ADDRS`, key `0` is the
+//! fallback) and a port chosen per flow, so replies come back through this
+//! node, and both directions are sent with a FIB lookup instead of through
+//! the stack (whose martian check would drop a forwarded packet carrying a
+//! local source address).
 //!
 //! A service frontend (ClusterIP, port, protocol) has one `SERVICES` entry. Its
 //! value holds a service id (index into `RR_CURSOR` and `SVC_COUNTERS`) and the
@@ -43,7 +57,7 @@ pub mod lifecycle;
 /// Version of the map layout below. Bump it whenever a key or value type
 /// changes meaning (sizes are checked separately): the agent refuses to reuse
 /// pinned maps of another version and recreates them.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Default capacity of `SERVICES` (frontends) and of the per-service arrays.
 pub const MAX_SERVICES: u32 = 131_072;
@@ -53,6 +67,27 @@ pub const MAX_SLOTS: u32 = 524_288;
 pub const MAX_CONNTRACK: u32 = 262_144;
 /// Capacity of the LRU `FRAGS` map.
 pub const MAX_FRAGS: u32 = 8_192;
+/// Capacity of `NODE_IPS` and `SNAT_ADDRS`.
+pub const MAX_NODE_IPS: u32 = 256;
+
+/// `SvcKey::addr` of a NodePort frontend: any address in `NODE_IPS`.
+pub const NODEPORT_ADDR: u32 = 0;
+
+/// `SvcValue::flags`: the frontend is reached from outside the node
+/// (NodePort, externalIP, LoadBalancer).
+pub const SVC_F_EXTERNAL: u32 = 1;
+/// `SvcValue::flags`: with no backends, drop instead of rejecting
+/// (`externalTrafficPolicy: Local` on a node without local endpoints).
+pub const SVC_F_DROP_EMPTY: u32 = 2;
+
+/// `Backend::flags`: flows to this backend are source-NATed to the node
+/// (external traffic, `Cluster` policy, endpoint on another node).
+pub const BACKEND_F_SNAT: u16 = 1;
+
+/// Source ports of SNAT flows are tried first as the client's own port,
+/// then drawn from this range (the kernel's default ephemeral range).
+pub const SNAT_PORT_MIN: u16 = 32_768;
+pub const SNAT_PORT_MAX: u16 = 60_999;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -97,8 +132,12 @@ pub struct SvcValue {
     /// Service id: index into `RR_CURSOR` and `SVC_COUNTERS`, and the first
     /// half of every `SlotKey` of this frontend. Assigned by the agent.
     pub id: u32,
-    /// Number of backend slots in use (`0` = reject).
+    /// Number of backend slots in use (`0` = reject, or drop with
+    /// [`SVC_F_DROP_EMPTY`]).
     pub count: u32,
+    /// `SVC_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
 }
 
 /// One backend slot of a frontend.
@@ -117,7 +156,8 @@ pub struct Backend {
     pub addr: u32,
     /// Port, network order.
     pub port: u16,
-    pub _pad: u16,
+    /// `BACKEND_F_*` bits (always `0` in `FRAGS`).
+    pub flags: u16,
 }
 
 /// Connection-tracking key: the packet's 5-tuple as seen on the wire plus the
@@ -125,7 +165,9 @@ pub struct Backend {
 ///
 /// * forward (`CT_DIR_FORWARD`): client → frontend, value holds the backend;
 /// * reply (`CT_DIR_REPLY`): backend → client, value holds the frontend to
-///   restore as the reply's source.
+///   restore as the reply's source. For a source-NATed flow the reply is
+///   keyed backend → (node address, SNAT port) and the value also holds the
+///   client to restore as its destination.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -146,10 +188,15 @@ pub struct CtValue {
     pub addr: u32,
     /// Forward entry: backend port; reply entry: frontend port.
     pub port: u16,
-    pub _pad: u16,
+    /// With `nat_addr`: forward entry: SNAT source port; reply entry: the
+    /// client's port. Network order.
+    pub nat_port: u16,
     /// Service id the flow belongs to (for counters).
     pub svc_id: u32,
-    pub _pad2: u32,
+    /// `0`: no source NAT. Forward entry: the node address the flow is
+    /// source-NATed to; reply entry: the client's address, restored as the
+    /// reply's destination.
+    pub nat_addr: u32,
 }
 
 /// Key of a fragmented datagram in `FRAGS`: only the first fragment carries
@@ -226,7 +273,7 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<SvcKey>(), 8);
-        assert_eq!(size_of::<SvcValue>(), 8);
+        assert_eq!(size_of::<SvcValue>(), 16);
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);

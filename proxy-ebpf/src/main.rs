@@ -27,6 +27,18 @@
 //! turned into ICMP port unreachable and sent back out of the interface they
 //! came in on (`TC_ACT_REDIRECT`).
 //!
+//! North-south (NodePort, externalIPs, LoadBalancer): a packet to one of
+//! the node's addresses (`NODE_IPS`) that is not a frontend of its own is
+//! first checked against the reply entries of source-NATed flows, then
+//! looked up as a NodePort (`SvcKey` with address `NODEPORT_ADDR`). A
+//! backend with `BACKEND_F_SNAT` (another node's endpoint of a `Cluster`
+//! policy service) gets the flow's source rewritten to the node's address
+//! on the egress interface and a per-flow port; both directions of such a
+//! flow are sent out through a FIB lookup and `bpf_redirect_neigh`, because
+//! the stack would drop a forwarded packet whose source is a local address.
+//! A frontend with `SVC_F_DROP_EMPTY` (`externalTrafficPolicy: Local`
+//! without local endpoints) drops instead of rejecting.
+//!
 //! Fragments: the first fragment carries the ports and is translated like any
 //! packet; its backend is remembered in `FRAGS` under (src, dst, IP id, proto)
 //! so later fragments of the same datagram get the same destination address.
@@ -43,8 +55,11 @@
 mod packet;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_redirect,
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_fib_lookup as FibParams,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
@@ -71,6 +86,15 @@ static FRAGS: LruHashMap<FragKey, Backend> = LruHashMap::with_max_entries(MAX_FR
 static SVC_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 #[map]
 static GLOBAL_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static NODE_IPS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODE_IPS, 0);
+#[map]
+static SNAT_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODE_IPS, 0);
+
+/// `AF_INET`, for the FIB lookup.
+const AF_INET: u8 = 2;
+/// How many SNAT ports a new flow tries before it is dropped.
+const SNAT_ATTEMPTS: u32 = 8;
 
 #[classifier]
 pub fn kproxy_ingress(ctx: TcContext) -> i32 {
@@ -95,15 +119,34 @@ pub fn kproxy_ingress(ctx: TcContext) -> i32 {
                 proto: ip.proto,
                 _pad: 0,
             };
-            // Short path: anything that is not a frontend leaves here.
-            let Some(svc) = (unsafe { SERVICES.get(key) }) else {
-                return TC_ACT_UNSPEC;
+            let svc = match unsafe { SERVICES.get(key) } {
+                Some(svc) => *svc,
+                // Short path: anything that is not a frontend and not for
+                // the node leaves here.
+                None if unsafe { NODE_IPS.get(ip.daddr) }.is_none() => return TC_ACT_UNSPEC,
+                None => {
+                    if let Some(ct) = reply_entry(&ip, sport, dport)
+                        && ct.nat_addr != 0
+                    {
+                        return snat_reply(&ctx, &ip, ct);
+                    }
+                    let nodeport = SvcKey {
+                        addr: NODEPORT_ADDR,
+                        ..key
+                    };
+                    match unsafe { SERVICES.get(nodeport) } {
+                        Some(svc) => *svc,
+                        None => return TC_ACT_UNSPEC,
+                    }
+                }
             };
-            let svc = *svc;
             if cfg!(feature = "broken-for-tests") {
                 return TC_ACT_SHOT;
             }
             if svc.count == 0 {
+                if svc.flags & SVC_F_DROP_EMPTY != 0 {
+                    return drop_packet(svc.id);
+                }
                 return reject(&ctx, &ip, svc.id);
             }
             forward(&ctx, &ip, sport, dport, svc)
@@ -124,6 +167,11 @@ pub fn kproxy_egress(ctx: TcContext) -> i32 {
     let Some(ct) = reply_entry(&ip, sport, dport) else {
         return TC_ACT_UNSPEC;
     };
+    // Replies of source-NATed flows are addressed to the node and handled
+    // on ingress.
+    if ct.nat_addr != 0 {
+        return TC_ACT_UNSPEC;
+    }
     if packet::rewrite(&ctx, &ip, packet::Side::Source, ct.addr, ct.port).is_err() {
         return drop_packet(ct.svc_id);
     }
@@ -182,12 +230,16 @@ fn forward(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16, svc: SvcValue) ->
         _pad: 0,
     };
     let mut new_flow = false;
-    let backend = match unsafe { CONNTRACK.get(fwd) } {
-        Some(ct) => Backend {
-            addr: ct.addr,
-            port: ct.port,
-            _pad: 0,
-        },
+    // (address, port) the flow is source-NATed to; address 0: none.
+    let (backend, snat) = match unsafe { CONNTRACK.get(fwd) } {
+        Some(ct) => (
+            Backend {
+                addr: ct.addr,
+                port: ct.port,
+                flags: 0,
+            },
+            (ct.nat_addr, ct.nat_port),
+        ),
         None => {
             let Some(backend) = select_backend(svc) else {
                 warn!(
@@ -196,46 +248,58 @@ fn forward(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16, svc: SvcValue) ->
                 );
                 return drop_packet(svc.id);
             };
-            // A hairpin flow's replies are addressed to the hairpin source.
-            let reply = CtKey {
-                saddr: backend.addr,
-                daddr: if backend.addr == ip.saddr {
-                    hairpin_addr()
-                } else {
-                    ip.saddr
-                },
-                sport: backend.port,
-                dport: sport,
-                proto: ip.proto,
-                dir: CT_DIR_REPLY,
-                _pad: 0,
-            };
-            let to_frontend = CtValue {
-                addr: ip.daddr,
-                port: dport,
-                _pad: 0,
-                svc_id: svc.id,
-                _pad2: 0,
+            let snat = if backend.flags & BACKEND_F_SNAT != 0 {
+                match new_snat(ctx, ip, sport, dport, svc.id, backend) {
+                    Some(snat) => snat,
+                    None => return drop_packet(svc.id),
+                }
+            } else {
+                // A hairpin flow's replies are addressed to the hairpin source.
+                let reply = CtKey {
+                    saddr: backend.addr,
+                    daddr: if backend.addr == ip.saddr {
+                        hairpin_addr()
+                    } else {
+                        ip.saddr
+                    },
+                    sport: backend.port,
+                    dport: sport,
+                    proto: ip.proto,
+                    dir: CT_DIR_REPLY,
+                    _pad: 0,
+                };
+                let to_frontend = CtValue {
+                    addr: ip.daddr,
+                    port: dport,
+                    nat_port: 0,
+                    svc_id: svc.id,
+                    nat_addr: 0,
+                };
+                // Reply entry first: once the forward entry exists a reply
+                // can come back, and it must find its way home.
+                if CONNTRACK.insert(reply, to_frontend, 0).is_err() {
+                    return drop_packet(svc.id);
+                }
+                (0, 0)
             };
             let to_backend = CtValue {
                 addr: backend.addr,
                 port: backend.port,
-                _pad: 0,
+                nat_port: snat.1,
                 svc_id: svc.id,
-                _pad2: 0,
+                nat_addr: snat.0,
             };
-            // Reply entry first: once the forward entry exists a reply can
-            // come back, and it must find its way home.
-            if CONNTRACK.insert(reply, to_frontend, 0).is_err()
-                || CONNTRACK.insert(fwd, to_backend, 0).is_err()
-            {
+            if CONNTRACK.insert(fwd, to_backend, 0).is_err() {
                 return drop_packet(svc.id);
             }
             debug!(ctx, "kproxy: new flow for service {}", svc.id);
             new_flow = true;
-            backend
+            (backend, snat)
         }
     };
+    if snat.0 != 0 {
+        return forward_snat(ctx, ip, svc.id, backend, snat, new_flow);
+    }
     if ip.more_fragments {
         let frag = FragKey {
             saddr: ip.saddr,
@@ -245,7 +309,14 @@ fn forward(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16, svc: SvcValue) ->
             _pad: 0,
         };
         // Best effort: without the entry later fragments pass untranslated.
-        let _ = FRAGS.insert(frag, backend, 0);
+        let _ = FRAGS.insert(
+            frag,
+            Backend {
+                flags: 0,
+                ..backend
+            },
+            0,
+        );
     }
     if packet::rewrite(
         ctx,
@@ -281,6 +352,149 @@ fn forward(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16, svc: SvcValue) ->
         return back_where_it_came_from(ctx);
     }
     TC_ACT_OK
+}
+
+/// A new flow to a backend on another node: picks the node address of the
+/// egress interface and a source port no other flow to that backend uses
+/// (the client's own port first), and records the reply entry under it.
+/// Returns (address, port) or `None` (no route, no free port: dropped).
+#[inline(always)]
+fn new_snat(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    sport: u16,
+    dport: u16,
+    svc_id: u32,
+    backend: Backend,
+) -> Option<(u32, u16)> {
+    let ifindex = fib_ifindex(ctx, ip, ip.saddr, backend.addr)?;
+    let addr = match unsafe { SNAT_ADDRS.get(ifindex) } {
+        Some(a) => *a,
+        None => *unsafe { SNAT_ADDRS.get(0u32) }?,
+    };
+    let to_client = CtValue {
+        addr: ip.daddr,
+        port: dport,
+        nat_port: sport,
+        svc_id,
+        nat_addr: ip.saddr,
+    };
+    let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    let mut attempt = 0u32;
+    while attempt < SNAT_ATTEMPTS {
+        let port = if attempt == 0 {
+            sport
+        } else {
+            let h = (ip.saddr ^ (u32::from(sport) << 16) ^ attempt.wrapping_mul(0x9e37_79b9))
+                .wrapping_mul(0x85eb_ca6b);
+            (SNAT_PORT_MIN + ((h >> 8) % span) as u16).to_be()
+        };
+        let reply = CtKey {
+            saddr: backend.addr,
+            daddr: addr,
+            sport: backend.port,
+            dport: port,
+            proto: ip.proto,
+            dir: CT_DIR_REPLY,
+            _pad: 0,
+        };
+        if CONNTRACK
+            .insert(reply, to_client, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return Some((addr, port));
+        }
+        attempt += 1;
+    }
+    None
+}
+
+/// Client → backend on another node: destination to the backend, source to
+/// the node, sent out of the interface the FIB names.
+#[inline(always)]
+fn forward_snat(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    svc_id: u32,
+    backend: Backend,
+    snat: (u32, u16),
+    new_flow: bool,
+) -> i32 {
+    let Some(ifindex) = fib_ifindex(ctx, ip, snat.0, backend.addr) else {
+        return drop_packet(svc_id);
+    };
+    if packet::rewrite(
+        ctx,
+        ip,
+        packet::Side::Destination,
+        backend.addr,
+        backend.port,
+    )
+    .is_err()
+        || packet::rewrite(ctx, ip, packet::Side::Source, snat.0, snat.1).is_err()
+    {
+        return drop_packet(svc_id);
+    }
+    let len = u64::from(ctx.len());
+    let flows = u64::from(new_flow);
+    count_service(svc_id, |c| {
+        c.packets += 1;
+        c.bytes += len;
+        c.new_flows += flows;
+    });
+    count_global(|c| {
+        c.packets += 1;
+        c.bytes += len;
+        c.new_flows += flows;
+    });
+    redirect_neigh(ifindex)
+}
+
+/// A reply of a source-NATed flow (backend → node address, SNAT port):
+/// source back to the frontend, destination back to the client, sent out
+/// of the interface the FIB names.
+#[inline(always)]
+fn snat_reply(ctx: &TcContext, ip: &Ipv4, ct: CtValue) -> i32 {
+    let Some(ifindex) = fib_ifindex(ctx, ip, ct.addr, ct.nat_addr) else {
+        return drop_packet(ct.svc_id);
+    };
+    if packet::rewrite(ctx, ip, packet::Side::Source, ct.addr, ct.port).is_err()
+        || packet::rewrite(ctx, ip, packet::Side::Destination, ct.nat_addr, ct.nat_port).is_err()
+    {
+        return drop_packet(ct.svc_id);
+    }
+    count_packet(ct.svc_id, u64::from(ctx.len()));
+    redirect_neigh(ifindex)
+}
+
+/// The interface the kernel would forward `saddr → daddr` out of, for a
+/// packet that arrived on this one.
+#[inline(always)]
+fn fib_ifindex(ctx: &TcContext, ip: &Ipv4, saddr: u32, daddr: u32) -> Option<u32> {
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = ip.proto;
+    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    p.__bindgen_anon_3.ipv4_src = saddr;
+    p.__bindgen_anon_4.ipv4_dst = daddr;
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    // NO_NEIGH still names the interface; redirect_neigh resolves the MAC.
+    (rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH))
+        .then_some(p.ifindex)
+}
+
+/// Sends the packet out of `ifindex`, the neighbour subsystem filling in
+/// the MAC addresses.
+#[inline(always)]
+fn redirect_neigh(ifindex: u32) -> i32 {
+    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 
 /// `HAIRPIN_SNAT_IP` as the IPv4 header holds it.

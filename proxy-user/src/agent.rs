@@ -19,11 +19,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc::Receiver;
 
 use crate::datapath::Datapath;
+use crate::health::HealthServers;
 use crate::index::Index;
 use crate::kube_source::{self, ApiEvent, ApiState};
 use crate::links::{LinkEvent, LinkWatcher};
 use crate::metrics::{self, Metrics, ScrapeRequest};
-use crate::model::DesiredState;
+use crate::model::{DesiredState, Node};
 use crate::reconcile;
 use crate::source::ManifestSource;
 use crate::watch::{Events, Inotify};
@@ -42,8 +43,8 @@ pub enum Objects {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub objects: Objects,
-    /// Logged at start.
-    pub node_name: Option<String>,
+    /// This node: its name decides which endpoints are local.
+    pub node: Node,
     /// How often the manifests are checked (inotify is the fast path).
     pub poll_interval: Duration,
     /// `HOST:PORT` for /metrics, /healthz and /readyz; `None`: not served.
@@ -64,10 +65,8 @@ pub struct Started {
 /// kernel untouched; then `start` builds the datapath.
 pub async fn run(config: Config, start: impl FnOnce() -> Result<Started>) -> Result<()> {
     let load_started = Instant::now();
-    let mut sources = read_sources(&config.objects).await?;
-    if let Some(node) = &config.node_name {
-        log::info!("running on node {node}");
-    }
+    let mut sources = read_sources(&config.objects, &config.node).await?;
+    log::info!("running on node {}", config.node.name);
     let load_us = load_started.elapsed().as_micros() as u64;
     let Started {
         datapath: mut dp,
@@ -103,6 +102,8 @@ pub async fn run(config: Config, start: impl FnOnce() -> Result<Started>) -> Res
         .observe(sync_started.elapsed().as_secs_f64());
     metrics.services.set(dp.service_count() as i64);
     metrics.backends.set(dp.backend_count() as i64);
+    let mut health = HealthServers::default();
+    health.update(&sources.state().health_checks);
     metrics.ready.store(true, Ordering::Relaxed);
     println!(
         "{}",
@@ -199,6 +200,8 @@ pub async fn run(config: Config, start: impl FnOnce() -> Result<Started>) -> Res
             log::error!("manifest rejected, previous state kept: {e}");
             metrics.manifests_rejected.inc();
         }
+        // Health checks follow the desired state, whatever the datapath did.
+        health.update(&sources.state().health_checks);
         let changes = if resync {
             reconcile::diff(&dp.programmed_state(), sources.state())
         } else {
@@ -296,10 +299,10 @@ impl Sources {
 /// The sources at their first complete state: every manifest accepted, or
 /// the first complete list of both kinds from the API, so the datapath
 /// starts from the whole picture.
-async fn read_sources(objects: &Objects) -> Result<Sources> {
+async fn read_sources(objects: &Objects, node: &Node) -> Result<Sources> {
     match objects {
         Objects::Manifests(path) => {
-            let mut source = ManifestSource::new(path);
+            let mut source = ManifestSource::new(path, node.clone());
             let first = source.refresh(None);
             if let Some(e) = first.rejected.first() {
                 bail!("initial manifests: {e}");
@@ -310,7 +313,7 @@ async fn read_sources(objects: &Objects) -> Result<Sources> {
             let client = kube_source::client(kubeconfig.as_deref()).await?;
             let mut events = kube_source::spawn_watchers(client);
             let mut state = ApiState::default();
-            let mut index = Index::default();
+            let mut index = Index::new(node.clone());
             while !state.synced() {
                 let Some(ev) = events.recv().await else {
                     bail!("Kubernetes API watchers stopped");

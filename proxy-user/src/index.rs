@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::model::{self, DesiredService, DesiredState, Frontend, SliceView, SvcView};
+use crate::model::{self, DesiredService, DesiredState, Frontend, Node, SliceView, SvcView};
 use crate::reconcile::{self, Before, Change};
 
 /// Where objects came from: what a source replaces as a whole.
@@ -107,6 +107,7 @@ impl Entry {
     /// the same object twice.
     pub fn new<'a>(
         origin: &Origin,
+        node: &Node,
         services: impl IntoIterator<Item = &'a Service>,
         slices: impl IntoIterator<Item = &'a EndpointSlice>,
     ) -> Result<Entry, Rejected> {
@@ -117,7 +118,9 @@ impl Entry {
         let err = |e: model::ObjectError| reject(e.to_string());
         let mut entry = Entry::default();
         for s in services {
-            entry.services.push(model::view_service(s).map_err(err)?);
+            entry
+                .services
+                .push(model::view_service(s, node).map_err(err)?);
         }
         for s in slices {
             if let Some(v) = model::view_slice(s).map_err(err)? {
@@ -172,10 +175,26 @@ pub struct Index {
     slice_origins: BTreeMap<(String, String), Origin>,
     frontends_of: BTreeMap<SvcId, Vec<Frontend>>,
     owner: BTreeMap<Frontend, SvcId>,
+    /// healthCheckNodePort → the service holding it.
+    health_owner: BTreeMap<u16, SvcId>,
     state: DesiredState,
+    node: Node,
 }
 
 impl Index {
+    /// An empty index for `node` (which endpoints are local, which
+    /// nodePorts are valid).
+    pub fn new(node: Node) -> Index {
+        Index {
+            node,
+            ..Index::default()
+        }
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
     /// The desired state of every accepted origin.
     pub fn state(&self) -> &DesiredState {
         &self.state
@@ -197,7 +216,7 @@ impl Index {
     ) -> Refresh {
         let mut out = Refresh::default();
         let mut before = Before::new();
-        match Entry::new(origin, services, slices) {
+        match Entry::new(origin, &self.node, services, slices) {
             Ok(entry) => {
                 if let Err(e) = self.replace(origin, entry, &mut before) {
                     out.rejected.push(e);
@@ -252,15 +271,34 @@ impl Index {
         // by a service outside this change is a conflict.
         let mut computed: BTreeMap<SvcId, Vec<(Frontend, DesiredService)>> = BTreeMap::new();
         let mut claimed: BTreeMap<Frontend, SvcId> = BTreeMap::new();
+        let mut health: BTreeMap<u16, (SvcId, model::HealthCheck)> = BTreeMap::new();
         let mut conflict = None;
         for id in &affected {
-            let fes = match self.services.get(id) {
+            let (fes, check) = match self.services.get(id) {
                 Some((_, svc)) => {
                     let slices = self.slices.get(id);
-                    model::frontends(svc, slices.into_iter().flat_map(|m| m.values()))
+                    let slices = slices.into_iter().flat_map(|m| m.values());
+                    (
+                        model::frontends(svc, &self.node, slices.clone()),
+                        model::health_check(svc, &self.node, slices),
+                    )
                 }
-                None => Vec::new(),
+                None => (Vec::new(), None),
             };
+            if let Some((port, check)) = check {
+                let holder = health.get(&port).map(|(o, _)| o).or_else(|| {
+                    self.health_owner
+                        .get(&port)
+                        .filter(|o| !affected.contains(*o))
+                });
+                if let Some(holder) = holder {
+                    conflict = Some(format!(
+                        "Service {}/{}: healthCheckNodePort {port} is already used by Service {}/{}",
+                        id.0, id.1, holder.0, holder.1
+                    ));
+                }
+                health.insert(port, (id.clone(), check));
+            }
             for (fe, _) in &fes {
                 let holder = claimed
                     .get(fe)
@@ -282,6 +320,17 @@ impl Index {
                 self.origins.insert(origin.clone(), old);
             }
             return Err(reject(message));
+        }
+        self.health_owner.retain(|port, id| {
+            let keep = !affected.contains(id);
+            if !keep {
+                self.state.health_checks.remove(port);
+            }
+            keep
+        });
+        for (port, (id, check)) in health {
+            self.health_owner.insert(port, id);
+            self.state.health_checks.insert(port, check);
         }
         for id in &affected {
             for fe in self.frontends_of.remove(id).unwrap_or_default() {

@@ -5,10 +5,11 @@
 //! `index` (objects by origin, validated and turned into the desired state
 //! by `model`) → `reconcile` (the diff, as `Change`s) →
 //! `datapath::Datapath::apply` → eBPF maps or iptables rules; `agent` is
-//! the loop that drives it.
+//! the loop that drives it; `health` serves `healthCheckNodePort`s.
 
 pub mod agent;
 pub mod datapath;
+pub mod health;
 pub mod index;
 pub mod kube_source;
 pub mod links;

@@ -16,9 +16,11 @@ use proxy_common::lifecycle::Event;
 use proxy_common::{MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS};
 use proxy_user::agent::{self, Started};
 use proxy_user::datapath::Datapath;
+use proxy_user::datapath::ebpf::NodeAddrs;
 use proxy_user::datapath::ebpf::{AttachMode, Dataplane, Following, LoadOptions};
 use proxy_user::datapath::iptables::{Cidr, Iptables};
 use proxy_user::links;
+use proxy_user::model::Node;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -46,10 +48,28 @@ struct Args {
     /// configuration, or $KUBECONFIG).
     #[arg(long)]
     in_cluster: bool,
-    /// Name of the node this agent runs on; logged at start (nothing uses it
-    /// yet: node-local traffic policies are not implemented).
+    /// Name of the node this agent runs on (default: the host name):
+    /// EndpointSlice endpoints with this `nodeName` are local, for
+    /// `externalTrafficPolicy: Local` and for source NAT of external traffic
+    /// to other nodes.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// Interfaces where traffic from outside the node and from other nodes
+    /// arrives (the uplinks; comma-separated): NodePort, externalIP and
+    /// LoadBalancer traffic is translated there, and their IPv4 addresses
+    /// are the node addresses unless --node-ip is given. eBPF mode attaches
+    /// to them like to --iface; iptables rules cover the namespace.
+    #[arg(long, value_name = "IF[,IF…]", value_delimiter = ',')]
+    external_iface: Vec<String>,
+    /// The node's addresses, on which NodePorts answer (comma-separated;
+    /// default: the IPv4 addresses of --external-iface). eBPF mode only:
+    /// iptables matches every local address, as kube-proxy.
+    #[arg(long, value_name = "IP[,IP…]", value_delimiter = ',')]
+    node_ip: Vec<std::net::Ipv4Addr>,
+    /// Valid nodePorts (the apiserver's --service-node-port-range): a
+    /// Service with a nodePort outside it is rejected.
+    #[arg(long, value_name = "LO-HI", default_value = "30000-32767", value_parser = parse_port_range)]
+    node_port_range: (u16, u16),
     /// Datapath: eBPF TC programs, or kube-proxy-style iptables rules (for
     /// comparison).
     #[arg(long, value_enum, default_value = "ebpf")]
@@ -156,7 +176,10 @@ fn config(args: &Args) -> agent::Config {
                 kubeconfig: args.kubeconfig.clone(),
             },
         },
-        node_name: args.node_name.clone(),
+        node: Node {
+            name: node_name(args),
+            node_port_range: args.node_port_range,
+        },
         poll_interval: Duration::from_millis(args.poll_interval_ms),
         metrics_addr: (args.metrics_addr != "off").then(|| args.metrics_addr.clone()),
         leave_pinned_under: (args.keep_datapath_on_exit && args.mode == Mode::Ebpf && !args.no_pin)
@@ -171,9 +194,12 @@ fn start(args: &Args) -> Result<Started> {
             .iface
             .iter()
             .chain(&args.iface_prefix)
+            .chain(&args.external_iface)
             .all(|i| i.is_empty())
     {
-        bail!("eBPF mode needs --iface IF[,IF…] or --iface-prefix PREFIX");
+        bail!(
+            "eBPF mode needs --iface IF[,IF…], --external-iface IF[,IF…] or --iface-prefix PREFIX"
+        );
     }
     // Subscribed before the first listing, so no interface slips between.
     let links = if args.mode == Mode::Ebpf && !args.iface_prefix.is_empty() {
@@ -186,8 +212,10 @@ fn start(args: &Args) -> Result<Started> {
     let datapath: Box<dyn Datapath> = match args.mode {
         Mode::Ebpf => Box::new(start_ebpf(args)?),
         Mode::Iptables => {
-            if !args.iface.is_empty() {
-                log::info!("iptables mode: --iface is ignored (rules cover the namespace)");
+            if !args.iface.is_empty() || !args.external_iface.is_empty() {
+                log::info!(
+                    "iptables mode: --iface and --external-iface are ignored (rules cover the namespace)"
+                );
             }
             Box::new(Iptables::new(args.cluster_cidr)?)
         }
@@ -218,11 +246,32 @@ fn start_ebpf(args: &Args) -> Result<Dataplane> {
     if !matches!(args.bpf_log_level, BpfLogLevel::Off) {
         dp.spawn_logger()?;
     }
+    let addrs = node_addrs(args)?;
+    if addrs.node_ips.is_empty() {
+        log::info!("no node addresses (--external-iface, --node-ip): NodePorts are not served");
+    } else {
+        log::info!(
+            "node addresses: {}",
+            addrs
+                .node_ips
+                .iter()
+                .map(|ip| ip.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    dp.set_node_addrs(&addrs)?;
     let mode = attach_mode(args);
     for name in dp.prune_stale_link_pins() {
         log::info!("removed pinned link {name}: its interface is gone");
     }
-    for iface in args.iface.iter().filter(|i| !i.is_empty()) {
+    let mut ifaces: Vec<&String> = Vec::new();
+    for iface in args.iface.iter().chain(&args.external_iface) {
+        if !iface.is_empty() && !ifaces.contains(&iface) {
+            ifaces.push(iface);
+        }
+    }
+    for iface in ifaces {
         // On error `dp` drops and detaches what was attached so far.
         dp.attach(iface, mode)?;
         println!(
@@ -243,4 +292,58 @@ fn start_ebpf(args: &Args) -> Result<Dataplane> {
         }
     }
     Ok(dp)
+}
+
+/// `--node-port-range`: `LO-HI`, both valid ports, LO ≤ HI.
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not a range LO-HI"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{p:?} is not a port 1-65535"))
+    };
+    let (lo, hi) = (port(lo)?, port(hi)?);
+    if lo > hi {
+        return Err(format!("{s:?}: {lo} is above {hi}"));
+    }
+    Ok((lo, hi))
+}
+
+/// `--node-name`, else the host name (as kube-proxy's default).
+fn node_name(args: &Args) -> String {
+    if let Some(name) = args.node_name.as_ref().filter(|n| !n.is_empty()) {
+        return name.clone();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The node addresses: `--node-ip`, else every IPv4 address of the
+/// external interfaces; each external interface's first address for the
+/// source NAT of flows leaving through it.
+fn node_addrs(args: &Args) -> Result<NodeAddrs> {
+    let mut addrs = NodeAddrs::default();
+    for iface in args.external_iface.iter().filter(|i| !i.is_empty()) {
+        let (index, ips) = links::ipv4_addrs(iface)
+            .with_context(|| format!("--external-iface {iface}: reading its addresses"))?;
+        if let Some(first) = ips.first() {
+            addrs.snat.push((index, *first));
+        }
+        if args.node_ip.is_empty() {
+            addrs.node_ips.extend(ips);
+        }
+    }
+    addrs.node_ips.extend(&args.node_ip);
+    addrs.node_ips.dedup();
+    addrs.default_snat = args
+        .node_ip
+        .first()
+        .or(addrs.snat.first().map(|(_, ip)| ip))
+        .copied();
+    Ok(addrs)
 }

@@ -164,7 +164,7 @@ pub fn load(path: &Path) -> Result<DesiredState, LoadError> {
 fn to_state(objects: Objects) -> Result<DesiredState, LoadError> {
     let services: Vec<Service> = objects.services.iter().map(|(_, s)| s.clone()).collect();
     let slices: Vec<EndpointSlice> = objects.slices.iter().map(|(_, s)| s.clone()).collect();
-    model::build(&services, &slices).map_err(|e| {
+    model::build(&model::Node::default(), &services, &slices).map_err(|e| {
         // Find the file that holds the offending object.
         let file = objects
             .services

@@ -38,7 +38,9 @@ impl fmt::Display for Proto {
     }
 }
 
-/// A service frontend: ClusterIP, port, protocol.
+/// A service frontend: ClusterIP, externalIP or LoadBalancer address, port,
+/// protocol. A NodePort is the frontend with address `0.0.0.0`
+/// ([`Frontend::nodeport`]): every node address on that port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
     pub ip: Ipv4Addr,
@@ -46,9 +48,28 @@ pub struct Frontend {
     pub proto: Proto,
 }
 
+impl Frontend {
+    /// The NodePort frontend of `port`.
+    pub fn nodeport(port: u16, proto: Proto) -> Frontend {
+        Frontend {
+            ip: Ipv4Addr::UNSPECIFIED,
+            port,
+            proto,
+        }
+    }
+
+    pub fn is_nodeport(&self) -> bool {
+        self.ip.is_unspecified()
+    }
+}
+
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.proto)
+        if self.is_nodeport() {
+            write!(f, "nodePort {}/{}", self.port, self.proto)
+        } else {
+            write!(f, "{}:{}/{}", self.ip, self.port, self.proto)
+        }
     }
 }
 
@@ -57,6 +78,54 @@ impl fmt::Display for Frontend {
 pub struct BackendAddr {
     pub ip: Ipv4Addr,
     pub port: u16,
+    /// Flows to it are source-NATed to the node: external traffic under
+    /// `externalTrafficPolicy: Cluster` to an endpoint on another node, so
+    /// its replies come back through this node. Always false for a
+    /// ClusterIP.
+    pub snat: bool,
+}
+
+impl BackendAddr {
+    pub fn new(ip: Ipv4Addr, port: u16) -> BackendAddr {
+        BackendAddr {
+            ip,
+            port,
+            snat: false,
+        }
+    }
+}
+
+/// `externalTrafficPolicy` of an external frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TrafficPolicy {
+    /// Any ready endpoint; those on other nodes through source NAT.
+    Cluster,
+    /// Only this node's endpoints, the client's address preserved; none →
+    /// dropped.
+    Local,
+}
+
+/// What this node is, as far as the model cares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    /// The node's name (`--node-name`): EndpointSlice endpoints with this
+    /// `nodeName` are local.
+    pub name: String,
+    /// Valid nodePorts (`--node-port-range`, the apiserver's
+    /// `--service-node-port-range`).
+    pub node_port_range: (u16, u16),
+}
+
+/// The apiserver's default `--service-node-port-range`.
+pub const DEFAULT_NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
+
+impl Default for Node {
+    fn default() -> Node {
+        Node {
+            name: String::new(),
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
+        }
+    }
 }
 
 impl fmt::Display for BackendAddr {
@@ -76,15 +145,19 @@ pub struct DesiredService {
     /// already have keep going to them until they leave the slice — a pod
     /// finishing its requests during its grace period (kubernetes#85643).
     pub draining: BTreeSet<BackendAddr>,
+    /// `None` for a ClusterIP; the traffic policy of a NodePort, externalIP
+    /// or LoadBalancer frontend.
+    pub external: Option<TrafficPolicy>,
 }
 
 impl DesiredService {
-    /// A service with `backends` and nothing draining.
+    /// A ClusterIP service with `backends` and nothing draining.
     pub fn new(name: impl Into<String>, backends: BTreeSet<BackendAddr>) -> DesiredService {
         DesiredService {
             name: name.into(),
             backends,
             draining: BTreeSet::new(),
+            external: None,
         }
     }
 }
@@ -92,6 +165,19 @@ impl DesiredService {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<Frontend, DesiredService>,
+    /// `healthCheckNodePort` → what it answers. Served by the agent (not a
+    /// datapath), so no [`Change`](crate::reconcile::Change) carries it.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// What a `healthCheckNodePort` answers for its Service (`Local` policy
+/// LoadBalancer): 200 with the count of this node's ready endpoints, 503
+/// when there are none — the contract cloud load balancers probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
 }
 
 impl DesiredState {
@@ -146,19 +232,47 @@ pub struct SvcPort {
     pub name: String,
     pub port: u16,
     pub proto: Proto,
+    /// NodePort and LoadBalancer services.
+    pub node_port: Option<u16>,
 }
 
 /// Validated view of a Service: namespace, name, ClusterIP (None for
-/// headless or non-ClusterIP services we do not program) and ports.
+/// headless or non-ClusterIP services we do not program), ports and the
+/// addresses it is reached by from outside.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SvcView {
     pub ns: String,
     pub name: String,
     pub cluster_ip: Option<Ipv4Addr>,
     pub ports: Vec<SvcPort>,
+    /// `spec.externalIPs`.
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip` of a LoadBalancer service.
+    pub lb_ips: Vec<Ipv4Addr>,
+    /// `spec.externalTrafficPolicy`.
+    pub policy: TrafficPolicy,
+    /// `spec.healthCheckNodePort` of a LoadBalancer with `Local` policy.
+    pub health_check_node_port: Option<u16>,
 }
 
-pub fn view_service(svc: &Service) -> Result<SvcView, ObjectError> {
+/// Parses a list of IPv4 addresses, naming the field of the bad one. IPv6
+/// entries are skipped (this datapath is IPv4-only).
+fn ipv4_list<'a>(
+    items: impl Iterator<Item = &'a str>,
+    field: &str,
+) -> Result<Vec<Ipv4Addr>, String> {
+    let mut out = Vec::new();
+    for (i, a) in items.enumerate() {
+        match a.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => out.push(ip),
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => return Err(format!("{field}[{i}] {a:?} is not an IP address")),
+        }
+    }
+    Ok(out)
+}
+
+pub fn view_service(svc: &Service, node: &Node) -> Result<SvcView, ObjectError> {
     let (ns, name) = ns_name(&svc.metadata);
     let err = |message: String| ObjectError {
         object: format!("Service {ns}/{name}"),
@@ -171,14 +285,59 @@ pub fn view_service(svc: &Service) -> Result<SvcView, ObjectError> {
         .spec
         .as_ref()
         .ok_or_else(|| err("spec is missing".into()))?;
-    if spec.type_.as_deref() == Some("ExternalName") {
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if type_ == "ExternalName" {
         return Ok(SvcView {
             ns,
             name,
             cluster_ip: None,
             ports: vec![],
+            external_ips: vec![],
+            lb_ips: vec![],
+            policy: TrafficPolicy::Cluster,
+            health_check_node_port: None,
         });
     }
+    let has_node_ports = match type_ {
+        "ClusterIP" => false,
+        "NodePort" | "LoadBalancer" => true,
+        other => {
+            return Err(err(format!(
+                "spec.type {other:?} is not one of ClusterIP, NodePort, LoadBalancer, ExternalName"
+            )));
+        }
+    };
+    let policy = match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => TrafficPolicy::Cluster,
+        Some("Local") => TrafficPolicy::Local,
+        Some(other) => {
+            return Err(err(format!(
+                "spec.externalTrafficPolicy {other:?} is not one of Cluster, Local"
+            )));
+        }
+    };
+    let external_ips = ipv4_list(
+        spec.external_ips.iter().flatten().map(String::as_str),
+        "spec.externalIPs",
+    )
+    .map_err(err)?;
+    let lb_ips = if type_ == "LoadBalancer" {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        ipv4_list(
+            ingress
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.ip.as_deref()),
+            "status.loadBalancer.ingress[].ip",
+        )
+        .map_err(err)?
+    } else {
+        Vec::new()
+    };
     let cluster_ip = match spec.cluster_ip.as_deref() {
         None | Some("") | Some("None") => None,
         Some(ip) => Some(
@@ -191,19 +350,50 @@ pub fn view_service(svc: &Service) -> Result<SvcView, ObjectError> {
         let port = port_u16(p.port, &format!("spec.ports[{i}].port")).map_err(err)?;
         let proto =
             parse_proto(p.protocol.as_deref()).map_err(|m| err(format!("spec.ports[{i}]: {m}")))?;
+        let node_port = match p.node_port {
+            Some(np) if has_node_ports => {
+                let np = port_u16(np, &format!("spec.ports[{i}].nodePort")).map_err(err)?;
+                let (lo, hi) = node.node_port_range;
+                if !(lo..=hi).contains(&np) {
+                    return Err(err(format!(
+                        "spec.ports[{i}].nodePort {np} is outside the node port range {lo}-{hi}"
+                    )));
+                }
+                Some(np)
+            }
+            _ => None,
+        };
         if let Some(proto) = proto {
             ports.push(SvcPort {
                 name: p.name.clone().unwrap_or_default(),
                 port,
                 proto,
+                node_port,
             });
         }
     }
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(p) if type_ == "LoadBalancer" && policy == TrafficPolicy::Local => {
+            let p = port_u16(p, "spec.healthCheckNodePort").map_err(err)?;
+            let (lo, hi) = node.node_port_range;
+            if !(lo..=hi).contains(&p) {
+                return Err(err(format!(
+                    "spec.healthCheckNodePort {p} is outside the node port range {lo}-{hi}"
+                )));
+            }
+            Some(p)
+        }
+        _ => None,
+    };
     Ok(SvcView {
         ns,
         name,
         cluster_ip,
         ports,
+        external_ips,
+        lb_ips,
+        policy,
+        health_check_node_port,
     })
 }
 
@@ -219,6 +409,8 @@ pub struct SliceView {
     pub ports: BTreeMap<(String, Proto), BTreeSet<BackendAddr>>,
     /// (port name, proto) → terminating endpoints still serving.
     pub draining: BTreeMap<(String, Proto), BTreeSet<BackendAddr>>,
+    /// Endpoint address → `nodeName`, for those that name one.
+    pub nodes: BTreeMap<Ipv4Addr, String>,
 }
 
 pub fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectError> {
@@ -249,6 +441,7 @@ pub fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectErro
     }
     let mut ready = BTreeSet::new();
     let mut draining = BTreeSet::new();
+    let mut nodes = BTreeMap::new();
     for (i, ep) in slice.endpoints.iter().enumerate() {
         if ep.addresses.is_empty() {
             return Err(err(format!("endpoints[{i}].addresses is empty")));
@@ -267,6 +460,9 @@ pub fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectErro
         let is_ready = cond.and_then(|c| c.ready).unwrap_or(true);
         let serving = cond.and_then(|c| c.serving).unwrap_or(is_ready);
         let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        if let Some(node) = &ep.node_name {
+            nodes.insert(ips[0], node.clone());
+        }
         // Kubernetes uses only the first address of an endpoint.
         if is_ready {
             ready.insert(ips[0]);
@@ -292,9 +488,9 @@ pub fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectErro
         };
         let key = (p.name.clone().unwrap_or_default(), proto);
         let set: &mut BTreeSet<BackendAddr> = ports.entry(key.clone()).or_default();
-        set.extend(ready.iter().map(|&ip| BackendAddr { ip, port }));
+        set.extend(ready.iter().map(|&ip| BackendAddr::new(ip, port)));
         let set: &mut BTreeSet<BackendAddr> = draining_ports.entry(key).or_default();
-        set.extend(draining.iter().map(|&ip| BackendAddr { ip, port }));
+        set.extend(draining.iter().map(|&ip| BackendAddr::new(ip, port)));
     }
     Ok(Some(SliceView {
         ns,
@@ -302,63 +498,139 @@ pub fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectErro
         service,
         ports,
         draining: draining_ports,
+        nodes,
     }))
 }
 
 /// The frontends of one service and their ready backends, from the
-/// slices that belong to it.
+/// slices that belong to it: per port its ClusterIP, its nodePort, each
+/// externalIP and each LoadBalancer address. External frontends follow
+/// `externalTrafficPolicy`: `Local` keeps only the endpoints on `node`,
+/// `Cluster` marks those elsewhere for source NAT.
 pub fn frontends<'a>(
     svc: &SvcView,
+    node: &Node,
     slices: impl Iterator<Item = &'a SliceView> + Clone,
 ) -> Vec<(Frontend, DesiredService)> {
     let Some(ip) = svc.cluster_ip else {
         return Vec::new();
     };
-    svc.ports
-        .iter()
-        .map(|p| {
-            let fe = Frontend {
+    let is_local = |b: &BackendAddr| {
+        slices
+            .clone()
+            .any(|v| v.nodes.get(&b.ip).is_some_and(|n| *n == node.name))
+    };
+    let mut out = Vec::new();
+    for p in &svc.ports {
+        let key = (p.name.clone(), p.proto);
+        let backends: BTreeSet<BackendAddr> = slices
+            .clone()
+            .filter_map(|v| v.ports.get(&key))
+            .flatten()
+            .copied()
+            .collect();
+        let draining: BTreeSet<BackendAddr> = slices
+            .clone()
+            .filter_map(|v| v.draining.get(&key))
+            .flatten()
+            .filter(|b| !backends.contains(b))
+            .copied()
+            .collect();
+        let name = if p.name.is_empty() {
+            format!("{}/{}", svc.ns, svc.name)
+        } else {
+            format!("{}/{}:{}", svc.ns, svc.name, p.name)
+        };
+        let external = |set: &BTreeSet<BackendAddr>| -> BTreeSet<BackendAddr> {
+            match svc.policy {
+                TrafficPolicy::Local => set.iter().filter(|b| is_local(b)).copied().collect(),
+                TrafficPolicy::Cluster => set
+                    .iter()
+                    .map(|b| BackendAddr {
+                        snat: !is_local(b),
+                        ..*b
+                    })
+                    .collect(),
+            }
+        };
+        let outside = DesiredService {
+            name: name.clone(),
+            backends: external(&backends),
+            draining: external(&draining),
+            external: Some(svc.policy),
+        };
+        let addrs = svc.external_ips.iter().chain(&svc.lb_ips);
+        for fe in p
+            .node_port
+            .map(|np| Frontend::nodeport(np, p.proto))
+            .into_iter()
+            .chain(addrs.map(|&ip| Frontend {
                 ip,
                 port: p.port,
                 proto: p.proto,
-            };
-            let key = (p.name.clone(), p.proto);
-            let backends: BTreeSet<BackendAddr> = slices
-                .clone()
-                .filter_map(|v| v.ports.get(&key))
+            }))
+        {
+            // The same address as externalIP and LoadBalancer ingress is one
+            // frontend.
+            if !out.iter().any(|(f, _)| *f == fe) {
+                out.push((fe, outside.clone()));
+            }
+        }
+        out.push((
+            Frontend {
+                ip,
+                port: p.port,
+                proto: p.proto,
+            },
+            DesiredService {
+                name,
+                backends,
+                draining,
+                external: None,
+            },
+        ));
+    }
+    out
+}
+
+/// The `healthCheckNodePort` of a service and what it answers: the number
+/// of distinct ready endpoint addresses on `node`, over all its slices.
+pub fn health_check<'a>(
+    svc: &SvcView,
+    node: &Node,
+    slices: impl Iterator<Item = &'a SliceView> + Clone,
+) -> Option<(u16, HealthCheck)> {
+    let port = svc.health_check_node_port?;
+    let local: BTreeSet<Ipv4Addr> = slices
+        .clone()
+        .flat_map(|v| {
+            v.ports
+                .values()
                 .flatten()
-                .copied()
-                .collect();
-            let draining: BTreeSet<BackendAddr> = slices
-                .clone()
-                .filter_map(|v| v.draining.get(&key))
-                .flatten()
-                .filter(|b| !backends.contains(b))
-                .copied()
-                .collect();
-            let name = if p.name.is_empty() {
-                format!("{}/{}", svc.ns, svc.name)
-            } else {
-                format!("{}/{}:{}", svc.ns, svc.name, p.name)
-            };
-            (
-                fe,
-                DesiredService {
-                    name,
-                    backends,
-                    draining,
-                },
-            )
+                .map(|b| b.ip)
+                .filter(|ip| v.nodes.get(ip).is_some_and(|n| *n == node.name))
         })
-        .collect()
+        .collect();
+    Some((
+        port,
+        HealthCheck {
+            namespace: svc.ns.clone(),
+            name: svc.name.clone(),
+            local_endpoints: local.len(),
+        },
+    ))
 }
 
 /// Builds the desired state. Every object is validated; the first invalid
 /// one is returned as the error (so a bad object never half-applies).
-pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Result<DesiredState, ObjectError> {
+pub fn build(
+    node: &Node,
+    services: &[Service],
+    slices: &[EndpointSlice],
+) -> Result<DesiredState, ObjectError> {
     let svcs = services
         .iter()
-        .map(view_service)
+        .map(|s| view_service(s, node))
         .collect::<Result<Vec<_>, _>>()?;
     let mut by_service: BTreeMap<(String, String), Vec<SliceView>> = BTreeMap::new();
     for s in slices {
@@ -375,7 +647,19 @@ pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Result<DesiredSt
             .get(&(svc.ns.clone(), svc.name.clone()))
             .map(|v| v.as_slice())
             .unwrap_or_default();
-        for (fe, desired) in frontends(&svc, slices.iter()) {
+        if let Some((port, check)) = health_check(&svc, node, slices.iter()) {
+            if let Some(prev) = state.health_checks.get(&port) {
+                return Err(ObjectError {
+                    object: format!("Service {}/{}", svc.ns, svc.name),
+                    message: format!(
+                        "healthCheckNodePort {port} is already used by {}/{}",
+                        prev.namespace, prev.name
+                    ),
+                });
+            }
+            state.health_checks.insert(port, check);
+        }
+        for (fe, desired) in frontends(&svc, node, slices.iter()) {
             if let Some(prev) = state.services.get(&fe) {
                 return Err(ObjectError {
                     object: format!("Service {}/{}", svc.ns, svc.name),
@@ -428,7 +712,7 @@ ports:
 
     #[test]
     fn ready_endpoints_matched_by_port_name() {
-        let st = build(&[svc(WEB)], &[slice(WEB_SLICE)]).unwrap();
+        let st = build(&Node::default(), &[svc(WEB)], &[slice(WEB_SLICE)]).unwrap();
         assert_eq!(st.services.len(), 2);
         let http = &st.services[&Frontend {
             ip: "10.96.0.10".parse().unwrap(),
@@ -448,42 +732,219 @@ ports:
 
     #[test]
     fn service_without_slices_has_no_backends() {
-        let st = build(&[svc(WEB)], &[]).unwrap();
+        let st = build(&Node::default(), &[svc(WEB)], &[]).unwrap();
         assert!(st.services.values().all(|s| s.backends.is_empty()));
     }
 
     #[test]
     fn headless_service_is_not_programmed() {
-        let st = build(&[svc(&WEB.replace("10.96.0.10", "None"))], &[]).unwrap();
+        let st = build(
+            &Node::default(),
+            &[svc(&WEB.replace("10.96.0.10", "None"))],
+            &[],
+        )
+        .unwrap();
         assert!(st.services.is_empty());
     }
 
     #[test]
     fn bad_ip_names_object_and_field() {
         let e = build(
+            &Node::default(),
             &[svc(WEB)],
             &[slice(&WEB_SLICE.replace("10.0.0.2", "10.0.0.300"))],
         )
         .unwrap_err();
         assert_eq!(e.object, "EndpointSlice default/web-1");
         assert!(e.message.contains("endpoints[1].addresses[0]"), "{e}");
-        let e = build(&[svc(&WEB.replace("10.96.0.10", "banana"))], &[]).unwrap_err();
+        let e = build(
+            &Node::default(),
+            &[svc(&WEB.replace("10.96.0.10", "banana"))],
+            &[],
+        )
+        .unwrap_err();
         assert_eq!(e.object, "Service default/web");
         assert!(e.message.contains("spec.clusterIP"), "{e}");
     }
 
     #[test]
     fn bad_port_and_protocol_are_rejected() {
-        let e = build(&[svc(&WEB.replace("port: 80,", "port: 70000,"))], &[]).unwrap_err();
+        let e = build(
+            &Node::default(),
+            &[svc(&WEB.replace("port: 80,", "port: 70000,"))],
+            &[],
+        )
+        .unwrap_err();
         assert!(e.message.contains("spec.ports[0].port 70000"), "{e}");
-        let e = build(&[svc(&WEB.replace("protocol: TCP", "protocol: QUIC"))], &[]).unwrap_err();
+        let e = build(
+            &Node::default(),
+            &[svc(&WEB.replace("protocol: TCP", "protocol: QUIC"))],
+            &[],
+        )
+        .unwrap_err();
         assert!(e.message.contains("QUIC"), "{e}");
     }
 
     #[test]
     fn duplicate_frontend_is_an_error() {
         let other = WEB.replace("name: web,", "name: web2,");
-        let e = build(&[svc(WEB), svc(&other)], &[]).unwrap_err();
+        let e = build(&Node::default(), &[svc(WEB), svc(&other)], &[]).unwrap_err();
         assert!(e.message.contains("already used"), "{e}");
+    }
+
+    const NODEPORT: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  externalIPs: [192.0.2.10, "2001:db8::1"]
+  externalTrafficPolicy: Cluster
+  ports:
+  - {name: http, port: 80, nodePort: 30080, protocol: TCP}
+status:
+  loadBalancer:
+    ingress: [{ip: 192.0.2.20}, {hostname: lb.example}]
+"#;
+
+    const NODEPORT_SLICE: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: np-1, namespace: default, labels: {kubernetes.io/service-name: np}}
+addressType: IPv4
+endpoints:
+- {addresses: [10.0.0.1], nodeName: node1}
+- {addresses: [10.0.0.2], nodeName: node2}
+- {addresses: [10.0.0.3]}
+ports:
+- {name: http, port: 8080, protocol: TCP}
+"#;
+
+    fn node1() -> Node {
+        Node {
+            name: "node1".into(),
+            ..Node::default()
+        }
+    }
+
+    fn fe(ip: &str, port: u16) -> Frontend {
+        Frontend {
+            ip: ip.parse().unwrap(),
+            port,
+            proto: Proto::Tcp,
+        }
+    }
+
+    #[test]
+    fn nodeport_external_and_lb_addresses_are_frontends() {
+        let st = build(&node1(), &[svc(NODEPORT)], &[slice(NODEPORT_SLICE)]).unwrap();
+        let fes: Vec<String> = st.services.keys().map(|f| f.to_string()).collect();
+        assert_eq!(
+            fes,
+            [
+                "nodePort 30080/TCP",
+                "10.96.0.20:80/TCP",
+                "192.0.2.10:80/TCP",
+                "192.0.2.20:80/TCP"
+            ]
+        );
+        let cluster = &st.services[&fe("10.96.0.20", 80)];
+        assert_eq!(cluster.external, None);
+        assert!(cluster.backends.iter().all(|b| !b.snat));
+        // Cluster policy: every endpoint, those not on node1 source-NATed.
+        for f in [Frontend::nodeport(30080, Proto::Tcp), fe("192.0.2.20", 80)] {
+            let s = &st.services[&f];
+            assert_eq!(s.external, Some(TrafficPolicy::Cluster));
+            let snat: Vec<(String, bool)> =
+                s.backends.iter().map(|b| (b.to_string(), b.snat)).collect();
+            assert_eq!(
+                snat,
+                [
+                    ("10.0.0.1:8080".into(), false),
+                    ("10.0.0.2:8080".into(), true),
+                    ("10.0.0.3:8080".into(), true)
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn local_policy_keeps_only_this_nodes_endpoints() {
+        let local = NODEPORT.replace(
+            "externalTrafficPolicy: Cluster",
+            "externalTrafficPolicy: Local",
+        );
+        let st = build(&node1(), &[svc(&local)], &[slice(NODEPORT_SLICE)]).unwrap();
+        let np = &st.services[&Frontend::nodeport(30080, Proto::Tcp)];
+        assert_eq!(np.external, Some(TrafficPolicy::Local));
+        let ips: Vec<String> = np.backends.iter().map(|b| b.to_string()).collect();
+        assert_eq!(ips, ["10.0.0.1:8080"]);
+        assert!(np.backends.iter().all(|b| !b.snat));
+        // The ClusterIP keeps all three.
+        assert_eq!(st.services[&fe("10.96.0.20", 80)].backends.len(), 3);
+        // Another node: none local.
+        let other = Node {
+            name: "node3".into(),
+            ..Node::default()
+        };
+        let st = build(&other, &[svc(&local)], &[slice(NODEPORT_SLICE)]).unwrap();
+        assert!(
+            st.services[&Frontend::nodeport(30080, Proto::Tcp)]
+                .backends
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn clusterip_service_ignores_node_port_field() {
+        let plain = NODEPORT.replace("type: LoadBalancer", "type: ClusterIP");
+        let st = build(&node1(), &[svc(&plain)], &[]).unwrap();
+        let fes: Vec<String> = st.services.keys().map(|f| f.to_string()).collect();
+        // externalIPs apply to every type; nodePort and LB status do not.
+        assert_eq!(fes, ["10.96.0.20:80/TCP", "192.0.2.10:80/TCP"]);
+    }
+
+    #[test]
+    fn bad_north_south_fields_are_rejected_naming_the_field() {
+        let cases = [
+            (
+                "nodePort: 30080",
+                "nodePort: 80",
+                "spec.ports[0].nodePort 80 is outside the node port range 30000-32767",
+            ),
+            ("192.0.2.10,", "banana,", "spec.externalIPs[0] \"banana\""),
+            (
+                "externalTrafficPolicy: Cluster",
+                "externalTrafficPolicy: Nearby",
+                "externalTrafficPolicy \"Nearby\"",
+            ),
+            ("type: LoadBalancer", "type: Magic", "spec.type \"Magic\""),
+            (
+                "{ip: 192.0.2.20}",
+                "{ip: 192.0.2.300}",
+                "status.loadBalancer.ingress[].ip[0]",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let bad = NODEPORT.replace(from, to);
+            assert_ne!(bad, NODEPORT, "{from}");
+            let e = build(&node1(), &[svc(&bad)], &[]).unwrap_err();
+            assert_eq!(e.object, "Service default/np");
+            assert!(e.message.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn duplicate_node_port_is_an_error() {
+        let other = NODEPORT
+            .replace("name: np,", "name: np2,")
+            .replace("10.96.0.20", "10.96.0.21")
+            .replace("192.0.2.", "198.51.100.");
+        let e = build(&node1(), &[svc(NODEPORT), svc(&other)], &[]).unwrap_err();
+        assert!(
+            e.message.contains("nodePort 30080/TCP is already used"),
+            "{e}"
+        );
     }
 }

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::model::{BackendAddr, DesiredService, DesiredState, Frontend};
+use crate::model::{BackendAddr, DesiredService, DesiredState, Frontend, TrafficPolicy};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -18,6 +18,8 @@ pub enum Change {
         frontend: Frontend,
         name: String,
         backends: BTreeSet<BackendAddr>,
+        /// `None` for a ClusterIP.
+        external: Option<TrafficPolicy>,
     },
     /// A frontend's backend set changes.
     UpdateBackends {
@@ -80,6 +82,15 @@ pub fn diff_touched(before: &Before, new: &DesiredState) -> Vec<Change> {
     out.into_vec()
 }
 
+fn add(fe: Frontend, new: &DesiredService) -> Change {
+    Change::AddService {
+        frontend: fe,
+        name: new.name.clone(),
+        backends: new.backends.clone(),
+        external: new.external,
+    }
+}
+
 /// Changes being collected, removals apart so they go first.
 #[derive(Default)]
 struct Changes {
@@ -92,11 +103,14 @@ impl Changes {
     fn key(&mut self, fe: Frontend, old: Option<&DesiredService>, new: Option<&DesiredService>) {
         match (old, new) {
             (Some(_), None) => self.removes.push(Change::RemoveService { frontend: fe }),
-            (None, Some(new)) => self.others.push(Change::AddService {
-                frontend: fe,
-                name: new.name.clone(),
-                backends: new.backends.clone(),
-            }),
+            (None, Some(new)) => self.others.push(add(fe, new)),
+            // A frontend whose traffic policy changes (or that turns from a
+            // ClusterIP into an external address) is replaced: its flows
+            // were translated under the old rule.
+            (Some(old), Some(new)) if old.external != new.external => {
+                self.removes.push(Change::RemoveService { frontend: fe });
+                self.others.push(add(fe, new));
+            }
             (Some(old), Some(new)) => {
                 // Another service port took the frontend over (or an entry
                 // adopted after a restart learns its name): it stays in
@@ -156,10 +170,7 @@ mod tests {
         }
     }
     fn be(last: u8) -> BackendAddr {
-        BackendAddr {
-            ip: [10, 0, 0, last].into(),
-            port: 8080,
-        }
+        BackendAddr::new([10, 0, 0, last].into(), 8080)
     }
     fn state(entries: &[(u16, &[u8])]) -> DesiredState {
         let mut s = DesiredState::default();
@@ -197,6 +208,7 @@ mod tests {
                     frontend: fe(83),
                     name: "svc83".into(),
                     backends: [be(5)].into(),
+                    external: None,
                 },
             ]
         );

@@ -19,7 +19,7 @@ use std::time::SystemTime;
 
 use crate::index::{Entry, Index, Origin, Refresh, Rejected};
 use crate::manifests::{self, LoadError, Objects};
-use crate::model::DesiredState;
+use crate::model::{DesiredState, Node};
 use crate::reconcile::{self, Before};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,11 +46,11 @@ pub struct ManifestSource {
 }
 
 impl ManifestSource {
-    pub fn new(root: impl Into<PathBuf>) -> Self {
+    pub fn new(root: impl Into<PathBuf>, node: Node) -> Self {
         Self {
             root: root.into(),
             seen: BTreeMap::new(),
-            index: Index::default(),
+            index: Index::new(node),
         }
     }
 
@@ -93,7 +93,7 @@ impl ManifestSource {
                 Some(fp) => {
                     self.seen.insert(file.clone(), fp);
                     out.files_read += 1;
-                    match read_file(&file) {
+                    match read_file(&file, self.index.node()) {
                         Ok(e) => fresh.push((Origin::File(file), e)),
                         Err(e) => out.rejected.push(e),
                     }
@@ -147,7 +147,7 @@ fn file_rejected(e: LoadError) -> Rejected {
 }
 
 /// Parses and validates one file.
-fn read_file(file: &Path) -> Result<Entry, Rejected> {
+fn read_file(file: &Path, node: &Node) -> Result<Entry, Rejected> {
     let text = std::fs::read_to_string(file).map_err(|e| Rejected {
         origin: Origin::File(file.to_path_buf()),
         message: format!("cannot read: {e}"),
@@ -156,6 +156,7 @@ fn read_file(file: &Path) -> Result<Entry, Rejected> {
     manifests::parse_text(file, &text, &mut objects).map_err(file_rejected)?;
     Entry::new(
         &Origin::File(file.to_path_buf()),
+        node,
         objects.services.iter().map(|(_, s)| s),
         objects.slices.iter().map(|(_, s)| s),
     )
@@ -218,7 +219,7 @@ mod tests {
             "b.yaml",
             &(svc("b", "10.96.0.2") + &slice("b-1", "b", &["10.0.0.3"])),
         );
-        let mut src = ManifestSource::new(&d.0);
+        let mut src = ManifestSource::new(&d.0, Node::default());
         let r = src.refresh(None);
         assert!(r.rejected.is_empty());
         assert_eq!(r.changes.len(), 2);
@@ -262,7 +263,7 @@ mod tests {
             "a.yaml",
             &(svc("a", "10.96.0.1") + &slice("a-1", "a", &["10.0.0.1"])),
         );
-        let mut src = ManifestSource::new(&d.0);
+        let mut src = ManifestSource::new(&d.0, Node::default());
         assert!(src.refresh(None).rejected.is_empty());
         let good = src.state().clone();
         write(&d.0, "a.yaml", &slice("a-1", "a", &["10.0.0.300"]));
@@ -462,8 +463,15 @@ mod tests {
                 services: s
                     .services
                     .iter()
-                    .map(|(fe, d)| (*fe, DesiredService::new(d.name.clone(), d.backends.clone())))
+                    .map(|(fe, d)| {
+                        let svc = DesiredService {
+                            external: d.external,
+                            ..DesiredService::new(d.name.clone(), d.backends.clone())
+                        };
+                        (*fe, svc)
+                    })
                     .collect(),
+                health_checks: Default::default(),
             }
         }
 
@@ -479,7 +487,7 @@ mod tests {
                 setup in prop::collection::vec(edit(), 0..6),
                 edits in prop::collection::vec(edit(), 1..12),
             ) {
-                let mut src = Index::default();
+                let mut src = Index::new(Node::default());
                 for e in &setup {
                     set(&mut src, e);
                 }

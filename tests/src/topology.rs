@@ -7,6 +7,11 @@
 //!                                                      …
 //! ```
 //!
+//! North-south tests add another node (`node2`, [`Topology::add_remote_node`]):
+//! a namespace wired to the node by `n2` 10.0.200.1/24 ↔ `eth0`
+//! 10.0.200.2/24, *without* a default route, so it can answer only the
+//! node's own subnet — a remote endpoint reached through source NAT.
+//!
 //! Veth pairs are created directly inside their namespaces, so no interface
 //! ever exists in the root namespace and names never clash between tests.
 //!
@@ -101,6 +106,19 @@ pub fn client_ip(index: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, 1 + index as u8, 2)
 }
 
+/// Another node, reachable only from the node (no default route): what
+/// holds a remote endpoint in the north-south tests.
+#[derive(Debug)]
+pub struct RemoteNode {
+    pub ns: Netns,
+    /// Its address, 10.0.200.2.
+    pub ip: Ipv4Addr,
+    /// The node's address on the link, 10.0.200.1.
+    pub node_ip: Ipv4Addr,
+    /// The node-side veth, `n2`.
+    pub node_iface: String,
+}
+
 /// Client, node and backend namespaces wired with veths. Dropping it
 /// deletes all namespaces (and thereby all veths).
 #[derive(Debug)]
@@ -108,6 +126,7 @@ pub struct Topology {
     pub node: Netns,
     clients: Vec<Client>,
     backends: Vec<Backend>,
+    remote: Option<RemoteNode>,
 }
 
 impl Topology {
@@ -131,6 +150,7 @@ impl Topology {
             node,
             clients: Vec::new(),
             backends: Vec::new(),
+            remote: None,
         };
         topo.add_client()?;
         for i in 1..=n_backends {
@@ -158,7 +178,7 @@ impl Topology {
         let ip = client_ip(index);
         let gateway = Ipv4Addr::new(10, 0, 1 + index as u8, 1);
         let node_iface = format!("c{index}");
-        wire(&ns, ip, &self.node, &node_iface, gateway)?;
+        wire(&ns, ip, &self.node, &node_iface, gateway, true)?;
         self.clients.push(Client {
             index,
             ns,
@@ -177,7 +197,7 @@ impl Topology {
         let ip = backend_ip(index);
         let gateway = Ipv4Addr::new(10, 0, 10 + index as u8, 1);
         let node_iface = format!("b{index}");
-        wire(&ns, ip, &self.node, &node_iface, gateway)?;
+        wire(&ns, ip, &self.node, &node_iface, gateway, true)?;
         self.backends.push(Backend {
             index,
             ns,
@@ -188,9 +208,41 @@ impl Topology {
         Ok(())
     }
 
+    /// Adds the remote node (`node2`, see the module docs) and returns it.
+    /// Add it before starting kproxy: its `--external-iface` list is fixed
+    /// at start.
+    pub fn add_remote_node(&mut self) -> Result<&RemoteNode> {
+        if self.remote.is_some() {
+            bail!("the topology has a remote node already");
+        }
+        let ns = Netns::new("node2")?;
+        let ip = Ipv4Addr::new(10, 0, 200, 2);
+        let node_ip = Ipv4Addr::new(10, 0, 200, 1);
+        let node_iface = "n2".to_owned();
+        wire(&ns, ip, &self.node, &node_iface, node_ip, false)?;
+        self.remote = Some(RemoteNode {
+            ns,
+            ip,
+            node_ip,
+            node_iface,
+        });
+        self.wait_links_up()?;
+        Ok(self.remote.as_ref().expect("just set"))
+    }
+
+    /// The remote node, once added.
+    pub fn remote_node(&self) -> &RemoteNode {
+        self.remote
+            .as_ref()
+            .expect("add_remote_node was not called")
+    }
+
     /// Waits until every veth reports carrier on both ends.
     fn wait_links_up(&self) -> Result<()> {
         let mut pairs: Vec<(&Netns, &str, &Netns)> = Vec::new();
+        if let Some(r) = &self.remote {
+            pairs.push((&r.ns, r.node_iface.as_str(), &self.node));
+        }
         for c in &self.clients {
             pairs.push((&c.ns, c.node_iface.as_str(), &self.node));
         }
@@ -411,8 +463,16 @@ fn unlimit_icmp_unreachable(node: &Netns) -> Result<()> {
 }
 
 /// Creates the veth pair `eth0` (in `ns`) ↔ `node_iface` (in `node`), with
-/// `ip`/24 and `gateway`/24, and a default route in `ns` via the node.
-fn wire(ns: &Netns, ip: Ipv4Addr, node: &Netns, node_iface: &str, gateway: Ipv4Addr) -> Result<()> {
+/// `ip`/24 and `gateway`/24, and (with `default_route`) a default route in
+/// `ns` via the node.
+fn wire(
+    ns: &Netns,
+    ip: Ipv4Addr,
+    node: &Netns,
+    node_iface: &str,
+    gateway: Ipv4Addr,
+    default_route: bool,
+) -> Result<()> {
     crate::util::cmd(
         "ip",
         &[
@@ -436,6 +496,9 @@ fn wire(ns: &Netns, ip: Ipv4Addr, node: &Netns, node_iface: &str, gateway: Ipv4A
     node.sysctl(&format!("net.ipv4.conf.{node_iface}.rp_filter"), "0")?;
     node.ip(&["addr", "add", &format!("{gateway}/24"), "dev", node_iface])?;
     node.ip(&["link", "set", node_iface, "up"])?;
+    if !default_route {
+        return Ok(());
+    }
     ns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
     if ns.ip(&["route", "show", "default"])?.trim().is_empty() {
         bail!("no default route in {}", ns.name());

@@ -41,14 +41,14 @@ fn dataplane() -> Dataplane {
     .expect("load eBPF object (tests must run as root)");
     let mut state = DesiredState::default();
     let own = |port| {
-        [proxy_user::model::BackendAddr { ip: CLIENT, port }]
+        [proxy_user::model::BackendAddr::new(CLIENT, port)]
             .into_iter()
             .collect()
     };
     let bes = |port| {
         backends()
             .into_iter()
-            .map(|ip| proxy_user::model::BackendAddr { ip, port })
+            .map(|ip| proxy_user::model::BackendAddr::new(ip, port))
             .collect()
     };
     for (ip, port, proto, backends) in [

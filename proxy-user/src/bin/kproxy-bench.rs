@@ -98,9 +98,11 @@ fn state(n: u32) -> DesiredState {
     for i in 0..n {
         let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
         let backends = (0..3)
-            .map(|b| BackendAddr {
-                ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * 3 + b),
-                port: 8080,
+            .map(|b| {
+                BackendAddr::new(
+                    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * 3 + b),
+                    8080,
+                )
             })
             .collect();
         st.services.insert(
@@ -123,11 +125,7 @@ fn state(n: u32) -> DesiredState {
             },
             DesiredService::new(
                 format!("mirror-{port}"),
-                [BackendAddr {
-                    ip: MIRROR,
-                    port: target,
-                }]
-                .into(),
+                [BackendAddr::new(MIRROR, target)].into(),
             ),
         );
     }

@@ -37,15 +37,20 @@ impl Datapath for Memory {
                     frontend,
                     name,
                     backends,
+                    external,
                 } => {
                     if self.state.services.contains_key(frontend) {
                         bail!("service {frontend} is already programmed");
                     }
                     stats.services_added += 1;
                     stats.backends_added += backends.len();
-                    self.state
-                        .services
-                        .insert(*frontend, DesiredService::new(name, backends.clone()));
+                    self.state.services.insert(
+                        *frontend,
+                        DesiredService {
+                            external: *external,
+                            ..DesiredService::new(name, backends.clone())
+                        },
+                    );
                 }
                 Change::RenameService { frontend, name } => {
                     let Some(s) = self.state.services.get_mut(frontend) else {

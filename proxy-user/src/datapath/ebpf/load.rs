@@ -207,6 +207,8 @@ impl Dataplane {
             conntrack: take(&mut bpf, "CONNTRACK")?,
             svc_counters: take(&mut bpf, "SVC_COUNTERS")?,
             global_counters: take(&mut bpf, "GLOBAL_COUNTERS")?,
+            node_ips: take(&mut bpf, "NODE_IPS")?,
+            snat_addrs: take(&mut bpf, "SNAT_ADDRS")?,
             bpf,
             programmed: std::collections::BTreeMap::new(),
             ids: IdAllocator {

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use proxy_common::*;
 
 use super::Dataplane;
-use crate::model::{BackendAddr, DesiredService, DesiredState, Frontend, Proto};
+use crate::model::{BackendAddr, DesiredService, DesiredState, Frontend, Proto, TrafficPolicy};
 use crate::reconcile::{ApplyStats, Change};
 
 /// What the agent wrote for one frontend.
@@ -17,6 +17,27 @@ pub(super) struct Programmed {
     pub(super) name: String,
     /// Slot i of the service holds `slots[i]`; `slots.len()` is the count.
     pub(super) slots: Vec<BackendAddr>,
+    pub(super) external: Option<TrafficPolicy>,
+}
+
+/// `SvcValue::flags` of a frontend.
+pub fn svc_flags(external: Option<TrafficPolicy>) -> u32 {
+    match external {
+        None => 0,
+        Some(TrafficPolicy::Cluster) => SVC_F_EXTERNAL,
+        Some(TrafficPolicy::Local) => SVC_F_EXTERNAL | SVC_F_DROP_EMPTY,
+    }
+}
+
+/// The traffic policy `SvcValue::flags` say.
+fn policy_of(flags: u32) -> Option<TrafficPolicy> {
+    if flags & SVC_F_EXTERNAL == 0 {
+        None
+    } else if flags & SVC_F_DROP_EMPTY != 0 {
+        Some(TrafficPolicy::Local)
+    } else {
+        Some(TrafficPolicy::Cluster)
+    }
 }
 
 /// Service ids: dense indexes into the per-service arrays, reused after a
@@ -52,7 +73,15 @@ pub fn backend_raw(b: &BackendAddr) -> Backend {
     Backend {
         addr: ip_raw(b.ip),
         port: b.port.to_be(),
-        _pad: 0,
+        flags: if b.snat { BACKEND_F_SNAT } else { 0 },
+    }
+}
+
+/// A backend as conntrack names it (address and port, no flags).
+fn flow_backend(b: &BackendAddr) -> Backend {
+    Backend {
+        flags: 0,
+        ..backend_raw(b)
     }
 }
 
@@ -104,6 +133,7 @@ impl Dataplane {
                     Ok(b) => slots.push(BackendAddr {
                         ip: Ipv4Addr::from(b.addr.to_ne_bytes()),
                         port: u16::from_be(b.port),
+                        snat: b.flags & BACKEND_F_SNAT != 0,
                     }),
                     Err(_) => break,
                 }
@@ -126,6 +156,7 @@ impl Dataplane {
                     id: val.id,
                     name: format!("{fe} (adopted)"),
                     slots,
+                    external: policy_of(val.flags),
                 },
             );
         }
@@ -164,11 +195,14 @@ impl Dataplane {
                 .programmed
                 .iter()
                 .map(|(fe, p)| {
-                    let svc =
-                        DesiredService::new(p.name.clone(), p.slots.iter().copied().collect());
+                    let svc = DesiredService {
+                        external: p.external,
+                        ..DesiredService::new(p.name.clone(), p.slots.iter().copied().collect())
+                    };
                     (*fe, svc)
                 })
                 .collect(),
+            health_checks: Default::default(),
         }
     }
 
@@ -212,6 +246,7 @@ impl Dataplane {
                     frontend,
                     name,
                     backends,
+                    external,
                 } => {
                     if self.programmed.contains_key(frontend) {
                         bail!("service {frontend} is already programmed");
@@ -244,6 +279,8 @@ impl Dataplane {
                         SvcValue {
                             id,
                             count: slots.len() as u32,
+                            flags: svc_flags(*external),
+                            _pad: 0,
                         },
                         0,
                     )?;
@@ -255,6 +292,7 @@ impl Dataplane {
                             id,
                             name: name.clone(),
                             slots,
+                            external: *external,
                         },
                     );
                 }
@@ -287,7 +325,7 @@ impl Dataplane {
                     }
                     // Draining backends keep their flows (they are in
                     // `removed` but not in `flush`).
-                    gone_backends.extend(flush.iter().map(|b| (p.id, backend_raw(b))));
+                    gone_backends.extend(flush.iter().map(|b| (p.id, flow_backend(b))));
                     new.extend(added.iter().copied());
                     // 1. Slots that change or appear (beyond the old count
                     //    they are invisible until step 2).
@@ -311,6 +349,8 @@ impl Dataplane {
                         SvcValue {
                             id: p.id,
                             count: new.len() as u32,
+                            flags: svc_flags(p.external),
+                            _pad: 0,
                         },
                         0,
                     )?;
@@ -358,13 +398,13 @@ impl Dataplane {
                 Backend {
                     addr: v.addr,
                     port: v.port,
-                    _pad: 0,
+                    flags: 0,
                 }
             } else {
                 Backend {
                     addr: k.saddr,
                     port: k.sport,
-                    _pad: 0,
+                    flags: 0,
                 }
             };
             if ids.contains(&v.svc_id) || backends.contains(&(v.svc_id, backend)) {

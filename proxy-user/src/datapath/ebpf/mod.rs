@@ -50,6 +50,9 @@ pub struct Dataplane {
     conntrack: HashMap<MapData, CtKey, CtValue>,
     svc_counters: PerCpuArray<MapData, Counters>,
     global_counters: PerCpuArray<MapData, Counters>,
+    /// Written once at start ([`Dataplane::set_node_addrs`]), not pinned.
+    node_ips: HashMap<MapData, u32, u32>,
+    snat_addrs: HashMap<MapData, u32, u32>,
     programmed: BTreeMap<Frontend, maps::Programmed>,
     ids: maps::IdAllocator,
     attachments: Vec<attach::Attachment>,
@@ -60,6 +63,43 @@ pub struct Dataplane {
     keep_on_exit: bool,
     /// Interfaces attached by name prefix as they appear.
     following: Option<Following>,
+}
+
+/// The node's addresses as the programs need them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeAddrs {
+    /// Every address a NodePort answers on.
+    pub node_ips: Vec<std::net::Ipv4Addr>,
+    /// Per external interface (ifindex), the address flows to other nodes
+    /// leaving through it are source-NATed to.
+    pub snat: Vec<(u32, std::net::Ipv4Addr)>,
+    /// Source-NAT address for any other interface.
+    pub default_snat: Option<std::net::Ipv4Addr>,
+}
+
+impl Dataplane {
+    /// Writes the node's addresses (NodePort matching and source NAT);
+    /// replaces what an earlier call wrote.
+    pub fn set_node_addrs(&mut self, addrs: &NodeAddrs) -> Result<()> {
+        let old: Vec<u32> = self.node_ips.keys().filter_map(|k| k.ok()).collect();
+        for k in old {
+            self.node_ips.remove(&k).or_else(maps::ignore_missing)?;
+        }
+        let old: Vec<u32> = self.snat_addrs.keys().filter_map(|k| k.ok()).collect();
+        for k in old {
+            self.snat_addrs.remove(&k).or_else(maps::ignore_missing)?;
+        }
+        for ip in &addrs.node_ips {
+            self.node_ips.insert(ip_raw(*ip), 1, 0)?;
+        }
+        for (ifindex, ip) in &addrs.snat {
+            self.snat_addrs.insert(*ifindex, ip_raw(*ip), 0)?;
+        }
+        if let Some(ip) = addrs.default_snat {
+            self.snat_addrs.insert(0, ip_raw(ip), 0)?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Dataplane {

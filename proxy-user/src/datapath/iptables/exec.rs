@@ -81,7 +81,7 @@ pub(super) fn restore(input: &str) -> Result<()> {
     Ok(())
 }
 
-/// KUBE-SVC-/KUBE-SEP- chains present in the nat table.
+/// KUBE-SVC-/KUBE-SEP-/KUBE-EXT- chains present in the nat table.
 pub(super) fn existing_service_chains() -> Vec<String> {
     let Ok(out) = Command::new("iptables-save").args(["-t", "nat"]).output() else {
         return Vec::new();
@@ -90,7 +90,11 @@ pub(super) fn existing_service_chains() -> Vec<String> {
         .lines()
         .filter_map(|l| l.strip_prefix(':'))
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|c| c.starts_with("KUBE-SVC-") || c.starts_with("KUBE-SEP-"))
+        .filter(|c| {
+            ["KUBE-SVC-", "KUBE-SEP-", "KUBE-EXT-"]
+                .iter()
+                .any(|p| c.starts_with(p))
+        })
         .map(String::from)
         .collect()
 }
@@ -99,7 +103,11 @@ pub(super) fn existing_service_chains() -> Vec<String> {
 /// the frontend). Returns how many entries were deleted.
 pub(super) fn delete_udp_flows(fe: &Frontend, backend: Option<&BackendAddr>) -> usize {
     let mut cmd = Command::new("conntrack");
-    cmd.args(["-D", "-p", "udp", "--orig-dst", &fe.ip.to_string()]);
+    cmd.args(["-D", "-p", "udp"]);
+    // A NodePort's flows are to any node address on its port.
+    if !fe.is_nodeport() {
+        cmd.args(["--orig-dst", &fe.ip.to_string()]);
+    }
     cmd.args(["--orig-port-dst", &fe.port.to_string()]);
     if let Some(b) = backend {
         cmd.args([

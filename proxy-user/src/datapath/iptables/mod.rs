@@ -13,6 +13,19 @@
 //!   connections): `REJECT --reject-with icmp-port-unreachable` for frontends
 //!   without endpoints.
 //!
+//! North-south, as kube-proxy: externalIP and LoadBalancer frontends are
+//! matched in nat `KUBE-SERVICES` and jump to `KUBE-EXT-<hash>`; the last rule
+//! of `KUBE-SERVICES` sends traffic to local addresses (`-m addrtype
+//! --dst-type LOCAL`) to `KUBE-NODEPORTS`, one rule per nodePort →
+//! `KUBE-EXT-<hash>`. `KUBE-EXT-` marks the traffic for masquerade under
+//! `externalTrafficPolicy: Cluster` (all of it, as kube-proxy; the eBPF
+//! datapath source-NATs only flows to other nodes) and balances over the
+//! frontend's endpoints (only the local ones under `Local`). External
+//! frontends without endpoints are refused (`Cluster`) or dropped (`Local`)
+//! in filter `KUBE-EXTERNAL-SERVICES`, jumped to from INPUT and FORWARD for
+//! new connections. One `KUBE-EXT-` chain per frontend (kube-proxy has one per
+//! service port): the model keeps each address a frontend of its own.
+//!
 //! Syncs are partial restores (`iptables-restore --noflush`), as kube-proxy
 //! does since 1.26: the dispatch chains are rewritten, and of the per-service
 //! and per-endpoint chains only those whose rules changed; chains that went
@@ -31,7 +44,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use super::Datapath;
-use crate::model::{BackendAddr, DesiredService, DesiredState, Frontend, Proto};
+use crate::model::{BackendAddr, DesiredService, DesiredState, Frontend, Proto, TrafficPolicy};
 use crate::reconcile::{ApplyStats, Change};
 
 mod exec;
@@ -75,6 +88,8 @@ struct Svc {
     name: String,
     /// Endpoints in kube-proxy's order (sorted).
     backends: Vec<BackendAddr>,
+    /// `None`: a ClusterIP.
+    external: Option<TrafficPolicy>,
 }
 
 pub struct Iptables {
@@ -121,6 +136,7 @@ impl Iptables {
                     frontend,
                     name,
                     backends,
+                    external,
                 } => {
                     stats.services_added += 1;
                     stats.backends_added += backends.len();
@@ -129,6 +145,7 @@ impl Iptables {
                         Svc {
                             name: name.clone(),
                             backends: backends.iter().copied().collect(),
+                            external: *external,
                         },
                     );
                 }
@@ -202,10 +219,17 @@ impl Iptables {
                 .map(|(fe, s)| {
                     (
                         *fe,
-                        DesiredService::new(s.name.clone(), s.backends.iter().copied().collect()),
+                        DesiredService {
+                            external: s.external,
+                            ..DesiredService::new(
+                                s.name.clone(),
+                                s.backends.iter().copied().collect(),
+                            )
+                        },
                     )
                 })
                 .collect(),
+            health_checks: Default::default(),
         }
     }
 
@@ -222,10 +246,20 @@ impl Iptables {
         for (table, chain, comment, target, extra) in HOOKS {
             delete_jump(table, chain, comment, target, extra);
         }
-        let mut input =
-            String::from("*filter\n:KUBE-SERVICES - [0:0]\n-X KUBE-SERVICES\nCOMMIT\n*nat\n");
+        let mut input = String::from(
+            "*filter\n:KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n\
+             -X KUBE-SERVICES\n-X KUBE-EXTERNAL-SERVICES\nCOMMIT\n*nat\n",
+        );
         let mut all: Vec<String> = self.chains.keys().cloned().collect();
-        all.extend(["KUBE-SERVICES", "KUBE-MARK-MASQ", "KUBE-POSTROUTING"].map(String::from));
+        all.extend(
+            [
+                "KUBE-SERVICES",
+                "KUBE-NODEPORTS",
+                "KUBE-MARK-MASQ",
+                "KUBE-POSTROUTING",
+            ]
+            .map(String::from),
+        );
         for c in &all {
             input.push_str(&format!(":{c} - [0:0]\n"));
         }

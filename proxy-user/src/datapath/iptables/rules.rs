@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use sha2::{Digest, Sha256};
 
 use super::{Iptables, Svc};
-use crate::model::{BackendAddr, Frontend, Proto};
+use crate::model::{BackendAddr, Frontend, Proto, TrafficPolicy};
 
 const MASQ_MARK: &str = "0x4000/0x4000";
 
@@ -29,6 +29,29 @@ fn proto_arg(p: Proto) -> &'static str {
 
 fn svc_chain(fe: &Frontend, name: &str) -> String {
     hash_name("KUBE-SVC-", &[name, proto_arg(fe.proto)])
+}
+
+/// The chain an external frontend (nodePort, externalIP, LoadBalancer
+/// address) jumps to.
+fn ext_chain(fe: &Frontend, name: &str) -> String {
+    hash_name(
+        "KUBE-EXT-",
+        &[
+            name,
+            proto_arg(fe.proto),
+            &fe.ip.to_string(),
+            &fe.port.to_string(),
+        ],
+    )
+}
+
+/// The chain a frontend's dispatch rule jumps to.
+fn entry_chain(fe: &Frontend, svc: &Svc) -> String {
+    if svc.external.is_some() {
+        ext_chain(fe, &svc.name)
+    } else {
+        svc_chain(fe, &svc.name)
+    }
 }
 
 fn sep_chain(fe: &Frontend, name: &str, b: &BackendAddr) -> String {
@@ -71,6 +94,20 @@ pub(super) const HOOKS: &[(&str, &str, &str, &str, &[&str])] = &[
         "KUBE-SERVICES",
         &["-m", "conntrack", "--ctstate", "NEW"],
     ),
+    (
+        "filter",
+        "INPUT",
+        "kubernetes externally-visible service portals",
+        "KUBE-EXTERNAL-SERVICES",
+        &["-m", "conntrack", "--ctstate", "NEW"],
+    ),
+    (
+        "filter",
+        "FORWARD",
+        "kubernetes externally-visible service portals",
+        "KUBE-EXTERNAL-SERVICES",
+        &["-m", "conntrack", "--ctstate", "NEW"],
+    ),
 ];
 
 impl Iptables {
@@ -84,9 +121,16 @@ impl Iptables {
             return;
         }
         let p = proto_arg(fe.proto);
-        let chain = svc_chain(fe, &svc.name);
+        let chain = entry_chain(fe, svc);
         let mut rules = Vec::new();
-        if let Some(cidr) = self.cluster_cidr {
+        if svc.external == Some(TrafficPolicy::Cluster) {
+            rules.push(format!(
+                "-A {chain} -m comment --comment \"masquerade traffic for {} external destinations\" -j KUBE-MARK-MASQ",
+                svc.name
+            ));
+        } else if svc.external.is_some() {
+            // Local: the client's address is kept, only local endpoints.
+        } else if let Some(cidr) = self.cluster_cidr {
             rules.push(format!(
                 "-A {chain} -m comment --comment \"{} cluster IP\" ! -s {cidr} -d {}/32 -p {p} -m {p} --dport {} -j KUBE-MARK-MASQ",
                 svc.name, fe.ip, fe.port
@@ -124,8 +168,9 @@ impl Iptables {
     /// The restore input for the current state: dispatch chains in full,
     /// per-service/per-endpoint chains only where they changed.
     pub(super) fn build_restore(&self, new_chains: &BTreeMap<String, Vec<String>>) -> String {
-        let mut filter = String::from("*filter\n:KUBE-SERVICES - [0:0]\n");
-        let mut nat = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
+        let mut filter =
+            String::from("*filter\n:KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n");
+        let mut nat = String::from("*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n");
         if !self.installed {
             nat.push_str(":KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n");
         }
@@ -152,23 +197,55 @@ impl Iptables {
             nat.push_str("-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n");
             nat.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n");
         }
+        let mut nodeports = String::new();
         for (fe, svc) in &self.services {
             let p = proto_arg(fe.proto);
+            // How the frontend is matched: its address, or any local one.
+            let (dst, what) = if fe.is_nodeport() {
+                ("-m addrtype --dst-type LOCAL".to_owned(), "nodePort")
+            } else if svc.external.is_some() {
+                (format!("-d {}/32", fe.ip), "external IP")
+            } else {
+                (format!("-d {}/32", fe.ip), "cluster IP")
+            };
             if svc.backends.is_empty() {
+                let (chain, why, verdict) = match svc.external {
+                    None => (
+                        "KUBE-SERVICES",
+                        "has no endpoints",
+                        "REJECT --reject-with icmp-port-unreachable",
+                    ),
+                    Some(TrafficPolicy::Cluster) => (
+                        "KUBE-EXTERNAL-SERVICES",
+                        "has no endpoints",
+                        "REJECT --reject-with icmp-port-unreachable",
+                    ),
+                    Some(TrafficPolicy::Local) => {
+                        ("KUBE-EXTERNAL-SERVICES", "has no local endpoints", "DROP")
+                    }
+                };
                 filter.push_str(&format!(
-                    "-A KUBE-SERVICES -m comment --comment \"{} has no endpoints\" -d {}/32 -p {p} -m {p} --dport {} -j REJECT --reject-with icmp-port-unreachable\n",
-                    svc.name, fe.ip, fe.port
+                    "-A {chain} -m comment --comment \"{} {why}\" {dst} -p {p} -m {p} --dport {} -j {verdict}\n",
+                    svc.name, fe.port
+                ));
+            } else if fe.is_nodeport() {
+                nodeports.push_str(&format!(
+                    "-A KUBE-NODEPORTS -m comment --comment \"{} nodePort\" -p {p} -m {p} --dport {} -j {}\n",
+                    svc.name,
+                    fe.port,
+                    entry_chain(fe, svc)
                 ));
             } else {
                 nat.push_str(&format!(
-                    "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -d {}/32 -p {p} -m {p} --dport {} -j {}\n",
+                    "-A KUBE-SERVICES -m comment --comment \"{} {what}\" {dst} -p {p} -m {p} --dport {} -j {}\n",
                     svc.name,
-                    fe.ip,
                     fe.port,
-                    svc_chain(fe, &svc.name)
+                    entry_chain(fe, svc)
                 ));
             }
         }
+        nat.push_str("-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
+        nat.push_str(&nodeports);
         for c in &changed {
             for r in &new_chains[*c] {
                 nat.push_str(r);
@@ -215,11 +292,9 @@ mod tests {
         let svc = Svc {
             name: "default/web:http".into(),
             backends: (1..=3)
-                .map(|i| BackendAddr {
-                    ip: [10, 0, 0, i].into(),
-                    port: 8080,
-                })
+                .map(|i| BackendAddr::new([10, 0, 0, i].into(), 8080))
                 .collect(),
+            external: None,
         };
         let mut out = BTreeMap::new();
         ipt.render_svc(&fe(), &svc, &mut out);
@@ -247,10 +322,8 @@ mod tests {
         };
         let mk = |n: u8| Svc {
             name: format!("default/s{n}"),
-            backends: vec![BackendAddr {
-                ip: [10, 0, 0, n].into(),
-                port: 80,
-            }],
+            backends: vec![BackendAddr::new([10, 0, 0, n].into(), 80)],
+            external: None,
         };
         let fe2 = Frontend { port: 81, ..fe() };
         ipt.services.insert(fe(), mk(1));
@@ -281,5 +354,69 @@ mod tests {
             input.contains(&format!("-X {old_sep}")),
             "stale endpoint chain deleted"
         );
+    }
+
+    #[test]
+    fn external_frontends_follow_kube_proxys_chains() {
+        let mut ipt = Iptables {
+            cluster_cidr: None,
+            services: BTreeMap::new(),
+            chains: BTreeMap::new(),
+            installed: true,
+        };
+        let np = Frontend::nodeport(30080, Proto::Tcp);
+        let ext = Frontend {
+            ip: "203.0.113.10".parse().unwrap(),
+            ..fe()
+        };
+        let svc = |external, backends: Vec<BackendAddr>| Svc {
+            name: "default/np:http".into(),
+            backends,
+            external,
+        };
+        let one = vec![BackendAddr::new([10, 0, 0, 1].into(), 8080)];
+        ipt.services
+            .insert(np, svc(Some(TrafficPolicy::Cluster), one.clone()));
+        ipt.services
+            .insert(ext, svc(Some(TrafficPolicy::Local), one.clone()));
+        let mut chains = BTreeMap::new();
+        for (f, s) in &ipt.services {
+            ipt.render_svc(f, s, &mut chains);
+        }
+        let np_chain = ext_chain(&np, "default/np:http");
+        let ext_chain_name = ext_chain(&ext, "default/np:http");
+        assert!(np_chain.starts_with("KUBE-EXT-") && np_chain != ext_chain_name);
+        // Cluster: masquerade, then the endpoints; Local: the endpoints only.
+        assert!(chains[&np_chain][0].ends_with("-j KUBE-MARK-MASQ"));
+        assert!(chains[&ext_chain_name][0].contains("-j KUBE-SEP-"));
+        let input = ipt.build_restore(&chains);
+        let lines: Vec<&str> = input.lines().collect();
+        let nodeports_jump = lines
+            .iter()
+            .position(|l| l.contains("--dst-type LOCAL -j KUBE-NODEPORTS"))
+            .expect("KUBE-SERVICES jumps to KUBE-NODEPORTS");
+        let last_service_rule = lines
+            .iter()
+            .rposition(|l| l.starts_with("-A KUBE-SERVICES"))
+            .unwrap();
+        assert_eq!(
+            nodeports_jump, last_service_rule,
+            "the nodeports jump is last"
+        );
+        assert!(input.contains(&format!(
+            "-A KUBE-NODEPORTS -m comment --comment \"default/np:http nodePort\" -p tcp -m tcp --dport 30080 -j {np_chain}"
+        )));
+        assert!(input.contains(&format!(
+            "-d 203.0.113.10/32 -p tcp -m tcp --dport 80 -j {ext_chain_name}"
+        )));
+        // Without endpoints: Cluster refuses, Local drops, both in the
+        // external filter chain.
+        ipt.services
+            .insert(np, svc(Some(TrafficPolicy::Cluster), vec![]));
+        ipt.services
+            .insert(ext, svc(Some(TrafficPolicy::Local), vec![]));
+        let input = ipt.build_restore(&BTreeMap::new());
+        assert!(input.contains("-A KUBE-EXTERNAL-SERVICES -m comment --comment \"default/np:http has no endpoints\" -m addrtype --dst-type LOCAL -p tcp -m tcp --dport 30080 -j REJECT"));
+        assert!(input.contains("-A KUBE-EXTERNAL-SERVICES -m comment --comment \"default/np:http has no local endpoints\" -d 203.0.113.10/32 -p tcp -m tcp --dport 80 -j DROP"));
     }
 }

@@ -1,0 +1,318 @@
+//! North-south: NodePort, externalIPs and LoadBalancer addresses, with
+//! `externalTrafficPolicy` Cluster and Local, from a client outside the
+//! node.
+//!
+//! Topology: the client (10.0.1.2) reaches the node on `c0` (10.0.1.1);
+//! backends 1 and 2 are this node's endpoints (`nodeName: node1`); the
+//! remote node `node2` (10.0.200.2, behind `n2` 10.0.200.1, no default
+//! route) serves the third endpoint (`nodeName: node2`), which only
+//! answers the node's own subnet — so it is reached only with source NAT.
+//! kproxy runs with `--node-name node1` (eBPF: `--external-iface c0,n2`).
+
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use kproxy_tests::fixture::{IO_TIMEOUT, TARGET_PORT, assert_spread, backend_index, spread_flows};
+use kproxy_tests::{BackendServer, Fixture, Mode, mode};
+use serde_json::{Value, json};
+
+/// Index the remote node's server answers with (`backend-3`).
+const REMOTE: usize = 3;
+/// The node's address the client reaches it by.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+/// externalIP and LoadBalancer ingress address of Service `np`
+/// (TEST-NET-3; the client's default route leads to the node).
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+/// How long a probe waits for a refusal or for nothing.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A Service of type LoadBalancer with ClusterIP `10.96.1.<n>`, port 80/TCP
+/// (`http`, nodePort `np`) and 53/UDP (`dns`, nodePort `np`), the given
+/// policy, externalIPs and LoadBalancer ingress addresses.
+fn service(
+    name: &str,
+    n: u8,
+    np: u16,
+    policy: &str,
+    external: &[Ipv4Addr],
+    lb: &[Ipv4Addr],
+) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "type": "LoadBalancer",
+            "clusterIP": format!("10.96.1.{n}"),
+            "externalTrafficPolicy": policy,
+            "externalIPs": external.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
+            "ports": [
+                {"name": "http", "port": 80, "targetPort": TARGET_PORT, "protocol": "TCP", "nodePort": np},
+                {"name": "dns", "port": 53, "targetPort": TARGET_PORT, "protocol": "UDP", "nodePort": np},
+            ],
+        },
+        "status": {"loadBalancer": {"ingress": lb.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>()}},
+    })
+}
+
+/// The EndpointSlice of `service`: `(address, node)` endpoints, all ready.
+fn slice(service: &str, endpoints: &[(Ipv4Addr, &str)]) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{service}-abc"),
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints.iter().map(|(ip, node)| json!({
+            "addresses": [ip.to_string()],
+            "conditions": {"ready": true},
+            "nodeName": node,
+        })).collect::<Vec<_>>(),
+        "ports": [
+            {"name": "http", "port": TARGET_PORT, "protocol": "TCP"},
+            {"name": "dns", "port": TARGET_PORT, "protocol": "UDP"},
+        ],
+    })
+}
+
+/// The fixture's two local backends, the remote node with its server, and
+/// the manifests of `objects` (written before kproxy starts).
+struct NorthSouth {
+    f: Fixture,
+    remote: BackendServer,
+}
+
+impl NorthSouth {
+    fn start(objects: &[(&str, Value)]) -> Result<NorthSouth> {
+        let mut f = Fixture::new(2, &[1, 2])?;
+        f.topo.add_remote_node()?;
+        let node2 = f.topo.remote_node();
+        let remote = BackendServer::start(&node2.ns, REMOTE, node2.ip, TARGET_PORT)?;
+        let externals = format!("{},{}", f.topo.client_iface_on_node(), node2.node_iface);
+        for (file, obj) in objects {
+            f.manifests
+                .write(file, &serde_json::to_string_pretty(obj)?)?;
+        }
+        let mut extra = vec!["--node-name", "node1"];
+        if mode() == Mode::Ebpf {
+            extra.extend(["--external-iface", &externals]);
+        }
+        f.start_kproxy_with(&extra)?;
+        Ok(NorthSouth { f, remote })
+    }
+
+    /// This node's two endpoints and the remote one.
+    fn all_endpoints(&self) -> Vec<(Ipv4Addr, &'static str)> {
+        let t = &self.f.topo;
+        vec![
+            (t.backend(1).ip, "node1"),
+            (t.backend(2).ip, "node1"),
+            (t.remote_node().ip, "node2"),
+        ]
+    }
+
+    /// `n` new TCP connections to `ip:port`, each asked once: the names
+    /// that answered, after checking every reply came from `ip:port`.
+    fn tcp_round(&self, ip: Ipv4Addr, port: u16, n: usize) -> Result<Vec<String>> {
+        let mut sessions = Vec::with_capacity(n);
+        let mut names = Vec::with_capacity(n);
+        for k in 0..n {
+            let mut s = self
+                .f
+                .topo
+                .tcp_session(ip, port, IO_TIMEOUT)
+                .with_context(|| format!("tcp connection #{k} to {ip}:{port}"))?;
+            names.push(
+                s.ask()
+                    .with_context(|| format!("tcp ask #{k} to {ip}:{port}"))?,
+            );
+            assert_eq!(s.peer(), SocketAddr::from((ip, port)), "reply source");
+            sessions.push(s);
+        }
+        Ok(names)
+    }
+
+    /// `n` UDP requests from different sockets to `ip:port`: the names that
+    /// answered, after checking every reply came from `ip:port`.
+    fn udp_round(&self, ip: Ipv4Addr, port: u16, n: usize) -> Result<Vec<String>> {
+        let replies = self.f.udp_round(ip, port, n)?;
+        for (_, from) in &replies {
+            assert_eq!(*from, SocketAddr::from((ip, port)), "UDP reply source");
+        }
+        Ok(replies.into_iter().map(|(name, _)| name).collect())
+    }
+
+    /// Addresses the server `index` saw connections and datagrams from.
+    fn peers_of(&self, index: usize) -> Vec<Ipv4Addr> {
+        let server = if index == REMOTE {
+            &self.remote
+        } else {
+            self.f.servers.backend(index)
+        };
+        let mut ips: Vec<Ipv4Addr> = server
+            .tcp_peers()
+            .into_iter()
+            .chain(server.udp_peers())
+            .filter_map(|p| match p.ip() {
+                std::net::IpAddr::V4(ip) => Some(ip),
+                _ => None,
+            })
+            .collect();
+        ips.sort();
+        ips.dedup();
+        ips
+    }
+}
+
+fn np_objects(policy: &str) -> Vec<(&'static str, Value)> {
+    vec![(
+        "np-service.yaml",
+        service("np", 50, 30080, policy, &[EXTERNAL_IP], &[LB_IP]),
+    )]
+}
+
+#[test]
+fn nodeport_balances_over_local_and_remote_endpoints_with_snat_to_the_remote() -> Result<()> {
+    let mut ns = NorthSouth::start(&np_objects("Cluster"))?;
+    let eps = ns.all_endpoints();
+    ns.f.manifests
+        .write("np-slice.yaml", &serde_json::to_string(&slice("np", &eps))?)?;
+    ns.f.kproxy().wait_applied(Duration::from_secs(10))?;
+    let n = spread_flows(3, 9);
+    let names = ns.tcp_round(NODE_IP, 30080, n)?;
+    assert_spread(&names, &[1, 2, REMOTE], "TCP to the nodePort");
+    let names = ns.udp_round(NODE_IP, 30080, n)?;
+    assert_spread(&names, &[1, 2, REMOTE], "UDP to the nodePort");
+    // The remote endpoint can only answer the node: it saw the node's
+    // address on its link, never the client's.
+    let remote = ns.f.topo.remote_node().node_ip;
+    assert_eq!(
+        ns.peers_of(REMOTE),
+        [remote],
+        "source NAT to the remote node"
+    );
+    if mode() == Mode::Ebpf {
+        // eBPF source-NATs only flows that leave the node.
+        let client = ns.f.topo.client_ip();
+        for i in [1, 2] {
+            assert_eq!(
+                ns.peers_of(i),
+                [client],
+                "local endpoint {i} sees the client"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn external_ip_and_load_balancer_address_balance_like_the_nodeport() -> Result<()> {
+    let mut ns = NorthSouth::start(&np_objects("Cluster"))?;
+    let eps = ns.all_endpoints();
+    ns.f.manifests
+        .write("np-slice.yaml", &serde_json::to_string(&slice("np", &eps))?)?;
+    ns.f.kproxy().wait_applied(Duration::from_secs(10))?;
+    for ip in [EXTERNAL_IP, LB_IP] {
+        let n = spread_flows(3, 9);
+        let names = ns.tcp_round(ip, 80, n)?;
+        assert_spread(&names, &[1, 2, REMOTE], &format!("TCP to {ip}:80"));
+        let names = ns.udp_round(ip, 53, n)?;
+        assert_spread(&names, &[1, 2, REMOTE], &format!("UDP to {ip}:53"));
+    }
+    Ok(())
+}
+
+#[test]
+fn local_policy_keeps_the_client_address_and_only_local_endpoints() -> Result<()> {
+    let mut ns = NorthSouth::start(&np_objects("Local"))?;
+    let eps = ns.all_endpoints();
+    ns.f.manifests
+        .write("np-slice.yaml", &serde_json::to_string(&slice("np", &eps))?)?;
+    ns.f.kproxy().wait_applied(Duration::from_secs(10))?;
+    let n = spread_flows(2, 8);
+    let names = ns.tcp_round(NODE_IP, 30080, n)?;
+    assert_spread(&names, &[1, 2], "TCP to a Local nodePort");
+    let names = ns.udp_round(LB_IP, 53, n)?;
+    assert_spread(&names, &[1, 2], "UDP to a Local LoadBalancer address");
+    let client = ns.f.topo.client_ip();
+    for i in [1, 2] {
+        assert_eq!(
+            ns.peers_of(i),
+            [client],
+            "endpoint {i} sees the client itself"
+        );
+    }
+    assert!(
+        ns.peers_of(REMOTE).is_empty(),
+        "the remote endpoint got traffic"
+    );
+    Ok(())
+}
+
+#[test]
+fn without_endpoints_cluster_refuses_and_local_drops() -> Result<()> {
+    let remote_only = [(Ipv4Addr::new(10, 0, 200, 2), "node2")];
+    let ns = NorthSouth::start(&[
+        (
+            "empty-service.yaml",
+            service("empty", 51, 30081, "Cluster", &[], &[]),
+        ),
+        (
+            "away-service.yaml",
+            service("away", 52, 30082, "Local", &[], &[]),
+        ),
+        ("away-slice.yaml", slice("away", &remote_only)),
+    ])?;
+    // Cluster policy, no endpoints at all: refused at once, TCP and UDP.
+    let (kind, took) = ns.f.topo.tcp_connect_error(NODE_IP, 30081, PROBE_TIMEOUT)?;
+    assert_eq!(kind, ErrorKind::ConnectionRefused, "TCP after {took:?}");
+    let (kind, took) = ns.f.topo.udp_connect_error(NODE_IP, 30081, PROBE_TIMEOUT)?;
+    assert_eq!(kind, ErrorKind::ConnectionRefused, "UDP after {took:?}");
+    // Local policy, endpoints only on node2: dropped (no answer at all),
+    // and the remote endpoint never sees the traffic.
+    let (kind, took) = ns.f.topo.tcp_connect_error(NODE_IP, 30082, PROBE_TIMEOUT)?;
+    assert!(
+        matches!(kind, ErrorKind::TimedOut | ErrorKind::WouldBlock),
+        "TCP to a Local nodePort without local endpoints: {kind:?} after {took:?}, expected no answer"
+    );
+    assert!(
+        ns.peers_of(REMOTE).is_empty(),
+        "the remote endpoint got traffic"
+    );
+    Ok(())
+}
+
+#[test]
+fn invalid_north_south_fields_are_rejected_and_the_rest_keeps_working() -> Result<()> {
+    let mut ns = NorthSouth::start(&np_objects("Cluster"))?;
+    let eps = ns.all_endpoints();
+    ns.f.manifests
+        .write("np-slice.yaml", &serde_json::to_string(&slice("np", &eps))?)?;
+    ns.f.kproxy().wait_applied(Duration::from_secs(10))?;
+    let bad = [
+        ("out of range", service("bad", 60, 80, "Cluster", &[], &[])),
+        ("duplicate", service("dup", 61, 30080, "Cluster", &[], &[])),
+        ("bad policy", service("pol", 62, 30090, "Nearby", &[], &[])),
+    ];
+    for (what, obj) in bad {
+        ns.f.manifests
+            .write("bad-service.yaml", &serde_json::to_string(&obj)?)?;
+        let line = ns.f.kproxy().wait_rejected(Duration::from_secs(10))?.text;
+        assert!(line.contains("bad-service.yaml"), "{what}: {line}");
+        let (name, _) = ns.f.topo.tcp_ask(NODE_IP, 30080, IO_TIMEOUT)?;
+        backend_index(&name).with_context(|| format!("after the {what} nodePort"))?;
+    }
+    let mut bad_ip = service("ext", 63, 30091, "Cluster", &[], &[]);
+    bad_ip["spec"]["externalIPs"] = json!(["203.0.113.300"]);
+    ns.f.manifests
+        .write("bad-service.yaml", &serde_json::to_string(&bad_ip)?)?;
+    let line = ns.f.kproxy().wait_rejected(Duration::from_secs(10))?.text;
+    assert!(line.contains("spec.externalIPs[0]"), "{line}");
+    Ok(())
+}
