@@ -9,13 +9,13 @@
 //! answers the node's own subnet — so it is reached only with source NAT.
 //! kproxy runs with `--node-name node1` (eBPF: `--external-iface c0,n2`).
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use kproxy_tests::fixture::{IO_TIMEOUT, TARGET_PORT, assert_spread, backend_index, spread_flows};
-use kproxy_tests::{BackendServer, Fixture, Mode, mode};
+use kproxy_tests::{BackendServer, Fixture, Mode, Netns, mode};
 use serde_json::{Value, json};
 
 /// Index the remote node's server answers with (`backend-3`).
@@ -314,5 +314,78 @@ fn invalid_north_south_fields_are_rejected_and_the_rest_keeps_working() -> Resul
         .write("bad-service.yaml", &serde_json::to_string(&bad_ip)?)?;
     let line = ns.f.kproxy().wait_rejected(Duration::from_secs(10))?.text;
     assert!(line.contains("spec.externalIPs[0]"), "{line}");
+    Ok(())
+}
+
+/// `GET /healthz` from `ns` to `addr`: the status code and the JSON body.
+fn http_get(ns: &Netns, addr: SocketAddr) -> Result<(u16, Value)> {
+    let text = ns.try_run(move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+            .with_context(|| format!("connect {addr}"))?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: lb\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no end of head in {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    Ok((
+        status,
+        serde_json::from_str(body).with_context(|| format!("body {body:?}"))?,
+    ))
+}
+
+#[test]
+fn health_check_node_port_answers_the_local_endpoint_count() -> Result<()> {
+    let mut lb = service("hc", 53, 30084, "Local", &[], &[LB_IP]);
+    lb["spec"]["healthCheckNodePort"] = json!(32000);
+    let mut ns = NorthSouth::start(&[("hc-service.yaml", lb)])?;
+    let health = SocketAddr::from((NODE_IP, 32000));
+    // No slice yet: served, but unhealthy.
+    let (status, body) = http_get(&ns.f.topo.client().ns, health)?;
+    assert_eq!(
+        (status, &body["localEndpoints"]),
+        (503, &json!(0)),
+        "{body}"
+    );
+    assert_eq!(
+        body["service"],
+        json!({"namespace": "default", "name": "hc"})
+    );
+    let eps = ns.all_endpoints();
+    ns.f.manifests
+        .write("hc-slice.yaml", &serde_json::to_string(&slice("hc", &eps))?)?;
+    ns.f.kproxy().wait_applied(Duration::from_secs(10))?;
+    // Two of the three endpoints are on this node.
+    let (status, body) = http_get(&ns.f.topo.client().ns, health)?;
+    assert_eq!(
+        (status, &body["localEndpoints"]),
+        (200, &json!(2)),
+        "{body}"
+    );
+    let remote_only = [(ns.f.topo.remote_node().ip, "node2")];
+    ns.f.manifests.write(
+        "hc-slice.yaml",
+        &serde_json::to_string(&slice("hc", &remote_only))?,
+    )?;
+    ns.f.kproxy().wait_applied(Duration::from_secs(10))?;
+    let (status, body) = http_get(&ns.f.topo.client().ns, health)?;
+    assert_eq!(
+        (status, &body["localEndpoints"]),
+        (503, &json!(0)),
+        "{body}"
+    );
+    // The Service gone: nothing listens any more.
+    ns.f.manifests.remove("hc-service.yaml")?;
+    ns.f.kproxy().wait_applied(Duration::from_secs(10))?;
+    let gone = http_get(&ns.f.topo.client().ns, health);
+    assert!(gone.is_err(), "health check still served: {gone:?}");
     Ok(())
 }
