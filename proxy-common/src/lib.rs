@@ -19,6 +19,7 @@
 //! | `GLOBAL_COUNTERS` | per-CPU array | `0` → [`Counters`] | ingress, egress | agent |
 //! | `NODE_IPS` | hash | node address (`u32`) → `u32` (unused, `1`) | agent (at start) | ingress |
 //! | `SNAT_ADDRS` | hash | ifindex (`u32`) → address (`u32`) | agent (at start) | ingress |
+//! | `SOURCE_RANGES` | LPM trie | (prefix `32 + len`, [`SrcRangeKey`]) → `u32` (unused, `1`) | agent | ingress |
 //!
 //! North-south: a NodePort frontend is stored with address `0`
 //! ([`NODEPORT_ADDR`]) and matches a packet to *any* address in `NODE_IPS` on
@@ -79,6 +80,13 @@ pub const SVC_F_EXTERNAL: u32 = 1;
 /// `SvcValue::flags`: with no backends, drop instead of rejecting
 /// (`externalTrafficPolicy: Local` on a node without local endpoints).
 pub const SVC_F_DROP_EMPTY: u32 = 2;
+
+/// `SvcValue::flags`: only clients in the frontend's `SOURCE_RANGES`
+/// entries reach it (`loadBalancerSourceRanges`); others are dropped.
+pub const SVC_F_SOURCE_RANGES: u32 = 4;
+
+/// Capacity of `SOURCE_RANGES` (CIDRs over all LoadBalancer frontends).
+pub const MAX_SOURCE_RANGES: u32 = 16_384;
 
 /// `Backend::flags`: flows to this backend are source-NATed to the node
 /// (external traffic, `Cluster` policy, endpoint on another node).
@@ -158,6 +166,18 @@ pub struct Backend {
     pub port: u16,
     /// `BACKEND_F_*` bits (always `0` in `FRAGS`).
     pub flags: u16,
+}
+
+/// Data of a `SOURCE_RANGES` key: a frontend's service id, then a client
+/// network. Entries have prefix length `32 + cidr length`, so the service
+/// id always matches in full; a packet is looked up with prefix 64.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SrcRangeKey {
+    /// Service id, big-endian (the trie matches bytes from the first).
+    pub svc_id: u32,
+    /// Client address, network order.
+    pub addr: u32,
 }
 
 /// Connection-tracking key: the packet's 5-tuple as seen on the wire plus the
@@ -262,6 +282,7 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for SrcRangeKey {}
     unsafe impl aya::Pod for Counters {}
 }
 
@@ -279,6 +300,7 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtValue>(), 16);
         assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<SrcRangeKey>(), 8);
         assert_eq!(size_of::<Counters>(), 64);
     }
 }

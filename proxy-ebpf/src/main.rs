@@ -61,7 +61,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     macros::{classifier, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
 use aya_log_ebpf::{debug, warn};
@@ -90,6 +90,9 @@ static GLOBAL_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1,
 static NODE_IPS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODE_IPS, 0);
 #[map]
 static SNAT_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODE_IPS, 0);
+#[map]
+static SOURCE_RANGES: LpmTrie<SrcRangeKey, u32> =
+    LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
 
 /// `AF_INET`, for the FIB lookup.
 const AF_INET: u8 = 2;
@@ -142,6 +145,9 @@ pub fn kproxy_ingress(ctx: TcContext) -> i32 {
             };
             if cfg!(feature = "broken-for-tests") {
                 return TC_ACT_SHOT;
+            }
+            if svc.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(svc.id, ip.saddr) {
+                return drop_packet(svc.id);
             }
             if svc.count == 0 {
                 if svc.flags & SVC_F_DROP_EMPTY != 0 {
@@ -495,6 +501,19 @@ fn fib_ifindex(ctx: &TcContext, ip: &Ipv4, saddr: u32, daddr: u32) -> Option<u32
 #[inline(always)]
 fn redirect_neigh(ifindex: u32) -> i32 {
     unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// Whether `saddr` is in one of the frontend's `loadBalancerSourceRanges`.
+#[inline(always)]
+fn source_allowed(svc_id: u32, saddr: u32) -> bool {
+    let key = Key::new(
+        64,
+        SrcRangeKey {
+            svc_id: svc_id.to_be(),
+            addr: saddr,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
 }
 
 /// `HAIRPIN_SNAT_IP` as the IPv4 header holds it.

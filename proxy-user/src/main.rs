@@ -18,9 +18,9 @@ use proxy_user::agent::{self, Started};
 use proxy_user::datapath::Datapath;
 use proxy_user::datapath::ebpf::NodeAddrs;
 use proxy_user::datapath::ebpf::{AttachMode, Dataplane, Following, LoadOptions};
-use proxy_user::datapath::iptables::{Cidr, Iptables};
+use proxy_user::datapath::iptables::Iptables;
 use proxy_user::links;
-use proxy_user::model::Node;
+use proxy_user::model::{Cidr, Node};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 

@@ -95,6 +95,46 @@ impl BackendAddr {
     }
 }
 
+/// An IPv4 CIDR (`--cluster-cidr`, `loadBalancerSourceRanges`), with the
+/// host bits of `addr` cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not a CIDR (a.b.c.d/n)"))?;
+        let addr = a
+            .parse::<Ipv4Addr>()
+            .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
+        let prefix = p
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("{p:?} is not a prefix length 0-32"))?;
+        let mask = if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(prefix))
+        };
+        Ok(Cidr {
+            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            prefix,
+        })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
 /// `externalTrafficPolicy` of an external frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TrafficPolicy {
@@ -148,6 +188,9 @@ pub struct DesiredService {
     /// `None` for a ClusterIP; the traffic policy of a NodePort, externalIP
     /// or LoadBalancer frontend.
     pub external: Option<TrafficPolicy>,
+    /// `loadBalancerSourceRanges` of a LoadBalancer address: only clients
+    /// in these reach it. Empty: everyone.
+    pub source_ranges: Vec<Cidr>,
 }
 
 impl DesiredService {
@@ -158,6 +201,7 @@ impl DesiredService {
             backends,
             draining: BTreeSet::new(),
             external: None,
+            source_ranges: Vec::new(),
         }
     }
 }
@@ -253,6 +297,8 @@ pub struct SvcView {
     pub policy: TrafficPolicy,
     /// `spec.healthCheckNodePort` of a LoadBalancer with `Local` policy.
     pub health_check_node_port: Option<u16>,
+    /// `spec.loadBalancerSourceRanges` of a LoadBalancer (IPv4 ones).
+    pub source_ranges: Vec<Cidr>,
 }
 
 /// Parses a list of IPv4 addresses, naming the field of the bad one. IPv6
@@ -296,6 +342,7 @@ pub fn view_service(svc: &Service, node: &Node) -> Result<SvcView, ObjectError> 
             lb_ips: vec![],
             policy: TrafficPolicy::Cluster,
             health_check_node_port: None,
+            source_ranges: vec![],
         });
     }
     let has_node_ports = match type_ {
@@ -385,6 +432,29 @@ pub fn view_service(svc: &Service, node: &Node) -> Result<SvcView, ObjectError> 
         }
         _ => None,
     };
+    let mut source_ranges = Vec::new();
+    if type_ == "LoadBalancer" {
+        for (i, r) in spec
+            .load_balancer_source_ranges
+            .iter()
+            .flatten()
+            .enumerate()
+        {
+            let r = r.trim();
+            // IPv6 ranges are valid; this datapath is IPv4-only.
+            if r.contains(':') {
+                continue;
+            }
+            source_ranges.push(
+                r.parse::<Cidr>()
+                    .map_err(|m| err(format!("spec.loadBalancerSourceRanges[{i}]: {m}")))?,
+            );
+        }
+    }
+    // One order, whatever the spec's, so a restarted agent reading them
+    // back from the datapath sees no change.
+    source_ranges.sort();
+    source_ranges.dedup();
     Ok(SvcView {
         ns,
         name,
@@ -394,6 +464,7 @@ pub fn view_service(svc: &Service, node: &Node) -> Result<SvcView, ObjectError> 
         lb_ips,
         policy,
         health_check_node_port,
+        source_ranges,
     })
 }
 
@@ -558,22 +629,30 @@ pub fn frontends<'a>(
             backends: external(&backends),
             draining: external(&draining),
             external: Some(svc.policy),
+            source_ranges: Vec::new(),
         };
-        let addrs = svc.external_ips.iter().chain(&svc.lb_ips);
-        for fe in p
+        // loadBalancerSourceRanges guard the LoadBalancer addresses only
+        // (as kube-proxy); nodePorts and externalIPs stay open.
+        let guarded = DesiredService {
+            source_ranges: svc.source_ranges.clone(),
+            ..outside.clone()
+        };
+        let on = |ip: Ipv4Addr| Frontend {
+            ip,
+            port: p.port,
+            proto: p.proto,
+        };
+        let addrs = p
             .node_port
-            .map(|np| Frontend::nodeport(np, p.proto))
+            .map(|np| (Frontend::nodeport(np, p.proto), &outside))
             .into_iter()
-            .chain(addrs.map(|&ip| Frontend {
-                ip,
-                port: p.port,
-                proto: p.proto,
-            }))
-        {
+            .chain(svc.lb_ips.iter().map(|&ip| (on(ip), &guarded)))
+            .chain(svc.external_ips.iter().map(|&ip| (on(ip), &outside)));
+        for (fe, desired) in addrs {
             // The same address as externalIP and LoadBalancer ingress is one
-            // frontend.
+            // frontend (the LoadBalancer's).
             if !out.iter().any(|(f, _)| *f == fe) {
-                out.push((fe, outside.clone()));
+                out.push((fe, desired.clone()));
             }
         }
         out.push((
@@ -587,6 +666,7 @@ pub fn frontends<'a>(
                 backends,
                 draining,
                 external: None,
+                source_ranges: Vec::new(),
             },
         ));
     }

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::model::{BackendAddr, DesiredService, DesiredState, Frontend, TrafficPolicy};
+use crate::model::{BackendAddr, Cidr, DesiredService, DesiredState, Frontend, TrafficPolicy};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -20,6 +20,8 @@ pub enum Change {
         backends: BTreeSet<BackendAddr>,
         /// `None` for a ClusterIP.
         external: Option<TrafficPolicy>,
+        /// Only these clients reach it (LoadBalancer addresses); empty: all.
+        source_ranges: Vec<Cidr>,
     },
     /// A frontend's backend set changes.
     UpdateBackends {
@@ -88,6 +90,7 @@ fn add(fe: Frontend, new: &DesiredService) -> Change {
         name: new.name.clone(),
         backends: new.backends.clone(),
         external: new.external,
+        source_ranges: new.source_ranges.clone(),
     }
 }
 
@@ -104,10 +107,12 @@ impl Changes {
         match (old, new) {
             (Some(_), None) => self.removes.push(Change::RemoveService { frontend: fe }),
             (None, Some(new)) => self.others.push(add(fe, new)),
-            // A frontend whose traffic policy changes (or that turns from a
-            // ClusterIP into an external address) is replaced: its flows
-            // were translated under the old rule.
-            (Some(old), Some(new)) if old.external != new.external => {
+            // A frontend whose traffic policy or source ranges change (or
+            // that turns from a ClusterIP into an external address) is
+            // replaced: its flows were admitted under the old rule.
+            (Some(old), Some(new))
+                if old.external != new.external || old.source_ranges != new.source_ranges =>
+            {
                 self.removes.push(Change::RemoveService { frontend: fe });
                 self.others.push(add(fe, new));
             }
@@ -209,6 +214,7 @@ mod tests {
                     name: "svc83".into(),
                     backends: [be(5)].into(),
                     external: None,
+                    source_ranges: vec![],
                 },
             ]
         );

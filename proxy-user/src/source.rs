@@ -466,6 +466,7 @@ mod tests {
                     .map(|(fe, d)| {
                         let svc = DesiredService {
                             external: d.external,
+                            source_ranges: d.source_ranges.clone(),
                             ..DesiredService::new(d.name.clone(), d.backends.clone())
                         };
                         (*fe, svc)

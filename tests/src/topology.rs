@@ -48,6 +48,11 @@ const LINK_UP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The service CIDR the tests' ClusterIPs live in (kubeadm's default).
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// Where the tests' externalIPs and LoadBalancer addresses live
+/// (TEST-NET-3). Routed like [`SERVICE_CIDR`] in iptables mode, so traffic
+/// that kube-proxy's rules leave untranslated (refused or dropped) reaches
+/// the filter FORWARD chain, as on a node with a default route.
+pub const EXTERNAL_CIDR: &str = "203.0.113.0/24";
 /// Node-side device the service CIDR is routed into in iptables mode.
 pub const SERVICE_CIDR_IFACE: &str = "svc0";
 
@@ -420,7 +425,7 @@ impl Client {
     }
 }
 
-/// Routes [`SERVICE_CIDR`] in `node` into [`SERVICE_CIDR_IFACE`], a device
+/// Routes [`SERVICE_CIDR`] and [`EXTERNAL_CIDR`] in `node` into [`SERVICE_CIDR_IFACE`], a device
 /// without ARP that drops what it is given: a `dummy` device, or an `ifb`
 /// one (which drops every packet not redirected to it by tc) on kernels
 /// built without the dummy driver.
@@ -445,6 +450,7 @@ fn route_service_cidr(node: &Netns) -> Result<()> {
     }
     node.ip(&["link", "set", SERVICE_CIDR_IFACE, "up"])?;
     node.ip(&["route", "add", SERVICE_CIDR, "dev", SERVICE_CIDR_IFACE])?;
+    node.ip(&["route", "add", EXTERNAL_CIDR, "dev", SERVICE_CIDR_IFACE])?;
     Ok(())
 }
 

@@ -91,10 +91,13 @@ struct NorthSouth {
 impl NorthSouth {
     fn start(objects: &[(&str, Value)]) -> Result<NorthSouth> {
         let mut f = Fixture::new(2, &[1, 2])?;
+        // A second outside client (10.0.2.2, behind `c1` 10.0.2.1).
+        f.topo.add_client()?;
         f.topo.add_remote_node()?;
         let node2 = f.topo.remote_node();
         let remote = BackendServer::start(&node2.ns, REMOTE, node2.ip, TARGET_PORT)?;
-        let externals = format!("{},{}", f.topo.client_iface_on_node(), node2.node_iface);
+        let mut externals = f.topo.client_ifaces_on_node().join(",");
+        externals.push_str(&format!(",{}", node2.node_iface));
         for (file, obj) in objects {
             f.manifests
                 .write(file, &serde_json::to_string_pretty(obj)?)?;
@@ -308,6 +311,12 @@ fn invalid_north_south_fields_are_rejected_and_the_rest_keeps_working() -> Resul
         let (name, _) = ns.f.topo.tcp_ask(NODE_IP, 30080, IO_TIMEOUT)?;
         backend_index(&name).with_context(|| format!("after the {what} nodePort"))?;
     }
+    let mut bad_range = service("rng", 64, 30092, "Cluster", &[], &[LB_IP]);
+    bad_range["spec"]["loadBalancerSourceRanges"] = json!(["10.0.0.0/33"]);
+    ns.f.manifests
+        .write("bad-service.yaml", &serde_json::to_string(&bad_range)?)?;
+    let line = ns.f.kproxy().wait_rejected(Duration::from_secs(10))?.text;
+    assert!(line.contains("spec.loadBalancerSourceRanges[0]"), "{line}");
     let mut bad_ip = service("ext", 63, 30091, "Cluster", &[], &[]);
     bad_ip["spec"]["externalIPs"] = json!(["203.0.113.300"]);
     ns.f.manifests
@@ -387,5 +396,54 @@ fn health_check_node_port_answers_the_local_endpoint_count() -> Result<()> {
     ns.f.kproxy().wait_applied(Duration::from_secs(10))?;
     let gone = http_get(&ns.f.topo.client().ns, health);
     assert!(gone.is_err(), "health check still served: {gone:?}");
+    Ok(())
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_one_client_and_drop_another() -> Result<()> {
+    const FW_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
+    let mut lb = service("fw", 54, 30085, "Cluster", &[], &[FW_IP]);
+    lb["spec"]["loadBalancerSourceRanges"] = json!(["192.0.2.0/24", "10.0.1.2/32"]);
+    let local = [
+        (Ipv4Addr::new(10, 0, 11, 2), "node1"),
+        (Ipv4Addr::new(10, 0, 12, 2), "node1"),
+    ];
+    let mut ns = NorthSouth::start(&[
+        ("fw-service.yaml", lb.clone()),
+        ("fw-slice.yaml", slice("fw", &local)),
+    ])?;
+    let (allowed, refused) = (&ns.f.topo.clients()[0], &ns.f.topo.clients()[1]);
+    // The listed client reaches the LoadBalancer address, TCP and UDP.
+    let (name, _) = allowed.tcp_ask(FW_IP, 80, IO_TIMEOUT)?;
+    backend_index(&name)?;
+    let (name, from) = allowed.udp_ask(FW_IP, 53, IO_TIMEOUT)?;
+    backend_index(&name)?;
+    assert_eq!(from, SocketAddr::from((FW_IP, 53)));
+    // The other one is dropped there: no answer, nothing reaches a backend.
+    let before = ns.f.servers.total_tcp_accepted();
+    let (kind, took) = refused.tcp_connect_error(FW_IP, 80, PROBE_TIMEOUT)?;
+    assert!(
+        matches!(kind, ErrorKind::TimedOut | ErrorKind::WouldBlock),
+        "client outside the ranges: {kind:?} after {took:?}, expected no answer"
+    );
+    assert_eq!(
+        ns.f.servers.total_tcp_accepted(),
+        before,
+        "a refused client got through"
+    );
+    // The ranges guard the LoadBalancer address only: the nodePort is open.
+    let (name, _) = refused.tcp_ask(refused.gateway, 30085, IO_TIMEOUT)?;
+    backend_index(&name)?;
+    // Ranges removed: the address is open to everyone.
+    lb["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("loadBalancerSourceRanges");
+    ns.f.manifests
+        .write("fw-service.yaml", &serde_json::to_string(&lb)?)?;
+    ns.f.kproxy().wait_applied(Duration::from_secs(10))?;
+    let refused = &ns.f.topo.clients()[1];
+    let (name, _) = refused.tcp_ask(FW_IP, 80, IO_TIMEOUT)?;
+    backend_index(&name)?;
     Ok(())
 }

@@ -38,6 +38,7 @@ impl Datapath for Memory {
                     name,
                     backends,
                     external,
+                    source_ranges,
                 } => {
                     if self.state.services.contains_key(frontend) {
                         bail!("service {frontend} is already programmed");
@@ -48,6 +49,7 @@ impl Datapath for Memory {
                         *frontend,
                         DesiredService {
                             external: *external,
+                            source_ranges: source_ranges.clone(),
                             ..DesiredService::new(name, backends.clone())
                         },
                     );

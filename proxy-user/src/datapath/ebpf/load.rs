@@ -38,7 +38,7 @@ impl Default for LoadOptions {
 }
 
 /// Maps pinned in pinned mode. `AYA_LOGS` is per agent and not pinned.
-const PINNED_MAPS: [&str; 7] = [
+const PINNED_MAPS: [&str; 8] = [
     "SERVICES",
     "SLOTS",
     "RR_CURSOR",
@@ -46,6 +46,7 @@ const PINNED_MAPS: [&str; 7] = [
     "FRAGS",
     "SVC_COUNTERS",
     "GLOBAL_COUNTERS",
+    "SOURCE_RANGES",
 ];
 
 /// Names the pinned layout: the layout version, the size of every key and
@@ -62,6 +63,7 @@ pub fn layout_tag(opts: &LoadOptions) -> String {
         size_of::<CtValue>(),
         size_of::<FragKey>(),
         size_of::<Counters>(),
+        size_of::<SrcRangeKey>(),
     ]
     .map(|s| s.to_string())
     // bpffs refuses '.' in the names of pinned objects.
@@ -209,6 +211,7 @@ impl Dataplane {
             global_counters: take(&mut bpf, "GLOBAL_COUNTERS")?,
             node_ips: take(&mut bpf, "NODE_IPS")?,
             snat_addrs: take(&mut bpf, "SNAT_ADDRS")?,
+            source_ranges: take(&mut bpf, "SOURCE_RANGES")?,
             bpf,
             programmed: std::collections::BTreeMap::new(),
             ids: IdAllocator {

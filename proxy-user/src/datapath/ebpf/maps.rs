@@ -8,7 +8,11 @@ use anyhow::{Context, Result, anyhow, bail};
 use proxy_common::*;
 
 use super::Dataplane;
-use crate::model::{BackendAddr, DesiredService, DesiredState, Frontend, Proto, TrafficPolicy};
+use aya::maps::lpm_trie::Key as LpmKey;
+
+use crate::model::{
+    BackendAddr, Cidr, DesiredService, DesiredState, Frontend, Proto, TrafficPolicy,
+};
 use crate::reconcile::{ApplyStats, Change};
 
 /// What the agent wrote for one frontend.
@@ -18,15 +22,33 @@ pub(super) struct Programmed {
     /// Slot i of the service holds `slots[i]`; `slots.len()` is the count.
     pub(super) slots: Vec<BackendAddr>,
     pub(super) external: Option<TrafficPolicy>,
+    pub(super) source_ranges: Vec<Cidr>,
 }
 
 /// `SvcValue::flags` of a frontend.
-pub fn svc_flags(external: Option<TrafficPolicy>) -> u32 {
-    match external {
-        None => 0,
-        Some(TrafficPolicy::Cluster) => SVC_F_EXTERNAL,
-        Some(TrafficPolicy::Local) => SVC_F_EXTERNAL | SVC_F_DROP_EMPTY,
-    }
+pub fn svc_flags(external: Option<TrafficPolicy>, source_ranges: &[Cidr]) -> u32 {
+    let ranges = if source_ranges.is_empty() {
+        0
+    } else {
+        SVC_F_SOURCE_RANGES
+    };
+    ranges
+        | match external {
+            None => 0,
+            Some(TrafficPolicy::Cluster) => SVC_F_EXTERNAL,
+            Some(TrafficPolicy::Local) => SVC_F_EXTERNAL | SVC_F_DROP_EMPTY,
+        }
+}
+
+/// The `SOURCE_RANGES` key of one range of frontend `id`.
+fn range_key(id: u32, r: &Cidr) -> LpmKey<SrcRangeKey> {
+    LpmKey::new(
+        32 + u32::from(r.prefix),
+        SrcRangeKey {
+            svc_id: id.to_be(),
+            addr: ip_raw(r.addr),
+        },
+    )
 }
 
 /// The traffic policy `SvcValue::flags` say.
@@ -104,6 +126,19 @@ impl Dataplane {
                 Err(e) => return Err(e.into()),
             }
         }
+        let mut ranges: std::collections::BTreeMap<u32, Vec<Cidr>> = Default::default();
+        let mut range_keys = Vec::new();
+        for k in self.source_ranges.keys() {
+            let k = k?;
+            let data = k.data();
+            let id = u32::from_be(data.svc_id);
+            let prefix = k.prefix_len().saturating_sub(32).min(32) as u8;
+            ranges.entry(id).or_default().push(Cidr {
+                addr: Ipv4Addr::from(data.addr.to_ne_bytes()),
+                prefix,
+            });
+            range_keys.push(k);
+        }
         let mut live: HashSet<(u32, u32)> = HashSet::new();
         let mut used_ids = HashSet::new();
         let mut dropped = 0usize;
@@ -157,6 +192,13 @@ impl Dataplane {
                     name: format!("{fe} (adopted)"),
                     slots,
                     external: policy_of(val.flags),
+                    source_ranges: if val.flags & SVC_F_SOURCE_RANGES != 0 {
+                        let mut r = ranges.get(&val.id).cloned().unwrap_or_default();
+                        r.sort();
+                        r
+                    } else {
+                        Vec::new()
+                    },
                 },
             );
         }
@@ -168,6 +210,16 @@ impl Dataplane {
             .collect();
         for k in &orphans {
             self.slots.remove(k).or_else(ignore_missing)?;
+        }
+        for k in &range_keys {
+            let id = u32::from_be(k.data().svc_id);
+            if !self
+                .programmed
+                .values()
+                .any(|p| p.id == id && !p.source_ranges.is_empty())
+            {
+                self.source_ranges.remove(k).or_else(ignore_missing)?;
+            }
         }
         let max_id = used_ids.iter().copied().max().map_or(0, |m| m + 1);
         self.ids.next = max_id;
@@ -197,6 +249,7 @@ impl Dataplane {
                 .map(|(fe, p)| {
                     let svc = DesiredService {
                         external: p.external,
+                        source_ranges: p.source_ranges.clone(),
                         ..DesiredService::new(p.name.clone(), p.slots.iter().copied().collect())
                     };
                     (*fe, svc)
@@ -238,6 +291,11 @@ impl Dataplane {
                             .remove(&SlotKey { svc_id: p.id, slot })
                             .or_else(ignore_missing)?;
                     }
+                    for r in &p.source_ranges {
+                        self.source_ranges
+                            .remove(&range_key(p.id, r))
+                            .or_else(ignore_missing)?;
+                    }
                     gone_ids.insert(p.id);
                     stats.services_removed += 1;
                     stats.backends_removed += p.slots.len();
@@ -247,6 +305,7 @@ impl Dataplane {
                     name,
                     backends,
                     external,
+                    source_ranges,
                 } => {
                     if self.programmed.contains_key(frontend) {
                         bail!("service {frontend} is already programmed");
@@ -274,12 +333,20 @@ impl Dataplane {
                             )
                             .with_context(|| slot_table_hint(frontend))?;
                     }
+                    // Ranges before the frontend: it never admits everyone.
+                    for r in source_ranges {
+                        self.source_ranges
+                            .insert(&range_key(id, r), 1, 0)
+                            .with_context(|| {
+                                format!("writing loadBalancerSourceRanges of {frontend}")
+                            })?;
+                    }
                     self.services.insert(
                         svc_key(frontend),
                         SvcValue {
                             id,
                             count: slots.len() as u32,
-                            flags: svc_flags(*external),
+                            flags: svc_flags(*external, source_ranges),
                             _pad: 0,
                         },
                         0,
@@ -293,6 +360,7 @@ impl Dataplane {
                             name: name.clone(),
                             slots,
                             external: *external,
+                            source_ranges: source_ranges.clone(),
                         },
                     );
                 }
@@ -349,7 +417,7 @@ impl Dataplane {
                         SvcValue {
                             id: p.id,
                             count: new.len() as u32,
-                            flags: svc_flags(p.external),
+                            flags: svc_flags(p.external, &p.source_ranges),
                             _pad: 0,
                         },
                         0,

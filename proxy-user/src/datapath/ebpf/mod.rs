@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use aya::Ebpf;
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray};
 use proxy_common::*;
 
 use crate::datapath::{Datapath, FollowLinks, PacketCounters};
@@ -53,6 +53,7 @@ pub struct Dataplane {
     /// Written once at start ([`Dataplane::set_node_addrs`]), not pinned.
     node_ips: HashMap<MapData, u32, u32>,
     snat_addrs: HashMap<MapData, u32, u32>,
+    source_ranges: LpmTrie<MapData, SrcRangeKey, u32>,
     programmed: BTreeMap<Frontend, maps::Programmed>,
     ids: maps::IdAllocator,
     attachments: Vec<attach::Attachment>,

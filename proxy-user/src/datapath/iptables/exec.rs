@@ -81,7 +81,7 @@ pub(super) fn restore(input: &str) -> Result<()> {
     Ok(())
 }
 
-/// KUBE-SVC-/KUBE-SEP-/KUBE-EXT- chains present in the nat table.
+/// KUBE-SVC-/KUBE-SEP-/KUBE-EXT-/KUBE-FW- chains present in the nat table.
 pub(super) fn existing_service_chains() -> Vec<String> {
     let Ok(out) = Command::new("iptables-save").args(["-t", "nat"]).output() else {
         return Vec::new();
@@ -91,7 +91,7 @@ pub(super) fn existing_service_chains() -> Vec<String> {
         .filter_map(|l| l.strip_prefix(':'))
         .filter_map(|l| l.split_whitespace().next())
         .filter(|c| {
-            ["KUBE-SVC-", "KUBE-SEP-", "KUBE-EXT-"]
+            ["KUBE-SVC-", "KUBE-SEP-", "KUBE-EXT-", "KUBE-FW-"]
                 .iter()
                 .any(|p| c.starts_with(p))
         })

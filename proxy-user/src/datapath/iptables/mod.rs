@@ -38,13 +38,14 @@
 //! iptables, iptables-restore and conntrack.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
 use super::Datapath;
-use crate::model::{BackendAddr, DesiredService, DesiredState, Frontend, Proto, TrafficPolicy};
+use crate::model::{
+    BackendAddr, Cidr, DesiredService, DesiredState, Frontend, Proto, TrafficPolicy,
+};
 use crate::reconcile::{ApplyStats, Change};
 
 mod exec;
@@ -53,43 +54,14 @@ mod rules;
 use exec::{delete_jump, delete_udp_flows, ensure_jump, existing_service_chains, run};
 use rules::HOOKS;
 
-/// A CIDR given as `--cluster-cidr`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: Ipv4Addr,
-    pub prefix: u8,
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, p) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not a CIDR (a.b.c.d/n)"))?;
-        let addr = a
-            .parse()
-            .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
-        let prefix = p
-            .parse::<u8>()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| format!("{p:?} is not a prefix length 0-32"))?;
-        Ok(Cidr { addr, prefix })
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
 struct Svc {
     name: String,
     /// Endpoints in kube-proxy's order (sorted).
     backends: Vec<BackendAddr>,
     /// `None`: a ClusterIP.
     external: Option<TrafficPolicy>,
+    /// LoadBalancer address: only these clients (`KUBE-FW-`).
+    source_ranges: Vec<Cidr>,
 }
 
 pub struct Iptables {
@@ -137,6 +109,7 @@ impl Iptables {
                     name,
                     backends,
                     external,
+                    source_ranges,
                 } => {
                     stats.services_added += 1;
                     stats.backends_added += backends.len();
@@ -146,6 +119,7 @@ impl Iptables {
                             name: name.clone(),
                             backends: backends.iter().copied().collect(),
                             external: *external,
+                            source_ranges: source_ranges.clone(),
                         },
                     );
                 }
@@ -221,6 +195,7 @@ impl Iptables {
                         *fe,
                         DesiredService {
                             external: s.external,
+                            source_ranges: s.source_ranges.clone(),
                             ..DesiredService::new(
                                 s.name.clone(),
                                 s.backends.iter().copied().collect(),
@@ -256,6 +231,7 @@ impl Iptables {
                 "KUBE-SERVICES",
                 "KUBE-NODEPORTS",
                 "KUBE-MARK-MASQ",
+                "KUBE-MARK-DROP",
                 "KUBE-POSTROUTING",
             ]
             .map(String::from),

@@ -10,6 +10,8 @@ use super::{Iptables, Svc};
 use crate::model::{BackendAddr, Frontend, Proto, TrafficPolicy};
 
 const MASQ_MARK: &str = "0x4000/0x4000";
+/// Set in nat on traffic `loadBalancerSourceRanges` refuse; dropped in filter.
+const DROP_MARK: &str = "0x8000/0x8000";
 
 fn hash_name(prefix: &str, parts: &[&str]) -> String {
     let mut h = Sha256::new();
@@ -45,9 +47,24 @@ fn ext_chain(fe: &Frontend, name: &str) -> String {
     )
 }
 
+/// The source-range check of a LoadBalancer address.
+fn fw_chain(fe: &Frontend, name: &str) -> String {
+    hash_name(
+        "KUBE-FW-",
+        &[
+            name,
+            proto_arg(fe.proto),
+            &fe.ip.to_string(),
+            &fe.port.to_string(),
+        ],
+    )
+}
+
 /// The chain a frontend's dispatch rule jumps to.
 fn entry_chain(fe: &Frontend, svc: &Svc) -> String {
-    if svc.external.is_some() {
+    if !svc.source_ranges.is_empty() {
+        fw_chain(fe, &svc.name)
+    } else if svc.external.is_some() {
         ext_chain(fe, &svc.name)
     } else {
         svc_chain(fe, &svc.name)
@@ -121,7 +138,26 @@ impl Iptables {
             return;
         }
         let p = proto_arg(fe.proto);
-        let chain = entry_chain(fe, svc);
+        let mut chain = entry_chain(fe, svc);
+        if !svc.source_ranges.is_empty() {
+            let ext = ext_chain(fe, &svc.name);
+            let mut fw: Vec<String> = svc
+                .source_ranges
+                .iter()
+                .map(|r| {
+                    format!(
+                        "-A {chain} -m comment --comment \"{} loadbalancer IP\" -s {r} -j {ext}",
+                        svc.name
+                    )
+                })
+                .collect();
+            fw.push(format!(
+                "-A {chain} -m comment --comment \"other traffic to {} will be dropped\" -j KUBE-MARK-DROP",
+                svc.name
+            ));
+            out.insert(chain, fw);
+            chain = ext;
+        }
         let mut rules = Vec::new();
         if svc.external == Some(TrafficPolicy::Cluster) {
             rules.push(format!(
@@ -172,7 +208,9 @@ impl Iptables {
             String::from("*filter\n:KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n");
         let mut nat = String::from("*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n");
         if !self.installed {
-            nat.push_str(":KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n");
+            nat.push_str(
+                ":KUBE-MARK-MASQ - [0:0]\n:KUBE-MARK-DROP - [0:0]\n:KUBE-POSTROUTING - [0:0]\n",
+            );
         }
         let changed: Vec<&String> = new_chains
             .iter()
@@ -192,11 +230,17 @@ impl Iptables {
                 "-A KUBE-MARK-MASQ -j MARK --set-xmark {MASQ_MARK}\n"
             ));
             nat.push_str(&format!(
+                "-A KUBE-MARK-DROP -j MARK --set-xmark {DROP_MARK}\n"
+            ));
+            nat.push_str(&format!(
                 "-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK} -j RETURN\n"
             ));
             nat.push_str("-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n");
             nat.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n");
         }
+        filter.push_str(&format!(
+            "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"loadBalancerSourceRanges refused\" -m mark --mark {DROP_MARK} -j DROP\n"
+        ));
         let mut nodeports = String::new();
         for (fe, svc) in &self.services {
             let p = proto_arg(fe.proto);
@@ -295,6 +339,7 @@ mod tests {
                 .map(|i| BackendAddr::new([10, 0, 0, i].into(), 8080))
                 .collect(),
             external: None,
+            source_ranges: vec![],
         };
         let mut out = BTreeMap::new();
         ipt.render_svc(&fe(), &svc, &mut out);
@@ -324,6 +369,7 @@ mod tests {
             name: format!("default/s{n}"),
             backends: vec![BackendAddr::new([10, 0, 0, n].into(), 80)],
             external: None,
+            source_ranges: vec![],
         };
         let fe2 = Frontend { port: 81, ..fe() };
         ipt.services.insert(fe(), mk(1));
@@ -373,6 +419,7 @@ mod tests {
             name: "default/np:http".into(),
             backends,
             external,
+            source_ranges: vec![],
         };
         let one = vec![BackendAddr::new([10, 0, 0, 1].into(), 8080)];
         ipt.services
