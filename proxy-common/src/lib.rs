@@ -19,6 +19,7 @@
 //! | `GLOBAL_COUNTERS` | per-CPU array | `0` → [`Counters`] | ingress, egress | agent |
 //! | `NODE_IPS` | hash | node address (`u32`) → `u32` (unused, `1`) | agent (at start) | ingress |
 //! | `SNAT_ADDRS` | hash | ifindex (`u32`) → address (`u32`) | agent (at start) | ingress |
+//! | `XDP_COUNTERS` | per-CPU array | `0` → [`XdpCounters`] | XDP | agent |
 //! | `SOURCE_RANGES` | LPM trie | (prefix `32 + len`, [`SrcRangeKey`]) → `u32` (unused, `1`) | agent | ingress |
 //!
 //! North-south: a NodePort frontend is stored with address `0`
@@ -270,6 +271,41 @@ impl Counters {
     }
 }
 
+/// What the XDP program did, per CPU. The packets it sends itself are also
+/// counted per service and globally in [`Counters`]; those it passes on are
+/// counted there by TC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpCounters {
+    /// Translated and sent back out of the interface they came in on
+    /// (`XDP_TX`).
+    pub tx: u64,
+    /// Translated and redirected to another interface (`XDP_REDIRECT`).
+    pub redirected: u64,
+    /// Bytes of `tx` and `redirected` packets.
+    pub bytes: u64,
+    /// Service packets passed on to TC: a local endpoint, a refusal (TC
+    /// builds the ICMP error), an unresolved neighbour.
+    pub passed: u64,
+    /// Dropped: outside `loadBalancerSourceRanges`, `Local` policy without
+    /// local endpoints, or a flow that could not be opened.
+    pub dropped: u64,
+    /// Flows opened by XDP (its choice is recorded in conntrack; TC follows).
+    pub new_flows: u64,
+}
+
+impl XdpCounters {
+    /// Adds `other` field by field (used to sum per-CPU values).
+    pub fn add(&mut self, other: &XdpCounters) {
+        self.tx += other.tx;
+        self.redirected += other.redirected;
+        self.bytes += other.bytes;
+        self.passed += other.passed;
+        self.dropped += other.dropped;
+        self.new_flows += other.new_flows;
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -283,6 +319,7 @@ mod pod {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for SrcRangeKey {}
+    unsafe impl aya::Pod for XdpCounters {}
     unsafe impl aya::Pod for Counters {}
 }
 
@@ -301,6 +338,7 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 16);
         assert_eq!(size_of::<FragKey>(), 12);
         assert_eq!(size_of::<SrcRangeKey>(), 8);
+        assert_eq!(size_of::<XdpCounters>(), 48);
         assert_eq!(size_of::<Counters>(), 64);
     }
 }

@@ -52,20 +52,19 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod flow;
 mod packet;
+mod xdp;
 
 use aya_ebpf::{
-    bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
-        bpf_fib_lookup as FibParams,
-    },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
-    macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    programs::TcContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_redirect, bpf_redirect_neigh},
+    macros::{classifier, map, xdp},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::{debug, warn};
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use flow::{Flow, FlowError, Target, Tuple};
 use packet::{Ipv4, L4Kind, Parsed};
 use proxy_common::*;
 
@@ -93,11 +92,13 @@ static SNAT_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODE_IPS, 0
 #[map]
 static SOURCE_RANGES: LpmTrie<SrcRangeKey, u32> =
     LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
+#[map]
+static XDP_COUNTERS: PerCpuArray<XdpCounters> = PerCpuArray::with_max_entries(1, 0);
 
-/// `AF_INET`, for the FIB lookup.
-const AF_INET: u8 = 2;
-/// How many SNAT ports a new flow tries before it is dropped.
-const SNAT_ATTEMPTS: u32 = 8;
+#[xdp]
+pub fn kproxy_xdp(ctx: XdpContext) -> u32 {
+    xdp::run(&ctx)
+}
 
 #[classifier]
 pub fn kproxy_ingress(ctx: TcContext) -> i32 {
@@ -116,37 +117,22 @@ pub fn kproxy_ingress(ctx: TcContext) -> i32 {
             hairpin_reply(&ctx, &ip, sport, dport)
         }
         L4Kind::Ports { sport, dport } => {
-            let key = SvcKey {
-                addr: ip.daddr,
-                port: dport,
+            let t = Tuple {
+                saddr: ip.saddr,
+                daddr: ip.daddr,
+                sport,
+                dport,
                 proto: ip.proto,
-                _pad: 0,
             };
-            let svc = match unsafe { SERVICES.get(key) } {
-                Some(svc) => *svc,
-                // Short path: anything that is not a frontend and not for
-                // the node leaves here.
-                None if unsafe { NODE_IPS.get(ip.daddr) }.is_none() => return TC_ACT_UNSPEC,
-                None => {
-                    if let Some(ct) = reply_entry(&ip, sport, dport)
-                        && ct.nat_addr != 0
-                    {
-                        return snat_reply(&ctx, &ip, ct);
-                    }
-                    let nodeport = SvcKey {
-                        addr: NODEPORT_ADDR,
-                        ..key
-                    };
-                    match unsafe { SERVICES.get(nodeport) } {
-                        Some(svc) => *svc,
-                        None => return TC_ACT_UNSPEC,
-                    }
-                }
+            let svc = match flow::target(&t) {
+                Target::None => return TC_ACT_UNSPEC,
+                Target::SnatReply(ct) => return snat_reply(&ctx, &ip, ct),
+                Target::Frontend(svc) => svc,
             };
             if cfg!(feature = "broken-for-tests") {
                 return TC_ACT_SHOT;
             }
-            if svc.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(svc.id, ip.saddr) {
+            if !flow::source_allowed(&svc, ip.saddr) {
                 return drop_packet(svc.id);
             }
             if svc.count == 0 {
@@ -155,7 +141,7 @@ pub fn kproxy_ingress(ctx: TcContext) -> i32 {
                 }
                 return reject(&ctx, &ip, svc.id);
             }
-            forward(&ctx, &ip, sport, dport, svc)
+            forward(&ctx, &ip, &t, svc)
         }
     }
 }
@@ -225,84 +211,27 @@ fn drop_packet(svc_id: u32) -> i32 {
 /// Client → frontend with at least one backend: keep the flow's backend or
 /// pick the next one round-robin, then rewrite the destination.
 #[inline(always)]
-fn forward(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16, svc: SvcValue) -> i32 {
-    let fwd = CtKey {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport,
-        dport,
-        proto: ip.proto,
-        dir: CT_DIR_FORWARD,
-        _pad: 0,
-    };
-    let mut new_flow = false;
-    // (address, port) the flow is source-NATed to; address 0: none.
-    let (backend, snat) = match unsafe { CONNTRACK.get(fwd) } {
-        Some(ct) => (
-            Backend {
-                addr: ct.addr,
-                port: ct.port,
-                flags: 0,
-            },
-            (ct.nat_addr, ct.nat_port),
-        ),
-        None => {
-            let Some(backend) = select_backend(svc) else {
+fn forward(ctx: &TcContext, ip: &Ipv4, t: &Tuple, svc: SvcValue) -> i32 {
+    let egress = |backend: u32| fib_ifindex(ctx, ip, ip.saddr, backend);
+    let Flow {
+        backend,
+        snat,
+        new: new_flow,
+    } = match flow::flow(t, svc, egress) {
+        Ok(f) => f,
+        Err(e) => {
+            if matches!(e, FlowError::NoBackend) {
                 warn!(
                     ctx,
                     "kproxy: service {} has no backend in its slots", svc.id
                 );
-                return drop_packet(svc.id);
-            };
-            let snat = if backend.flags & BACKEND_F_SNAT != 0 {
-                match new_snat(ctx, ip, sport, dport, svc.id, backend) {
-                    Some(snat) => snat,
-                    None => return drop_packet(svc.id),
-                }
-            } else {
-                // A hairpin flow's replies are addressed to the hairpin source.
-                let reply = CtKey {
-                    saddr: backend.addr,
-                    daddr: if backend.addr == ip.saddr {
-                        hairpin_addr()
-                    } else {
-                        ip.saddr
-                    },
-                    sport: backend.port,
-                    dport: sport,
-                    proto: ip.proto,
-                    dir: CT_DIR_REPLY,
-                    _pad: 0,
-                };
-                let to_frontend = CtValue {
-                    addr: ip.daddr,
-                    port: dport,
-                    nat_port: 0,
-                    svc_id: svc.id,
-                    nat_addr: 0,
-                };
-                // Reply entry first: once the forward entry exists a reply
-                // can come back, and it must find its way home.
-                if CONNTRACK.insert(reply, to_frontend, 0).is_err() {
-                    return drop_packet(svc.id);
-                }
-                (0, 0)
-            };
-            let to_backend = CtValue {
-                addr: backend.addr,
-                port: backend.port,
-                nat_port: snat.1,
-                svc_id: svc.id,
-                nat_addr: snat.0,
-            };
-            if CONNTRACK.insert(fwd, to_backend, 0).is_err() {
-                return drop_packet(svc.id);
             }
-            debug!(ctx, "kproxy: new flow for service {}", svc.id);
-            new_flow = true;
-            (backend, snat)
+            return drop_packet(svc.id);
         }
     };
+    if new_flow {
+        debug!(ctx, "kproxy: new flow for service {}", svc.id);
+    }
     if snat.0 != 0 {
         return forward_snat(ctx, ip, svc.id, backend, snat, new_flow);
     }
@@ -337,7 +266,7 @@ fn forward(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16, svc: SvcValue) ->
     }
     let hairpin = backend.addr == ip.saddr;
     if hairpin
-        && (packet::rewrite(ctx, ip, packet::Side::Source, hairpin_addr(), sport).is_err()
+        && (packet::rewrite(ctx, ip, packet::Side::Source, hairpin_addr(), t.sport).is_err()
             || packet::swap_macs(ctx).is_err())
     {
         return drop_packet(svc.id);
@@ -358,61 +287,6 @@ fn forward(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16, svc: SvcValue) ->
         return back_where_it_came_from(ctx);
     }
     TC_ACT_OK
-}
-
-/// A new flow to a backend on another node: picks the node address of the
-/// egress interface and a source port no other flow to that backend uses
-/// (the client's own port first), and records the reply entry under it.
-/// Returns (address, port) or `None` (no route, no free port: dropped).
-#[inline(always)]
-fn new_snat(
-    ctx: &TcContext,
-    ip: &Ipv4,
-    sport: u16,
-    dport: u16,
-    svc_id: u32,
-    backend: Backend,
-) -> Option<(u32, u16)> {
-    let ifindex = fib_ifindex(ctx, ip, ip.saddr, backend.addr)?;
-    let addr = match unsafe { SNAT_ADDRS.get(ifindex) } {
-        Some(a) => *a,
-        None => *unsafe { SNAT_ADDRS.get(0u32) }?,
-    };
-    let to_client = CtValue {
-        addr: ip.daddr,
-        port: dport,
-        nat_port: sport,
-        svc_id,
-        nat_addr: ip.saddr,
-    };
-    let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
-    let mut attempt = 0u32;
-    while attempt < SNAT_ATTEMPTS {
-        let port = if attempt == 0 {
-            sport
-        } else {
-            let h = (ip.saddr ^ (u32::from(sport) << 16) ^ attempt.wrapping_mul(0x9e37_79b9))
-                .wrapping_mul(0x85eb_ca6b);
-            (SNAT_PORT_MIN + ((h >> 8) % span) as u16).to_be()
-        };
-        let reply = CtKey {
-            saddr: backend.addr,
-            daddr: addr,
-            sport: backend.port,
-            dport: port,
-            proto: ip.proto,
-            dir: CT_DIR_REPLY,
-            _pad: 0,
-        };
-        if CONNTRACK
-            .insert(reply, to_client, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            return Some((addr, port));
-        }
-        attempt += 1;
-    }
-    None
 }
 
 /// Client → backend on another node: destination to the backend, source to
@@ -477,23 +351,8 @@ fn snat_reply(ctx: &TcContext, ip: &Ipv4, ct: CtValue) -> i32 {
 /// packet that arrived on this one.
 #[inline(always)]
 fn fib_ifindex(ctx: &TcContext, ip: &Ipv4, saddr: u32, daddr: u32) -> Option<u32> {
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = ip.proto;
-    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    p.__bindgen_anon_3.ipv4_src = saddr;
-    p.__bindgen_anon_4.ipv4_dst = daddr;
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut p,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
-    // NO_NEIGH still names the interface; redirect_neigh resolves the MAC.
-    (rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH))
-        .then_some(p.ifindex)
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    flow::route(ctx.skb.skb as *mut _, ifindex, ip.proto, saddr, daddr).map(|r| r.ifindex)
 }
 
 /// Sends the packet out of `ifindex`, the neighbour subsystem filling in
@@ -503,22 +362,9 @@ fn redirect_neigh(ifindex: u32) -> i32 {
     unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 
-/// Whether `saddr` is in one of the frontend's `loadBalancerSourceRanges`.
-#[inline(always)]
-fn source_allowed(svc_id: u32, saddr: u32) -> bool {
-    let key = Key::new(
-        64,
-        SrcRangeKey {
-            svc_id: svc_id.to_be(),
-            addr: saddr,
-        },
-    );
-    SOURCE_RANGES.get(&key).is_some()
-}
-
 /// `HAIRPIN_SNAT_IP` as the IPv4 header holds it.
 #[inline(always)]
-fn hairpin_addr() -> u32 {
+pub(crate) fn hairpin_addr() -> u32 {
     u32::from_ne_bytes(HAIRPIN_SNAT_IP)
 }
 
@@ -546,21 +392,6 @@ fn hairpin_reply(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16) -> i32 {
     }
     count_packet(ct.svc_id, u64::from(ctx.len()));
     back_where_it_came_from(ctx)
-}
-
-/// Exact round-robin: one atomic cursor per service, shared by all CPUs.
-#[inline(always)]
-fn select_backend(svc: SvcValue) -> Option<Backend> {
-    let cursor = RR_CURSOR.get_ptr_mut(svc.id)?;
-    // SeqCst, not Relaxed: a Relaxed fetch-add whose result is used is
-    // miscompiled for BPF (returns the addend; llvm issue 210280).
-    let turn = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(cursor, 1) };
-    let slot = (turn % u64::from(svc.count)) as u32;
-    let key = SlotKey {
-        svc_id: svc.id,
-        slot,
-    };
-    unsafe { SLOTS.get(key) }.copied()
 }
 
 /// A non-first fragment carries no ports: follow the first fragment's choice.

@@ -303,12 +303,19 @@ pub fn build_port_unreachable(ctx: &TcContext, ip: &Ipv4) -> Result<(), ()> {
 /// RFC 1624 incremental update of a checksum for a 32-bit field change.
 /// Works on the raw (network-order) values as loaded from the packet.
 #[inline(always)]
-fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
+pub fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
     let sum = u64::from(!check)
         + u64::from(!from >> 16)
         + u64::from(!from & 0xffff)
         + u64::from(to >> 16)
         + u64::from(to & 0xffff);
+    !fold(sum)
+}
+
+/// [`csum_replace4`] for a 16-bit field.
+#[inline(always)]
+pub fn csum_replace2(check: u16, from: u16, to: u16) -> u16 {
+    let sum = u64::from(!check) + u64::from(!from) + u64::from(to);
     !fold(sum)
 }
 

@@ -16,8 +16,8 @@ use proxy_common::lifecycle::Event;
 use proxy_common::{MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS};
 use proxy_user::agent::{self, Started};
 use proxy_user::datapath::Datapath;
-use proxy_user::datapath::ebpf::NodeAddrs;
 use proxy_user::datapath::ebpf::{AttachMode, Dataplane, Following, LoadOptions};
+use proxy_user::datapath::ebpf::{NodeAddrs, XdpAttach};
 use proxy_user::datapath::iptables::Iptables;
 use proxy_user::links;
 use proxy_user::model::{Cidr, Node};
@@ -61,6 +61,12 @@ struct Args {
     /// to them like to --iface; iptables rules cover the namespace.
     #[arg(long, value_name = "IF[,IF…]", value_delimiter = ',')]
     external_iface: Vec<String>,
+    /// eBPF mode: the XDP fast path on --external-iface: source ranges and
+    /// `Local` drops, and flows to other nodes' endpoints translated and sent
+    /// before the stack. `native` runs in the driver (veth and most NICs),
+    /// `generic` on any interface (slower), `off` leaves it all to TC.
+    #[arg(long, value_enum, default_value = "native")]
+    xdp: XdpArg,
     /// The node's addresses, on which NodePorts answer (comma-separated;
     /// default: the IPv4 addresses of --external-iface). eBPF mode only:
     /// iptables matches every local address, as kube-proxy.
@@ -133,6 +139,13 @@ struct Args {
 enum Mode {
     Ebpf,
     Iptables,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum XdpArg {
+    Native,
+    Generic,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -281,6 +294,28 @@ fn start_ebpf(args: &Args) -> Result<Dataplane> {
                 mode: mode.to_string()
             }
         );
+    }
+    let xdp = match args.xdp {
+        XdpArg::Native => Some(XdpAttach::Native),
+        XdpArg::Generic => Some(XdpAttach::Generic),
+        XdpArg::Off => None,
+    };
+    if let Some(xdp) = xdp {
+        let mut seen: Vec<&String> = Vec::new();
+        for iface in args.external_iface.iter().filter(|i| !i.is_empty()) {
+            if seen.contains(&iface) {
+                continue;
+            }
+            seen.push(iface);
+            dp.attach_xdp(iface, xdp)?;
+            println!(
+                "{}",
+                Event::Attached {
+                    iface: iface.clone(),
+                    mode: xdp.to_string()
+                }
+            );
+        }
     }
     if !args.iface_prefix.is_empty() {
         let following = Following {

@@ -16,7 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use proxy_common::Counters;
+use proxy_common::{Counters, XdpCounters};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -29,6 +29,8 @@ type CounterField = fn(&Counters) -> u64;
 /// Datapath counters read at scrape time (eBPF mode).
 pub struct Snapshot {
     pub global: Counters,
+    /// When XDP is attached somewhere.
+    pub xdp: Option<XdpCounters>,
     pub conntrack_entries: usize,
     pub per_service: Vec<(Frontend, String, Counters)>,
 }
@@ -117,6 +119,28 @@ impl Metrics {
                 let c = Counter::<u64>::default();
                 c.inc_by(v);
                 reg.register(name, help, c);
+            }
+            if let Some(x) = &s.xdp {
+                for (name, help, v) in [
+                    ("xdp_tx", "Packets XDP translated and sent back out", x.tx),
+                    (
+                        "xdp_redirected",
+                        "Packets XDP translated and redirected to another interface",
+                        x.redirected,
+                    ),
+                    ("xdp_bytes", "Bytes XDP sent itself", x.bytes),
+                    (
+                        "xdp_passed",
+                        "Service packets XDP passed on to TC",
+                        x.passed,
+                    ),
+                    ("xdp_dropped", "Packets XDP dropped", x.dropped),
+                    ("xdp_new_flows", "Flows XDP opened", x.new_flows),
+                ] {
+                    let c = Counter::<u64>::default();
+                    c.inc_by(v);
+                    reg.register(name, help, c);
+                }
             }
             let ct = Gauge::<i64>::default();
             ct.set(s.conntrack_entries as i64);

@@ -207,3 +207,35 @@ pub fn udp_connect_error(
         Err(e) => Ok((e.kind(), elapsed)),
     }
 }
+
+/// `GET path` over HTTP/1.1 from inside `ns` to `addr`, reading until the
+/// server closes: the status code and the body.
+pub fn http_get(
+    ns: &Netns,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String)> {
+    let path = path.to_owned();
+    let text = ns.try_run(move || {
+        let mut s = TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("connect {addr}"))?;
+        s.set_read_timeout(Some(timeout))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no end of the head in {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    Ok((status, body.to_owned()))
+}

@@ -29,7 +29,9 @@ pub mod servers;
 pub mod topology;
 pub mod util;
 
-pub use client::{TcpSession, UdpSession, tcp_ask, tcp_connect_error, udp_ask, udp_connect_error};
+pub use client::{
+    TcpSession, UdpSession, http_get, tcp_ask, tcp_connect_error, udp_ask, udp_connect_error,
+};
 pub use fixture::Fixture;
 pub use kproxy::Kproxy;
 pub use manifest::{ManifestDir, endpointslice_yaml, multi_doc, service_yaml};

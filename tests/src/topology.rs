@@ -235,6 +235,25 @@ impl Topology {
         Ok(self.remote.as_ref().expect("just set"))
     }
 
+    /// Gives the outside namespaces' `eth0` (every client, the remote node)
+    /// the offloads of a NIC: transmit checksums computed in full (a veth
+    /// fed by a local socket otherwise leaves partial ones, which only the
+    /// skb knows about and an XDP program rewriting and forwarding the frame
+    /// would pass on wrong), and GRO, which lets a veth receive frames an
+    /// XDP program redirects into its peer.
+    pub fn nic_like_offloads(&self) -> Result<()> {
+        let outside = self
+            .clients
+            .iter()
+            .map(|c| &c.ns)
+            .chain(self.remote.as_ref().map(|r| &r.ns));
+        for ns in outside {
+            ns.exec("ethtool", &["-K", "eth0", "tx", "off", "gro", "on"])
+                .with_context(|| format!("ethtool -K eth0 in {}", ns.name()))?;
+        }
+        Ok(())
+    }
+
     /// The remote node, once added.
     pub fn remote_node(&self) -> &RemoteNode {
         self.remote

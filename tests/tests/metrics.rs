@@ -1,31 +1,16 @@
 //! /metrics, /healthz and /readyz of the agent, read from inside the node
 //! namespace (the default address is 127.0.0.1:10249 there).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::SocketAddr;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use kproxy_tests::fixture::{HTTP_PORT, VIP};
-use kproxy_tests::{Fixture, Mode, mode};
+use kproxy_tests::{Fixture, Mode, http_get, mode};
 
 fn get(f: &Fixture, path: &str) -> Result<(u16, String)> {
-    let path = path.to_string();
-    f.topo.node.try_run(move || {
-        let mut s = TcpStream::connect("127.0.0.1:10249").context("connect to metrics")?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        let status = out
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .context("HTTP status")?;
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
-    })
+    let addr = SocketAddr::from(([127, 0, 0, 1], 10249));
+    http_get(&f.topo.node, addr, path, Duration::from_secs(3))
 }
 
 /// The value of the first sample line starting with `prefix`.

@@ -25,7 +25,9 @@ use crate::util::{output, run, which};
 /// libprotobuf-dev (see [`check_protoc`]); the etcd tests, the `--store etcd`
 /// benchmark and users' etcd clusters run `/usr/bin/etcd` (etcd-server).
 /// bpftool: the cleanup and cluster tests and `bench cluster` read BPF links
-/// and maps with it. python3-venv: the Python client's own interpreter
+/// and maps with it. ethtool: the north-south tests give the outside
+/// namespaces' veths a NIC's offloads (full checksums on transmit, GRO so
+/// XDP can redirect into them). python3-venv: the Python client's own interpreter
 /// (see [`super::kubernetes::ensure_python_kubernetes`]).
 pub const APT_REQUIRED: &[&str] = &[
     "iproute2",
@@ -42,6 +44,7 @@ pub const APT_REQUIRED: &[&str] = &[
     "libprotobuf-dev",
     "etcd-server",
     "bpftool",
+    "ethtool",
     "python3-venv",
     // kcontrol's kubelet runs pod containers with crun, from a rootfs made of
     // busybox-static (see `ensure_busybox_rootfs`).
@@ -69,6 +72,7 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("sysctl", "procps"),
     ("modinfo", "kmod"),
     ("bpftool", "bpftool"),
+    ("ethtool", "ethtool"),
     ("crun", "crun"),
     ("busybox", "busybox-static"),
     ("etcd", "etcd-server"),

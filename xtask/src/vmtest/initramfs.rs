@@ -17,9 +17,10 @@ use super::protocol::{GUEST_DIR, GUEST_PLAN, GUEST_TEST_TIMEOUT, GuestPlan};
 use crate::util::{self, which};
 
 /// Host programs the tests call (`ip netns …`, `tc`, `sysctl`, `nsenter
-/// --net=`). Busybox would not do: its `ip` has no `netns` nor veth peers
-/// in another netns.
-const REQUIRED_TOOLS: &[&str] = &["ip", "tc", "sysctl", "nsenter"];
+/// --net=`, `ethtool -K` for the north-south topology's NIC-like veths).
+/// Busybox would not do: its `ip` has no `netns` nor veth peers in another
+/// netns.
+const REQUIRED_TOOLS: &[&str] = &["ip", "tc", "sysctl", "nsenter", "ethtool"];
 /// Copied when the host has them: `bpftool` (cleanup.rs checks links with
 /// it, and skips that part without it), iptables and `conntrack` (kproxy's
 /// iptables mode), `kubectl` (api.rs drives kcontrol with it; a static Go

@@ -151,7 +151,7 @@ impl Dataplane {
     /// Detaches from every interface; leaves no links, filters or qdiscs of
     /// ours behind. Returns the first error but tries every attachment.
     pub fn detach_all(&mut self) -> Result<()> {
-        let mut first_err = None;
+        let mut first_err = self.detach_xdp_all().err();
         for a in std::mem::take(&mut self.attachments) {
             let r1 = self
                 .program_mut(INGRESS_PROG)

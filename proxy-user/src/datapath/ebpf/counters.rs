@@ -34,6 +34,18 @@ impl Dataplane {
     }
 }
 
+impl Dataplane {
+    /// The XDP counters if XDP is attached anywhere (logged if unreadable).
+    fn xdp_report_counters(&self) -> Option<proxy_common::XdpCounters> {
+        if self.xdp_attached().is_empty() {
+            return None;
+        }
+        self.xdp_counters()
+            .map_err(|e| log::warn!("reading XDP counters: {e:#}"))
+            .ok()
+    }
+}
+
 fn sum(values: &PerCpuValues<Counters>) -> Result<Counters> {
     let mut total = Counters::default();
     for c in values.iter() {
@@ -47,6 +59,7 @@ impl PacketCounters for Dataplane {
         match (self.global_counters(), self.service_counters()) {
             (Ok(global), Ok(per_service)) => Some(Snapshot {
                 global,
+                xdp: self.xdp_report_counters(),
                 conntrack_entries: self.conntrack_entries(),
                 per_service,
             }),
@@ -74,6 +87,12 @@ impl PacketCounters for Dataplane {
                 self.conntrack_entries()
             )),
             Err(e) => log::warn!("reading counters: {e:#}"),
+        }
+        if let Some(x) = self.xdp_report_counters() {
+            lines.push(format!(
+                "kproxy: xdp tx={} redirected={} bytes={} passed={} dropped={} new_flows={}",
+                x.tx, x.redirected, x.bytes, x.passed, x.dropped, x.new_flows
+            ));
         }
         if let Ok(per_service) = self.service_counters() {
             for (fe, name, c) in per_service {

@@ -29,18 +29,21 @@ pub mod follow;
 pub mod load;
 pub mod maps;
 pub mod test_run;
+pub mod xdp;
 
 pub use attach::AttachMode;
 pub use follow::Following;
 pub use load::{LoadOptions, layout_tag};
 pub use maps::{backend_raw, ip_raw, svc_key};
 pub use test_run::TestRunOutput;
+pub use xdp::XdpAttach;
 
 /// The eBPF object built by `cargo xtask build`, embedded at compile time.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KPROXY_BPF_OBJ_PATH"));
 
 pub const INGRESS_PROG: &str = "kproxy_ingress";
 pub const EGRESS_PROG: &str = "kproxy_egress";
+pub const XDP_PROG: &str = "kproxy_xdp";
 
 pub struct Dataplane {
     bpf: Ebpf,
@@ -54,9 +57,11 @@ pub struct Dataplane {
     node_ips: HashMap<MapData, u32, u32>,
     snat_addrs: HashMap<MapData, u32, u32>,
     source_ranges: LpmTrie<MapData, SrcRangeKey, u32>,
+    xdp_counters: PerCpuArray<MapData, XdpCounters>,
     programmed: BTreeMap<Frontend, maps::Programmed>,
     ids: maps::IdAllocator,
     attachments: Vec<attach::Attachment>,
+    xdp_attachments: Vec<xdp::XdpAttachment>,
     nr_cpus: usize,
     /// `<pin_dir>/<layout tag>` when pinning.
     pin_root: Option<PathBuf>,

@@ -1,0 +1,290 @@
+//! What the TC and the XDP programs share: which frontend a packet is for,
+//! the flow it belongs to (conntrack, or a new one chosen round-robin and
+//! recorded), source-NAT port claims and FIB lookups. Packet access stays in
+//! each program (`packet.rs` for TC, `xdp.rs`), so a flow opened by XDP is
+//! continued by TC from conntrack and the other way round.
+
+use aya_ebpf::bindings::{
+    BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup as FibParams,
+};
+use aya_ebpf::helpers::bpf_fib_lookup;
+use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::cty::c_void;
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use proxy_common::*;
+
+use crate::{CONNTRACK, NODE_IPS, RR_CURSOR, SERVICES, SLOTS, SNAT_ADDRS, SOURCE_RANGES};
+
+/// `AF_INET`, for the FIB lookup.
+const AF_INET: u8 = 2;
+/// How many SNAT ports a new flow tries before it is dropped.
+const SNAT_ATTEMPTS: u32 = 8;
+
+/// A packet's addresses, ports and protocol, network order.
+#[derive(Clone, Copy)]
+pub struct Tuple {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+impl Tuple {
+    fn key(&self, dir: u8) -> CtKey {
+        CtKey {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            dir,
+            _pad: 0,
+        }
+    }
+
+    /// The reply-direction entry of this packet, if it is a reply of ours.
+    #[inline(always)]
+    pub fn reply_entry(&self) -> Option<CtValue> {
+        unsafe { CONNTRACK.get(self.key(CT_DIR_REPLY)) }.copied()
+    }
+}
+
+/// What a packet is for.
+pub enum Target {
+    /// Not ours.
+    None,
+    /// A frontend (ClusterIP, externalIP, LoadBalancer address, nodePort).
+    Frontend(SvcValue),
+    /// The reply of a source-NATed flow, addressed to the node.
+    SnatReply(CtValue),
+}
+
+/// Frontend lookup: the address itself, else — for a node address — a
+/// source-NAT reply, then the nodePort.
+#[inline(always)]
+pub fn target(t: &Tuple) -> Target {
+    let key = SvcKey {
+        addr: t.daddr,
+        port: t.dport,
+        proto: t.proto,
+        _pad: 0,
+    };
+    if let Some(svc) = unsafe { SERVICES.get(key) } {
+        return Target::Frontend(*svc);
+    }
+    // Short path: anything that is not a frontend and not for the node.
+    if unsafe { NODE_IPS.get(t.daddr) }.is_none() {
+        return Target::None;
+    }
+    if let Some(ct) = t.reply_entry()
+        && ct.nat_addr != 0
+    {
+        return Target::SnatReply(ct);
+    }
+    let nodeport = SvcKey {
+        addr: NODEPORT_ADDR,
+        ..key
+    };
+    match unsafe { SERVICES.get(nodeport) } {
+        Some(svc) => Target::Frontend(*svc),
+        None => Target::None,
+    }
+}
+
+/// Whether the client may reach the frontend (`loadBalancerSourceRanges`).
+#[inline(always)]
+pub fn source_allowed(svc: &SvcValue, saddr: u32) -> bool {
+    if svc.flags & SVC_F_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(
+        64,
+        SrcRangeKey {
+            svc_id: svc.id.to_be(),
+            addr: saddr,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
+}
+
+/// A flow to a frontend.
+pub struct Flow {
+    pub backend: Backend,
+    /// (address, port) it is source-NATed to; address 0: none.
+    pub snat: (u32, u16),
+    /// Opened by this packet.
+    pub new: bool,
+}
+
+pub enum FlowError {
+    /// `count > 0` but the slot is missing (never with a consistent table).
+    NoBackend,
+    /// No route to a remote backend, or no free source-NAT port.
+    NoSnat,
+    /// Conntrack refused an entry.
+    Conntrack,
+}
+
+/// The flow of a packet to `svc`: its conntrack entry, or a new flow — the
+/// next backend round-robin, recorded in both directions. `egress` names
+/// the interface a source-NATed flow to that backend address leaves by.
+#[inline(always)]
+pub fn flow(
+    t: &Tuple,
+    svc: SvcValue,
+    egress: impl FnOnce(u32) -> Option<u32>,
+) -> Result<Flow, FlowError> {
+    let fwd = t.key(CT_DIR_FORWARD);
+    if let Some(ct) = unsafe { CONNTRACK.get(fwd) } {
+        return Ok(Flow {
+            backend: Backend {
+                addr: ct.addr,
+                port: ct.port,
+                flags: 0,
+            },
+            snat: (ct.nat_addr, ct.nat_port),
+            new: false,
+        });
+    }
+    let backend = select_backend(svc).ok_or(FlowError::NoBackend)?;
+    let snat = if backend.flags & BACKEND_F_SNAT != 0 {
+        let ifindex = egress(backend.addr).ok_or(FlowError::NoSnat)?;
+        claim_snat(t, svc.id, backend, ifindex).ok_or(FlowError::NoSnat)?
+    } else {
+        // A hairpin flow's replies are addressed to the hairpin source.
+        let reply = CtKey {
+            saddr: backend.addr,
+            daddr: if backend.addr == t.saddr {
+                crate::hairpin_addr()
+            } else {
+                t.saddr
+            },
+            sport: backend.port,
+            dport: t.sport,
+            proto: t.proto,
+            dir: CT_DIR_REPLY,
+            _pad: 0,
+        };
+        let to_frontend = CtValue {
+            addr: t.daddr,
+            port: t.dport,
+            nat_port: 0,
+            svc_id: svc.id,
+            nat_addr: 0,
+        };
+        // Reply entry first: once the forward entry exists a reply can come
+        // back, and it must find its way home.
+        CONNTRACK
+            .insert(reply, to_frontend, 0)
+            .map_err(|_| FlowError::Conntrack)?;
+        (0, 0)
+    };
+    let to_backend = CtValue {
+        addr: backend.addr,
+        port: backend.port,
+        nat_port: snat.1,
+        svc_id: svc.id,
+        nat_addr: snat.0,
+    };
+    CONNTRACK
+        .insert(fwd, to_backend, 0)
+        .map_err(|_| FlowError::Conntrack)?;
+    Ok(Flow {
+        backend,
+        snat,
+        new: true,
+    })
+}
+
+/// Exact round-robin: one atomic cursor per service, shared by all CPUs.
+#[inline(always)]
+fn select_backend(svc: SvcValue) -> Option<Backend> {
+    let cursor = RR_CURSOR.get_ptr_mut(svc.id)?;
+    // SeqCst, not Relaxed: a Relaxed fetch-add whose result is used is
+    // miscompiled for BPF (returns the addend; llvm issue 210280).
+    let turn = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(cursor, 1) };
+    let slot = (turn % u64::from(svc.count)) as u32;
+    let key = SlotKey {
+        svc_id: svc.id,
+        slot,
+    };
+    unsafe { SLOTS.get(key) }.copied()
+}
+
+/// A new flow to a backend on another node: the node address of the egress
+/// interface and a source port no other flow to that backend uses (the
+/// client's own port first), with the reply entry recorded under it.
+#[inline(always)]
+fn claim_snat(t: &Tuple, svc_id: u32, backend: Backend, ifindex: u32) -> Option<(u32, u16)> {
+    let addr = match unsafe { SNAT_ADDRS.get(ifindex) } {
+        Some(a) => *a,
+        None => *unsafe { SNAT_ADDRS.get(0u32) }?,
+    };
+    let to_client = CtValue {
+        addr: t.daddr,
+        port: t.dport,
+        nat_port: t.sport,
+        svc_id,
+        nat_addr: t.saddr,
+    };
+    let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    let mut attempt = 0u32;
+    while attempt < SNAT_ATTEMPTS {
+        let port = if attempt == 0 {
+            t.sport
+        } else {
+            let h = (t.saddr ^ (u32::from(t.sport) << 16) ^ attempt.wrapping_mul(0x9e37_79b9))
+                .wrapping_mul(0x85eb_ca6b);
+            (SNAT_PORT_MIN + ((h >> 8) % span) as u16).to_be()
+        };
+        let reply = CtKey {
+            saddr: backend.addr,
+            daddr: addr,
+            sport: backend.port,
+            dport: port,
+            proto: t.proto,
+            dir: CT_DIR_REPLY,
+            _pad: 0,
+        };
+        if CONNTRACK
+            .insert(reply, to_client, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return Some((addr, port));
+        }
+        attempt += 1;
+    }
+    None
+}
+
+/// Where the kernel would forward `saddr → daddr` to: the interface and, if
+/// the neighbour is known, the MAC addresses.
+pub struct Route {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// The neighbour entry exists (the MACs are valid).
+    pub resolved: bool,
+}
+
+/// FIB lookup for a packet that arrived on `in_ifindex`; `ctx` is the
+/// program's context (skb or xdp_md).
+#[inline(always)]
+pub fn route(ctx: *mut c_void, in_ifindex: u32, proto: u8, saddr: u32, daddr: u32) -> Option<Route> {
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = proto;
+    p.ifindex = in_ifindex;
+    p.__bindgen_anon_3.ipv4_src = saddr;
+    p.__bindgen_anon_4.ipv4_dst = daddr;
+    let rc = unsafe { bpf_fib_lookup(ctx, &mut p, core::mem::size_of::<FibParams>() as i32, 0) };
+    let resolved = rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
+    // NO_NEIGH still names the interface; TC's redirect_neigh resolves it.
+    (resolved || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH)).then_some(Route {
+        ifindex: p.ifindex,
+        smac: p.smac,
+        dmac: p.dmac,
+        resolved,
+    })
+}
