@@ -23,9 +23,10 @@
 //! | `SOURCE_RANGES` | LPM trie | (prefix `32 + len`, [`SrcRangeKey`]) → `u32` (unused, `1`) | agent | ingress |
 //!
 //! North-south: a NodePort frontend is stored with address `0`
-//! ([`NODEPORT_ADDR`]) and matches a packet to *any* address in `NODE_IPS` on
-//! its port, so one frontend (one cursor, one set of slots) serves every node
-//! address. externalIPs and LoadBalancer ingress addresses are ordinary
+//! ([`NODEPORT_ADDR`]) and, with the same value (one id, one cursor, one set
+//! of slots), under every node address, so a packet to the node finds it in
+//! one lookup like a ClusterIP; the address-0 entry is the fallback for a
+//! packet to an address in `NODE_IPS` without an entry of its own. externalIPs and LoadBalancer ingress addresses are ordinary
 //! frontends with [`SVC_F_EXTERNAL`]. A backend of an external frontend that
 //! lives on another node carries [`BACKEND_F_SNAT`]: its flows leave with
 //! the node's address on the egress interface (`SNAT_ADDRS`, key `0` is the
@@ -93,8 +94,10 @@ pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// (external traffic, `Cluster` policy, endpoint on another node).
 pub const BACKEND_F_SNAT: u16 = 1;
 
-/// Source ports of SNAT flows are tried first as the client's own port,
-/// then drawn from this range (the kernel's default ephemeral range).
+/// Source ports of SNAT flows: the client's own port if it lies in this
+/// range (the kernel's default ephemeral range), else drawn from it. The
+/// nodePort range must stay below it, or a reply to the node could look
+/// like a packet to a nodePort.
 pub const SNAT_PORT_MIN: u16 = 32_768;
 pub const SNAT_PORT_MAX: u16 = 60_999;
 

@@ -229,7 +229,10 @@ fn claim_snat(t: &Tuple, svc_id: u32, backend: Backend, ifindex: u32) -> Option<
         nat_addr: t.saddr,
     };
     let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
-    let mut attempt = 0u32;
+    // The client's own port only from the SNAT range: below it live the
+    // nodePorts, which a reply to the node must never be mistaken for.
+    let own = u16::from_be(t.sport) >= SNAT_PORT_MIN;
+    let mut attempt = if own { 0 } else { 1 };
     while attempt < SNAT_ATTEMPTS {
         let port = if attempt == 0 {
             t.sport

@@ -345,6 +345,14 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     if lo > hi {
         return Err(format!("{s:?}: {lo} is above {hi}"));
     }
+    if hi >= proxy_common::SNAT_PORT_MIN {
+        return Err(format!(
+            "{s:?} reaches into the source-NAT port range {}-{}: nodePorts must stay below {}",
+            proxy_common::SNAT_PORT_MIN,
+            proxy_common::SNAT_PORT_MAX,
+            proxy_common::SNAT_PORT_MIN
+        ));
+    }
     Ok((lo, hi))
 }
 

@@ -6,6 +6,9 @@
 //!   mode in network namespaces; report and plots in bench/results/;
 //! - `dataplane`: `kproxy-bench dataplane` from proxy-user, the
 //!   BPF_PROG_TEST_RUN ns/packet table;
+//! - `nodeport`: `knodeport-bench` from bench/, NodePort traffic to a remote
+//!   endpoint through XDP, TC alone and iptables: ns/packet (test-run) and
+//!   forwarded packets per second; report and plot in bench/results/;
 //! - `apiserver [--store sqlite[,etcd]] [ARGS...]`: `kcontrol-bench` from
 //!   bench/ against a real `kcontrol apiserver` per store (10,000 Service
 //!   creates, watch delivery latency); report and plots in bench/results/.
@@ -36,6 +39,7 @@ pub(crate) fn split(args: &[String]) -> Result<(&'static str, &[String])> {
         None => Ok(("compare", args)),
         Some("compare") => Ok(("compare", &args[1..])),
         Some("dataplane") => Ok(("dataplane", &args[1..])),
+        Some("nodeport") => Ok(("nodeport", &args[1..])),
         Some("apiserver") => Ok(("apiserver", &args[1..])),
         Some("cluster") => Ok(("cluster", &args[1..])),
         Some("watch") => Ok(("watch", &args[1..])),
@@ -43,6 +47,7 @@ pub(crate) fn split(args: &[String]) -> Result<(&'static str, &[String])> {
         Some(other) => bail!(
             "unknown benchmark {other:?}: `cargo xtask bench [--quick]` (eBPF against iptables, \
              kproxy-compare), `cargo xtask bench dataplane [--quick]` (BPF_PROG_TEST_RUN) or \
+             `cargo xtask bench nodeport` (XDP vs TC vs iptables, NodePort to a remote endpoint) or \
              `cargo xtask bench apiserver [--quick] [--store sqlite,etcd]` (kcontrol apiserver) or \
              `cargo xtask bench cluster [--pods N]` (pod create → Running/Ready/programmed) or \
              `cargo xtask bench watch [--secs N] [--store sqlite,etcd]` (watch stress)"
@@ -252,6 +257,29 @@ pub fn run_bench(args: &[String]) -> Result<()> {
         }
         check_dataplane_table(&table, &DATAPLANE_SMOKE_SCALES)?;
         say!("==> smoke: the table has every figure for {scales} services");
+        return Ok(());
+    }
+    if what == "nodeport" {
+        let out = smoke.then(|| smoke::out_dir("nodeport"));
+        cmd.env("KNODEPORT_BENCH_INVOCATION", invocation(args))
+            .args([
+                "-p",
+                "kproxy-compare",
+                "--bin",
+                "knodeport-bench",
+                "--target-dir",
+            ])
+            .arg(util::target_dir())
+            .arg("--");
+        if let Some(dir) = &out {
+            smoke::fresh_dir(dir)?;
+            cmd.arg("--smoke").arg("--out").arg(dir);
+        }
+        cmd.args(rest);
+        run(&mut cmd)?;
+        if let Some(dir) = &out {
+            smoke::check_report(&dir.join("latest-nodeport-smoke.md"), 1)?;
+        }
         return Ok(());
     }
     // compare. Its own binary name: the package also has kcontrol-bench

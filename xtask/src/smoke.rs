@@ -36,6 +36,7 @@ pub const REUSE_BUILDS_ENV: &str = "XTASK_REUSE_BUILDS";
 pub const SMOKES: &[(&str, &[&str])] = &[
     ("bench compare", &["bench", "compare", "--smoke"]),
     ("bench dataplane", &["bench", "dataplane", "--smoke"]),
+    ("bench nodeport", &["bench", "nodeport", "--smoke"]),
     (
         "bench apiserver",
         &["bench", "apiserver", "--smoke", "--store", "sqlite,etcd"],

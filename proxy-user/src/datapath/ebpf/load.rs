@@ -219,6 +219,7 @@ impl Dataplane {
             snat_addrs: take(&mut bpf, "SNAT_ADDRS")?,
             source_ranges: take(&mut bpf, "SOURCE_RANGES")?,
             xdp_counters: take(&mut bpf, "XDP_COUNTERS")?,
+            node_addrs: Vec::new(),
             bpf,
             programmed: std::collections::BTreeMap::new(),
             ids: IdAllocator {

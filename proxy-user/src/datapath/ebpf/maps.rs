@@ -113,6 +113,60 @@ pub fn ip_raw(ip: Ipv4Addr) -> u32 {
 }
 
 impl Dataplane {
+    /// The `SERVICES` keys of a frontend: its own, and for a nodePort one
+    /// per node address too, so a packet to the node finds it in one lookup
+    /// like a ClusterIP (the address-0 entry stays as the fallback).
+    pub(super) fn frontend_keys(&self, fe: &Frontend) -> Vec<SvcKey> {
+        let key = svc_key(fe);
+        let mut keys = vec![key];
+        if fe.is_nodeport() {
+            keys.extend(self.node_addrs.iter().map(|&addr| SvcKey { addr, ..key }));
+        }
+        keys
+    }
+
+    /// Rewrites the node-address entries of every nodePort after the node
+    /// addresses changed (and drops those a previous agent left for
+    /// addresses that are no longer the node's).
+    pub(super) fn sync_nodeport_aliases(&mut self) -> Result<()> {
+        let nodeports: std::collections::HashMap<(u16, u8), u32> = self
+            .programmed
+            .iter()
+            .filter(|(fe, _)| fe.is_nodeport())
+            .map(|(fe, p)| {
+                let k = svc_key(fe);
+                ((k.port, k.proto), p.id)
+            })
+            .collect();
+        let stale: Vec<SvcKey> = self
+            .services
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter(|(k, v)| {
+                k.addr != NODEPORT_ADDR
+                    && !self.node_addrs.contains(&k.addr)
+                    && nodeports.get(&(k.port, k.proto)) == Some(&v.id)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            self.services.remove(k).or_else(ignore_missing)?;
+        }
+        let fes: Vec<Frontend> = self
+            .programmed
+            .keys()
+            .filter(|fe| fe.is_nodeport())
+            .copied()
+            .collect();
+        for fe in fes {
+            let value = self.services.get(&svc_key(&fe), 0)?;
+            for key in self.frontend_keys(&fe) {
+                self.services.insert(key, value, 0)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Rebuilds the agent's mirror from pinned maps left by a previous agent,
     /// dropping anything inconsistent (a service whose slots are incomplete,
     /// slots of no service or past a service's count). Conntrack is kept:
@@ -142,6 +196,19 @@ impl Dataplane {
         let mut live: HashSet<(u32, u32)> = HashSet::new();
         let mut used_ids = HashSet::new();
         let mut dropped = 0usize;
+        // A nodePort's entries under each node address share its id: they
+        // are aliases of the address-0 entry, rewritten by set_node_addrs.
+        let nodeports: HashSet<(u16, u8, u32)> = services
+            .iter()
+            .filter(|(k, _)| k.addr == NODEPORT_ADDR)
+            .map(|(k, v)| (k.port, k.proto, v.id))
+            .collect();
+        let services: Vec<(SvcKey, SvcValue)> = services
+            .into_iter()
+            .filter(|(k, v)| {
+                k.addr == NODEPORT_ADDR || !nodeports.contains(&(k.port, k.proto, v.id))
+            })
+            .collect();
         for (key, val) in services {
             let fe = Frontend {
                 ip: Ipv4Addr::from(key.addr.to_ne_bytes()),
@@ -283,9 +350,9 @@ impl Dataplane {
                         continue;
                     };
                     // Frontend first: from here packets pass untouched.
-                    self.services
-                        .remove(&svc_key(frontend))
-                        .or_else(ignore_missing)?;
+                    for key in self.frontend_keys(frontend) {
+                        self.services.remove(&key).or_else(ignore_missing)?;
+                    }
                     for slot in 0..p.slots.len() as u32 {
                         self.slots
                             .remove(&SlotKey { svc_id: p.id, slot })
@@ -341,16 +408,15 @@ impl Dataplane {
                                 format!("writing loadBalancerSourceRanges of {frontend}")
                             })?;
                     }
-                    self.services.insert(
-                        svc_key(frontend),
-                        SvcValue {
-                            id,
-                            count: slots.len() as u32,
-                            flags: svc_flags(*external, source_ranges),
-                            _pad: 0,
-                        },
-                        0,
-                    )?;
+                    let value = SvcValue {
+                        id,
+                        count: slots.len() as u32,
+                        flags: svc_flags(*external, source_ranges),
+                        _pad: 0,
+                    };
+                    for key in self.frontend_keys(frontend) {
+                        self.services.insert(key, value, 0)?;
+                    }
                     stats.services_added += 1;
                     stats.backends_added += slots.len();
                     self.programmed.insert(
@@ -377,6 +443,7 @@ impl Dataplane {
                     removed,
                     flush,
                 } => {
+                    let keys = self.frontend_keys(frontend);
                     let Some(p) = self.programmed.get_mut(frontend) else {
                         bail!("service {frontend} is not programmed");
                     };
@@ -412,16 +479,15 @@ impl Dataplane {
                         }
                     }
                     // 2. The new count makes them live.
-                    self.services.insert(
-                        svc_key(frontend),
-                        SvcValue {
-                            id: p.id,
-                            count: new.len() as u32,
-                            flags: svc_flags(p.external, &p.source_ranges),
-                            _pad: 0,
-                        },
-                        0,
-                    )?;
+                    let value = SvcValue {
+                        id: p.id,
+                        count: new.len() as u32,
+                        flags: svc_flags(p.external, &p.source_ranges),
+                        _pad: 0,
+                    };
+                    for key in keys {
+                        self.services.insert(key, value, 0)?;
+                    }
                     // 3. Slots past the new count are unreachable now.
                     for i in new.len()..old.len() {
                         self.slots

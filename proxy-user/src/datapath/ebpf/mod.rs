@@ -55,6 +55,9 @@ pub struct Dataplane {
     global_counters: PerCpuArray<MapData, Counters>,
     /// Written once at start ([`Dataplane::set_node_addrs`]), not pinned.
     node_ips: HashMap<MapData, u32, u32>,
+    /// The node addresses as written to `NODE_IPS` (nodePorts get a
+    /// `SERVICES` entry under each).
+    node_addrs: Vec<u32>,
     snat_addrs: HashMap<MapData, u32, u32>,
     source_ranges: LpmTrie<MapData, SrcRangeKey, u32>,
     xdp_counters: PerCpuArray<MapData, XdpCounters>,
@@ -104,7 +107,20 @@ impl Dataplane {
         if let Some(ip) = addrs.default_snat {
             self.snat_addrs.insert(0, ip_raw(ip), 0)?;
         }
-        Ok(())
+        let old = std::mem::replace(
+            &mut self.node_addrs,
+            addrs.node_ips.iter().map(|ip| ip_raw(*ip)).collect(),
+        );
+        // Entries under addresses no longer the node's go, new ones come.
+        for fe in self.programmed.keys().filter(|fe| fe.is_nodeport()) {
+            let key = svc_key(fe);
+            for addr in old.iter().filter(|a| !self.node_addrs.contains(a)) {
+                self.services
+                    .remove(&SvcKey { addr: *addr, ..key })
+                    .or_else(maps::ignore_missing)?;
+            }
+        }
+        self.sync_nodeport_aliases()
     }
 }
 
