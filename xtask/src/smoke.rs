@@ -487,6 +487,7 @@ Code: `[no](code-span.md)` and ``a `[no](double.md)` b``.
             [
                 "bench compare",
                 "bench dataplane",
+                "bench nodeport",
                 "bench apiserver",
                 "bench cluster",
                 "bench watch",
