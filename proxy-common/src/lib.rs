@@ -19,6 +19,7 @@
 //! | `GLOBAL_COUNTERS` | per-CPU array | `0` → [`Counters`] | ingress, egress | agent |
 //! | `NODE_IPS` | hash | node address (`u32`) → `u32` (unused, `1`) | agent (at start) | ingress |
 //! | `SNAT_ADDRS` | hash | ifindex (`u32`) → address (`u32`) | agent (at start) | ingress |
+//! | `ROUTES` | LRU hash | [`RouteKey`] → [`RouteEntry`] | ingress, XDP (a cache of FIB lookups) | ingress, XDP |
 //! | `XDP_COUNTERS` | per-CPU array | `0` → [`XdpCounters`] | XDP | agent |
 //! | `SOURCE_RANGES` | LPM trie | (prefix `32 + len`, [`SrcRangeKey`]) → `u32` (unused, `1`) | agent | ingress |
 //!
@@ -172,6 +173,33 @@ pub struct Backend {
     pub flags: u16,
 }
 
+/// How long a cached FIB result (`ROUTES`) is used before the FIB is asked
+/// again: a route or neighbour change reaches source-NATed flows within this.
+pub const ROUTE_CACHE_NS: u64 = 1_000_000_000;
+/// Capacity of `ROUTES`.
+pub const MAX_ROUTES: u32 = 65_536;
+
+/// Key of a cached FIB result: where to and from which interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RouteKey {
+    /// Destination address, network order.
+    pub daddr: u32,
+    pub in_ifindex: u32,
+}
+
+/// A cached FIB result with a resolved neighbour.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` when the FIB was asked.
+    pub stamp_ns: u64,
+}
+
 /// Data of a `SOURCE_RANGES` key: a frontend's service id, then a client
 /// network. Entries have prefix length `32 + cidr length`, so the service
 /// id always matches in full; a packet is looked up with prefix 64.
@@ -323,6 +351,8 @@ mod pod {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for SrcRangeKey {}
     unsafe impl aya::Pod for XdpCounters {}
+    unsafe impl aya::Pod for RouteKey {}
+    unsafe impl aya::Pod for RouteEntry {}
     unsafe impl aya::Pod for Counters {}
 }
 
@@ -342,6 +372,8 @@ mod tests {
         assert_eq!(size_of::<FragKey>(), 12);
         assert_eq!(size_of::<SrcRangeKey>(), 8);
         assert_eq!(size_of::<XdpCounters>(), 48);
+        assert_eq!(size_of::<RouteKey>(), 8);
+        assert_eq!(size_of::<RouteEntry>(), 32);
         assert_eq!(size_of::<Counters>(), 64);
     }
 }

@@ -7,13 +7,13 @@
 use aya_ebpf::bindings::{
     BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup as FibParams,
 };
-use aya_ebpf::helpers::bpf_fib_lookup;
+use aya_ebpf::helpers::{bpf_fib_lookup, bpf_ktime_get_ns};
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::cty::c_void;
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use proxy_common::*;
 
-use crate::{CONNTRACK, NODE_IPS, RR_CURSOR, SERVICES, SLOTS, SNAT_ADDRS, SOURCE_RANGES};
+use crate::{CONNTRACK, NODE_IPS, ROUTES, RR_CURSOR, SERVICES, SLOTS, SNAT_ADDRS, SOURCE_RANGES};
 
 /// `AF_INET`, for the FIB lookup.
 const AF_INET: u8 = 2;
@@ -271,10 +271,42 @@ pub struct Route {
     pub resolved: bool,
 }
 
-/// FIB lookup for a packet that arrived on `in_ifindex`; `ctx` is the
-/// program's context (skb or xdp_md).
+/// Where a packet that arrived on `in_ifindex` goes: a resolved result of
+/// the FIB cached in `ROUTES` for [`ROUTE_CACHE_NS`], else the FIB itself
+/// (a lookup costs more than the rest of the XDP path together); `ctx` is
+/// the program's context (skb or xdp_md).
 #[inline(always)]
 pub fn route(ctx: *mut c_void, in_ifindex: u32, proto: u8, saddr: u32, daddr: u32) -> Option<Route> {
+    let key = RouteKey { daddr, in_ifindex };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(e) = unsafe { ROUTES.get(key) }
+        && now.wrapping_sub(e.stamp_ns) < ROUTE_CACHE_NS
+    {
+        return Some(Route {
+            ifindex: e.ifindex,
+            smac: e.smac,
+            dmac: e.dmac,
+            resolved: true,
+        });
+    }
+    let r = fib(ctx, in_ifindex, proto, saddr, daddr)?;
+    if r.resolved {
+        let entry = RouteEntry {
+            ifindex: r.ifindex,
+            smac: r.smac,
+            dmac: r.dmac,
+            _pad: 0,
+            stamp_ns: now,
+        };
+        // Best effort: without the entry the next packet asks the FIB.
+        let _ = ROUTES.insert(key, entry, 0);
+    }
+    Some(r)
+}
+
+/// The FIB lookup itself.
+#[inline(always)]
+fn fib(ctx: *mut c_void, in_ifindex: u32, proto: u8, saddr: u32, daddr: u32) -> Option<Route> {
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = proto;

@@ -94,6 +94,8 @@ static SOURCE_RANGES: LpmTrie<SrcRangeKey, u32> =
     LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
 #[map]
 static XDP_COUNTERS: PerCpuArray<XdpCounters> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static ROUTES: LruHashMap<RouteKey, RouteEntry> = LruHashMap::with_max_entries(MAX_ROUTES, 0);
 
 #[xdp]
 pub fn kproxy_xdp(ctx: XdpContext) -> u32 {

@@ -53,7 +53,7 @@ fn main() -> Result<()> {
     if args.smoke {
         args.secs = 0.3;
         args.rounds = 1;
-        args.single_runs = 100;
+        args.single_runs = args.single_runs.min(100);
         args.repeat = 1000;
     }
     if args.secs <= 0.0 || args.rounds == 0 || args.single_runs == 0 || args.repeat == 0 {

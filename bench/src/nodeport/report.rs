@@ -82,11 +82,14 @@ pub fn write(out: &Out, env: &Environment, t: &Figures, pps: &[ModePps]) -> Resu
     let _ = writeln!(md, "Why, from the figures below:\n");
     let _ = writeln!(
         md,
-        "- XDP per packet: {:.1} ns against {:.1} ns for TC on the same established flow; \
-         XDP's floor (a packet that is not a service) is {:.1} ns, TC's {:.1} ns. XDP works on \
-         the raw frame: its checksum updates are arithmetic, where TC calls \
-         `bpf_l4_csum_replace` four times and `bpf_redirect_neigh` resolves the neighbour again.",
-        t.xdp_remote, t.tc_remote, t.xdp_miss, t.tc_miss
+        "- XDP per packet: {:.1} ns against {:.1} ns for TC on the same established flow. On \
+         this machine a test run of a packet that is not a service already costs {:.1} ns in \
+         XDP ({:.1} in TC), and an established flow XDP only looks up and passes on costs \
+         {:.1} ns: the lookups alone use the 100 ns budget here; the rest is the route (a \
+         cached FIB result), the rewrite and the redirect. XDP's checksum updates are \
+         arithmetic where TC calls `bpf_l4_csum_replace` four times, and TC's \
+         `bpf_redirect_neigh` resolves the neighbour again.",
+        t.xdp_remote, t.tc_remote, t.xdp_miss, t.tc_miss, t.xdp_local
     );
     let _ = writeln!(
         md,
@@ -167,7 +170,7 @@ pub fn write(out: &Out, env: &Environment, t: &Figures, pps: &[ModePps]) -> Resu
     let raw = json!({
         "date": env.date, "kernel": env.kernel, "cpu": env.cpu, "cores": env.cores,
         "test_run_ns": {
-            "xdp_remote": t.xdp_remote, "tc_remote": t.tc_remote,
+            "xdp_remote": t.xdp_remote, "xdp_local": t.xdp_local, "tc_remote": t.tc_remote,
             "xdp_miss": t.xdp_miss, "tc_miss": t.tc_miss,
             "tc_first_cluster_ip": t.tc_first_cluster_ip, "tc_first_nodeport": t.tc_first_nodeport,
             "overhead": t.overhead,
