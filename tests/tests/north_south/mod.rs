@@ -118,19 +118,12 @@ impl NorthSouth {
         let node2 = f.topo.remote_node();
         let remote = BackendServer::start(&node2.ns, REMOTE, node2.ip, TARGET_PORT)?;
         f.topo.nic_like_offloads()?;
-        let mut externals = f.topo.client_ifaces_on_node().join(",");
-        externals.push_str(&format!(",{}", node2.node_iface));
         for (file, obj) in objects {
             f.manifests
                 .write(file, &serde_json::to_string_pretty(obj)?)?;
         }
-        let mut extra = vec!["--node-name", "node1"];
-        if mode() == Mode::Ebpf {
-            extra.extend(["--external-iface", &externals]);
-            if xdp == Xdp::Off {
-                extra.extend(["--xdp", "off"]);
-            }
-        }
+        let extra = args(&f.topo, xdp);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         f.start_kproxy_with(&extra)?;
         Ok(NorthSouth { f, remote })
     }
@@ -458,11 +451,116 @@ pub fn load_balancer_source_ranges_admit_one_client_and_drop_another(xdp: Xdp) -
     Ok(())
 }
 
+/// kproxy's command line for these tests: `extra` plus the node name and,
+/// in eBPF mode, the external interfaces and the XDP setting.
+fn args(topo: &kproxy_tests::Topology, xdp: Xdp) -> Vec<String> {
+    let mut args: Vec<String> = vec!["--node-name".into(), "node1".into()];
+    if mode() == Mode::Ebpf {
+        let mut externals = topo.client_ifaces_on_node().join(",");
+        externals.push_str(&format!(",{}", topo.remote_node().node_iface));
+        args.extend(["--external-iface".into(), externals]);
+        if xdp == Xdp::Off {
+            args.extend(["--xdp".into(), "off".into()]);
+        }
+    }
+    args
+}
+
+/// Removes a pin directory however the test ends.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn a_restarted_agent_adopts_north_south_state_and_keeps_its_flows(xdp: Xdp) -> Result<()> {
+    use kproxy_tests::Kproxy;
+    use kproxy_tests::kproxy::Launch;
+    const FW_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 31);
+    let mut fw = service("fw", 55, 30086, "Cluster", &[], &[FW_IP]);
+    fw["spec"]["loadBalancerSourceRanges"] = json!(["10.0.1.2/32"]);
+    // Started like the other cases, then stopped: the topology and objects
+    // are what this case reuses; its agents pin under the host's bpffs.
+    let mut ns = NorthSouth::start(&[("fw-service.yaml", fw)], xdp)?;
+    let eps = ns.all_endpoints();
+    ns.f.manifests.write(
+        "np-service.yaml",
+        &serde_json::to_string(&np_objects("Cluster")[0].1)?,
+    )?;
+    ns.f.manifests
+        .write("np-slice.yaml", &serde_json::to_string(&slice("np", &eps))?)?;
+    ns.f.manifests.write(
+        "fw-slice.yaml",
+        &serde_json::to_string(&slice("fw", &eps[..2]))?,
+    )?;
+    ns.f.kproxy().wait_applied(Duration::from_secs(10))?;
+    ns.f.kproxy().stop(Duration::from_secs(10))?;
+    let pin = PinDir(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/kpt-ns-restart-{}",
+        std::process::id()
+    )));
+    let mut args = args(&ns.f.topo, xdp);
+    if mode() == Mode::Ebpf {
+        args.extend(["--pin-dir".into(), pin.0.display().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let start = |ns: &NorthSouth| -> Result<Kproxy> {
+        let mut kp = Kproxy::start_with(
+            &ns.f.topo.node,
+            ns.f.manifests.path(),
+            &ns.f.topo.client_ifaces_on_node(),
+            &args,
+            mode(),
+            Launch::NsenterNet,
+        )?;
+        kp.wait_ready()?;
+        Ok(kp)
+    };
+    let mut first = start(&ns)?;
+    // One connection per endpoint, the remote one source-NATed.
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        let mut s = ns.f.topo.tcp_session(NODE_IP, 30080, IO_TIMEOUT)?;
+        let name = s.ask()?;
+        sessions.push((s, name));
+    }
+    first.kill9()?;
+    // Established flows carry on without an agent.
+    for (s, name) in &mut sessions {
+        assert_eq!(&s.ask()?, name, "a flow moved while no agent ran");
+    }
+    let mut second = start(&ns)?;
+    for (s, name) in &mut sessions {
+        assert_eq!(
+            &s.ask()?,
+            name,
+            "a flow moved when the next agent adopted the datapath"
+        );
+    }
+    // The adopted nodePort still balances exactly (eBPF) over all three…
+    let names = ns.tcp_round(NODE_IP, 30080, spread_flows(3, 9))?;
+    assert_spread(&names, &[1, 2, REMOTE], "new flows after the restart");
+    // …and the adopted source ranges still admit one client and drop the
+    // other.
+    let (name, _) = ns.f.topo.clients()[0].tcp_ask(FW_IP, 80, IO_TIMEOUT)?;
+    backend_index(&name)?;
+    let (kind, took) = ns.f.topo.clients()[1].tcp_connect_error(FW_IP, 80, PROBE_TIMEOUT)?;
+    assert!(
+        matches!(kind, ErrorKind::TimedOut | ErrorKind::WouldBlock),
+        "refused client after the restart: {kind:?} after {took:?}"
+    );
+    let status = second.stop(Duration::from_secs(10))?;
+    assert!(status.success(), "second agent exit status {status:?}");
+    Ok(())
+}
+
 /// One `#[test]` per case, run with `$xdp`.
 #[macro_export]
 macro_rules! north_south_tests {
     ($xdp:expr) => {
-        north_south_tests!($xdp; nodeport_balances_over_local_and_remote_endpoints_with_snat_to_the_remote, external_ip_and_load_balancer_address_balance_like_the_nodeport, local_policy_keeps_the_client_address_and_only_local_endpoints, without_endpoints_cluster_refuses_and_local_drops, invalid_north_south_fields_are_rejected_and_the_rest_keeps_working, health_check_node_port_answers_the_local_endpoint_count, load_balancer_source_ranges_admit_one_client_and_drop_another);
+        north_south_tests!($xdp; a_restarted_agent_adopts_north_south_state_and_keeps_its_flows, nodeport_balances_over_local_and_remote_endpoints_with_snat_to_the_remote, external_ip_and_load_balancer_address_balance_like_the_nodeport, local_policy_keeps_the_client_address_and_only_local_endpoints, without_endpoints_cluster_refuses_and_local_drops, invalid_north_south_fields_are_rejected_and_the_rest_keeps_working, health_check_node_port_answers_the_local_endpoint_count, load_balancer_source_ranges_admit_one_client_and_drop_another);
     };
     ($xdp:expr; $($case:ident),* $(,)?) => {
         $(
