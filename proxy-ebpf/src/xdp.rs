@@ -106,7 +106,11 @@ fn parse(ctx: &XdpContext) -> Option<Tuple> {
         _ => return None,
     };
     let tot_len = usize::from(u16::from_be(unsafe { get(iph + 2) }));
-    if tot_len < IP_HLEN + l4_min || ctx.data() + ETH_HLEN + tot_len > ctx.data_end() {
+    // Compared as lengths, never added to a packet pointer: older
+    // verifiers (6.1) do not bound a byte-swapped value and refuse the
+    // pointer arithmetic; black_box keeps LLVM from folding it back.
+    let frame_len = core::hint::black_box(ctx.data_end() - ctx.data());
+    if tot_len < IP_HLEN + l4_min || ETH_HLEN + tot_len > frame_len {
         return None;
     }
     Some(t)

@@ -128,6 +128,7 @@ fn inside(single_runs: u32, repeat: u32) -> Result<Figures> {
         default_snat: Some(NODE),
     })?;
     dp.apply(&diff(&DesiredState::default(), &state()))?;
+    dp.load_xdp()?;
 
     let ns = |d: std::time::Duration| d.as_nanos() as f64;
     let best = |prog: &str, pkt: &[u8]| -> Result<f64> {

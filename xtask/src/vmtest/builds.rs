@@ -18,10 +18,13 @@ pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 /// `--quick`: the test binaries run on each kernel. One test file per
 /// behaviour that depends on the kernel: the attach path and its cleanup,
 /// re-attach after `kill -9` (tcx links vs a surviving clsact qdisc), DNAT
-/// with round-robin, reverse NAT, the ICMP reject, and every packet class
-/// through BPF_PROG_TEST_RUN (verifier and helpers of that kernel).
+/// with round-robin, reverse NAT, the ICMP reject, every packet class
+/// through BPF_PROG_TEST_RUN (verifier and helpers of that kernel), and the
+/// north-south path (FIB lookups, `bpf_redirect_neigh`, XDP on veth).
 const QUICK_TESTS: &[&str] = &[
     "packet_classes",
+    "north_south",
+    "xdp",
     "distribution",
     "reverse_nat",
     "reject",

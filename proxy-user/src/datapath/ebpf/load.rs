@@ -9,7 +9,7 @@ use aya::{Ebpf, EbpfLoader};
 use proxy_common::*;
 
 use super::maps::IdAllocator;
-use super::{BPF_OBJECT, Dataplane, EGRESS_PROG, INGRESS_PROG, XDP_PROG};
+use super::{BPF_OBJECT, Dataplane, EGRESS_PROG, INGRESS_PROG};
 
 /// Map sizes and in-kernel log level, chosen at load time.
 #[derive(Clone, Debug)]
@@ -201,12 +201,6 @@ impl Dataplane {
             prog.load()
                 .with_context(|| format!("the verifier rejected {name}"))?;
         }
-        let xdp: &mut aya::programs::Xdp = bpf
-            .program_mut(XDP_PROG)
-            .ok_or_else(|| anyhow!("program {XDP_PROG} missing from the eBPF object"))?
-            .try_into()?;
-        xdp.load()
-            .with_context(|| format!("the verifier rejected {XDP_PROG}"))?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
         Ok(Self {
             services: take(&mut bpf, "SERVICES")?,
@@ -220,6 +214,7 @@ impl Dataplane {
             source_ranges: take(&mut bpf, "SOURCE_RANGES")?,
             xdp_counters: take(&mut bpf, "XDP_COUNTERS")?,
             node_addrs: Vec::new(),
+            xdp_loaded: false,
             bpf,
             programmed: std::collections::BTreeMap::new(),
             ids: IdAllocator {

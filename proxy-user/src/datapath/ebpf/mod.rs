@@ -65,6 +65,9 @@ pub struct Dataplane {
     ids: maps::IdAllocator,
     attachments: Vec<attach::Attachment>,
     xdp_attachments: Vec<xdp::XdpAttachment>,
+    /// `kproxy_xdp` is verified only when first needed, so a kernel that
+    /// refuses it still runs everything else.
+    xdp_loaded: bool,
     nr_cpus: usize,
     /// `<pin_dir>/<layout tag>` when pinning.
     pin_root: Option<PathBuf>,

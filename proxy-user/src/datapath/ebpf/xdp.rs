@@ -47,6 +47,17 @@ impl Dataplane {
             .try_into()?)
     }
 
+    /// Loads (verifies) `kproxy_xdp` if that has not happened yet.
+    pub fn load_xdp(&mut self) -> Result<()> {
+        if !self.xdp_loaded {
+            self.xdp_program()?.load().with_context(|| {
+                format!("the verifier rejected {XDP_PROG} (--xdp off runs without it)")
+            })?;
+            self.xdp_loaded = true;
+        }
+        Ok(())
+    }
+
     /// Attaches `kproxy_xdp` to `iface`. With pinning, a link a previous
     /// agent pinned is taken over (no gap), else a new one is pinned.
     pub fn attach_xdp(&mut self, iface: &str, mode: XdpAttach) -> Result<()> {
@@ -54,6 +65,7 @@ impl Dataplane {
             .pin_root
             .as_ref()
             .map(|r| r.join("links").join(format!("{iface}_xdp")));
+        self.load_xdp()?;
         let flags = match mode {
             XdpAttach::Native => XdpMode::Driver,
             XdpAttach::Generic => XdpMode::Skb,
