@@ -1,5 +1,5 @@
 //! The XDP fast path itself (eBPF only): attached in driver mode to every
-//! external interface, sending source-NATed flows itself and counting them
+//! external interface (`ip -d link`, `bpftool net`), sending source-NATed flows itself and counting them
 //! in /metrics, and gone after SIGTERM. Its correctness is the north-south
 //! suite's (`north_south.rs` runs with it, `north_south_tc.rs` without).
 
@@ -28,6 +28,22 @@ fn xdp_on(node: &Netns, iface: &str) -> Result<Option<String>> {
         .map(str::to_owned))
 }
 
+/// The program ids `bpftool net` lists as attached in XDP driver mode on
+/// `iface`.
+fn bpftool_xdp_driver_ids(node: &Netns, iface: &str) -> Result<Vec<u64>> {
+    let out = node.exec("bpftool", &["-j", "net", "show", "dev", iface])?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("bpftool net: {out}"))?;
+    let sections = v.as_array().cloned().unwrap_or_default();
+    Ok(sections
+        .iter()
+        .filter_map(|s| s.get("xdp").and_then(|x| x.as_array()))
+        .flatten()
+        .filter(|e| e.get("mode").and_then(|m| m.as_str()) == Some("driver"))
+        .filter_map(|e| e.get("id").and_then(|i| i.as_u64()))
+        .collect())
+}
+
 /// A counter's value in the /metrics text.
 fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -50,6 +66,12 @@ fn xdp_is_attached_sends_remote_flows_counts_and_leaves_on_sigterm() -> Result<(
             xdp_on(&ns.f.topo.node, iface)?.as_deref(),
             Some("xdp"),
             "{iface}: XDP in driver mode"
+        );
+        let ids = bpftool_xdp_driver_ids(&ns.f.topo.node, iface)?;
+        assert_eq!(
+            ids.len(),
+            1,
+            "{iface}: bpftool net lists one XDP program: {ids:?}"
         );
     }
     let eps = ns.all_endpoints();
