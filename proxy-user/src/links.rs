@@ -169,6 +169,17 @@ pub fn ipv4_addrs(iface: &str) -> io::Result<(u32, Vec<std::net::Ipv4Addr>)> {
     if index == 0 {
         return Err(io::Error::last_os_error());
     }
+    let addrs = all_ipv4_addrs()?
+        .into_iter()
+        .filter(|(name, _)| name == iface)
+        .map(|(_, ip)| ip)
+        .collect();
+    Ok((index, addrs))
+}
+
+/// Every IPv4 address of the network namespace with its interface's name,
+/// from `getifaddrs(3)`.
+pub fn all_ipv4_addrs() -> io::Result<Vec<(String, std::net::Ipv4Addr)>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list freed below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -183,21 +194,22 @@ pub fn ipv4_addrs(iface: &str) -> io::Result<(u32, Vec<std::net::Ipv4Addr>)> {
         if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
             continue;
         }
-        // SAFETY: NUL-terminated name owned by the list.
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
         // SAFETY: ifa_addr is non-null; family says which sockaddr it is.
-        if name.to_bytes() != iface.as_bytes()
-            || i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET
-        {
+        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
             continue;
         }
+        // SAFETY: NUL-terminated name owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
         // SAFETY: AF_INET, so a sockaddr_in.
         let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-        out.push(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+        out.push((
+            name.to_string_lossy().into_owned(),
+            std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+        ));
     }
     // SAFETY: the list from getifaddrs, freed once.
     unsafe { libc::freeifaddrs(head) };
-    Ok((index, out))
+    Ok(out)
 }
 
 #[cfg(test)]

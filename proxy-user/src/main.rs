@@ -68,8 +68,9 @@ struct Args {
     #[arg(long, value_enum, default_value = "native")]
     xdp: XdpArg,
     /// The node's addresses, on which NodePorts answer (comma-separated;
-    /// default: the IPv4 addresses of --external-iface). eBPF mode only:
-    /// iptables matches every local address, as kube-proxy.
+    /// default: the IPv4 addresses of --external-iface, or without it every
+    /// non-loopback IPv4 address, read at start). eBPF mode only: iptables
+    /// matches every local address, as kube-proxy.
     #[arg(long, value_name = "IP[,IP…]", value_delimiter = ',')]
     node_ip: Vec<std::net::Ipv4Addr>,
     /// Valid nodePorts (the apiserver's --service-node-port-range): a
@@ -261,7 +262,7 @@ fn start_ebpf(args: &Args) -> Result<Dataplane> {
     }
     let addrs = node_addrs(args)?;
     if addrs.node_ips.is_empty() {
-        log::info!("no node addresses (--external-iface, --node-ip): NodePorts are not served");
+        log::info!("no node addresses: NodePorts are not served");
     } else {
         log::info!(
             "node addresses: {}",
@@ -367,10 +368,23 @@ fn node_name(args: &Args) -> String {
 }
 
 /// The node addresses: `--node-ip`, else every IPv4 address of the
-/// external interfaces; each external interface's first address for the
-/// source NAT of flows leaving through it.
+/// external interfaces, else (neither given) every non-loopback IPv4 address
+/// of the namespace, as kube-proxy serves nodePorts on all local addresses
+/// by default; each external interface's first address for the source NAT
+/// of flows leaving through it.
 fn node_addrs(args: &Args) -> Result<NodeAddrs> {
     let mut addrs = NodeAddrs::default();
+    if args.external_iface.iter().all(|i| i.is_empty()) && args.node_ip.is_empty() {
+        addrs.node_ips = links::all_ipv4_addrs()
+            .context("listing the node's addresses")?
+            .into_iter()
+            .map(|(_, ip)| ip)
+            .filter(|ip| !ip.is_loopback())
+            .collect();
+        addrs.node_ips.dedup();
+        addrs.default_snat = addrs.node_ips.first().copied();
+        return Ok(addrs);
+    }
     for iface in args.external_iface.iter().filter(|i| !i.is_empty()) {
         let (index, ips) = links::ipv4_addrs(iface)
             .with_context(|| format!("--external-iface {iface}: reading its addresses"))?;
