@@ -7,9 +7,9 @@
 use aya_ebpf::bindings::{
     BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup as FibParams,
 };
+use aya_ebpf::cty::c_void;
 use aya_ebpf::helpers::{bpf_fib_lookup, bpf_ktime_get_ns};
 use aya_ebpf::maps::lpm_trie::Key;
-use aya_ebpf::cty::c_void;
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use proxy_common::*;
 
@@ -276,7 +276,13 @@ pub struct Route {
 /// (a lookup costs more than the rest of the XDP path together); `ctx` is
 /// the program's context (skb or xdp_md).
 #[inline(always)]
-pub fn route(ctx: *mut c_void, in_ifindex: u32, proto: u8, saddr: u32, daddr: u32) -> Option<Route> {
+pub fn route(
+    ctx: *mut c_void,
+    in_ifindex: u32,
+    proto: u8,
+    saddr: u32,
+    daddr: u32,
+) -> Option<Route> {
     let key = RouteKey { daddr, in_ifindex };
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(e) = unsafe { ROUTES.get(key) }

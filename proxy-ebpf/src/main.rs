@@ -90,8 +90,7 @@ static NODE_IPS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODE_IPS, 0);
 #[map]
 static SNAT_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODE_IPS, 0);
 #[map]
-static SOURCE_RANGES: LpmTrie<SrcRangeKey, u32> =
-    LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
+static SOURCE_RANGES: LpmTrie<SrcRangeKey, u32> = LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
 #[map]
 static XDP_COUNTERS: PerCpuArray<XdpCounters> = PerCpuArray::with_max_entries(1, 0);
 #[map]

@@ -198,8 +198,8 @@ pub fn run(ctx: &XdpContext) -> u32 {
         Target::None => XDP_PASS,
         Target::SnatReply(ct) => {
             // Route first: a packet passed on must be untouched.
-            let Some(route) = flow::route(raw, in_ifindex, t.proto, ct.addr, ct.nat_addr)
-                .filter(|r| r.resolved)
+            let Some(route) =
+                flow::route(raw, in_ifindex, t.proto, ct.addr, ct.nat_addr).filter(|r| r.resolved)
             else {
                 return pass();
             };
