@@ -64,8 +64,9 @@ struct Args {
     /// eBPF mode: the XDP fast path on --external-iface: source ranges and
     /// `Local` drops, and flows to other nodes' endpoints translated and sent
     /// before the stack. `native` runs in the driver (veth and most NICs),
-    /// `generic` on any interface (slower), `off` leaves it all to TC.
-    #[arg(long, value_enum, default_value = "native")]
+    /// `generic` on any interface (slower), `auto` native where the driver
+    /// takes it and generic elsewhere, `off` leaves it all to TC.
+    #[arg(long, value_enum, default_value = "auto")]
     xdp: XdpArg,
     /// The node's addresses, on which NodePorts answer (comma-separated;
     /// default: the IPv4 addresses of --external-iface, or without it every
@@ -144,6 +145,7 @@ enum Mode {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum XdpArg {
+    Auto,
     Native,
     Generic,
     Off,
@@ -297,7 +299,7 @@ fn start_ebpf(args: &Args) -> Result<Dataplane> {
         );
     }
     let xdp = match args.xdp {
-        XdpArg::Native => Some(XdpAttach::Native),
+        XdpArg::Auto | XdpArg::Native => Some(XdpAttach::Native),
         XdpArg::Generic => Some(XdpAttach::Generic),
         XdpArg::Off => None,
     };
@@ -308,12 +310,20 @@ fn start_ebpf(args: &Args) -> Result<Dataplane> {
                 continue;
             }
             seen.push(iface);
-            dp.attach_xdp(iface, xdp)?;
+            let mode = match dp.attach_xdp(iface, xdp) {
+                Ok(()) => xdp,
+                Err(e) if args.xdp == XdpArg::Auto => {
+                    log::warn!("{iface}: native XDP refused ({e:#}); attaching generic XDP");
+                    dp.attach_xdp(iface, XdpAttach::Generic)?;
+                    XdpAttach::Generic
+                }
+                Err(e) => return Err(e),
+            };
             println!(
                 "{}",
                 Event::Attached {
                     iface: iface.clone(),
-                    mode: xdp.to_string()
+                    mode: mode.to_string()
                 }
             );
         }

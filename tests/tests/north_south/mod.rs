@@ -89,7 +89,7 @@ pub fn slice(service: &str, endpoints: &[(Ipv4Addr, &str)]) -> Value {
 /// How the eBPF datapath runs the external interfaces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Xdp {
-    /// kproxy's default (`--xdp native` in eBPF mode; iptables has none).
+    /// kproxy's default (`--xdp auto`: native on veth, in eBPF mode; iptables has none).
     Default,
     /// `--xdp off`: TC alone.
     Off,
