@@ -61,7 +61,7 @@ pub mod lifecycle;
 /// Version of the map layout below. Bump it whenever a key or value type
 /// changes meaning (sizes are checked separately): the agent refuses to reuse
 /// pinned maps of another version and recreates them.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Default capacity of `SERVICES` (frontends) and of the per-service arrays.
 pub const MAX_SERVICES: u32 = 131_072;
@@ -114,6 +114,20 @@ pub const IPPROTO_UDP: u8 = 17;
 /// program translates the reply back. kube-proxy masquerades such flows to
 /// the node's address instead.
 pub const HAIRPIN_SNAT_IP: [u8; 4] = [169, 254, 42, 1];
+
+/// Conntrack timeouts, after the last packet of the direction an entry
+/// serves (netfilter's defaults): an expired entry is deleted when a packet
+/// meets it and never translates again — a client port reused later for
+/// another connection must not be rewritten by a flow long gone.
+pub const CT_TCP_TIMEOUT_NS: u64 = 432_000 * 1_000_000_000;
+/// UDP (netfilter: 30 s unreplied, 120 s for a stream; one value here).
+pub const CT_UDP_TIMEOUT_NS: u64 = 120 * 1_000_000_000;
+/// Default TCP timeout once a FIN or RST was seen (`--conntrack-tcp-close-seconds`).
+pub const CT_TCP_CLOSE_TIMEOUT_NS: u64 = 10 * 1_000_000_000;
+/// Name of the read-only global the agent sets to the TCP close timeout.
+pub const CT_TCP_CLOSE_GLOBAL: &str = "KPROXY_CT_TCP_CLOSE_NS";
+/// `CtValue::flags`: a FIN or RST went through; the short timeout applies.
+pub const CT_F_CLOSING: u32 = 1;
 
 /// `CtKey::dir` of an entry keyed by the client → frontend tuple.
 pub const CT_DIR_FORWARD: u8 = 0;
@@ -249,6 +263,11 @@ pub struct CtValue {
     /// source-NATed to; reply entry: the client's address, restored as the
     /// reply's destination.
     pub nat_addr: u32,
+    /// `bpf_ktime_get_ns` of the last packet through this entry.
+    pub seen_ns: u64,
+    /// `CT_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
 }
 
 /// Key of a fragmented datagram in `FRAGS`: only the first fragment carries
@@ -368,7 +387,7 @@ mod tests {
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 16);
+        assert_eq!(size_of::<CtValue>(), 32);
         assert_eq!(size_of::<FragKey>(), 12);
         assert_eq!(size_of::<SrcRangeKey>(), 8);
         assert_eq!(size_of::<XdpCounters>(), 48);

@@ -20,7 +20,8 @@ const AF_INET: u8 = 2;
 /// How many SNAT ports a new flow tries before it is dropped.
 const SNAT_ATTEMPTS: u32 = 8;
 
-/// A packet's addresses, ports and protocol, network order.
+/// A packet's addresses, ports and protocol, network order, and its TCP
+/// flags (0 for UDP).
 #[derive(Clone, Copy)]
 pub struct Tuple {
     pub saddr: u32,
@@ -28,6 +29,40 @@ pub struct Tuple {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
+    pub tcp_flags: u8,
+}
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+/// The TCP close timeout the agent set (`--conntrack-tcp-close-seconds`).
+#[unsafe(no_mangle)]
+static KPROXY_CT_TCP_CLOSE_NS: u64 = CT_TCP_CLOSE_TIMEOUT_NS;
+
+/// The live conntrack entry under `key`: refreshed by this packet (and
+/// marked closing on a FIN or RST), or — past its timeout — deleted and
+/// `None`, so an expired flow never translates a packet again.
+#[inline(always)]
+pub fn ct_live(key: &CtKey, tcp_flags: u8) -> Option<CtValue> {
+    let p = CONNTRACK.get_ptr_mut(key)?;
+    let e = unsafe { &mut *p };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout = if key.proto != IPPROTO_TCP {
+        CT_UDP_TIMEOUT_NS
+    } else if e.flags & CT_F_CLOSING != 0 {
+        unsafe { core::ptr::read_volatile(&KPROXY_CT_TCP_CLOSE_NS) }
+    } else {
+        CT_TCP_TIMEOUT_NS
+    };
+    if now.wrapping_sub(e.seen_ns) > timeout {
+        let _ = CONNTRACK.remove(key);
+        return None;
+    }
+    e.seen_ns = now;
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        e.flags |= CT_F_CLOSING;
+    }
+    Some(*e)
 }
 
 impl Tuple {
@@ -43,10 +78,11 @@ impl Tuple {
         }
     }
 
-    /// The reply-direction entry of this packet, if it is a reply of ours.
+    /// The live reply-direction entry of this packet, if it is a reply of
+    /// ours.
     #[inline(always)]
     pub fn reply_entry(&self) -> Option<CtValue> {
-        unsafe { CONNTRACK.get(self.key(CT_DIR_REPLY)) }.copied()
+        ct_live(&self.key(CT_DIR_REPLY), self.tcp_flags)
     }
 }
 
@@ -136,7 +172,7 @@ pub fn flow(
     egress: impl FnOnce(u32) -> Option<u32>,
 ) -> Result<Flow, FlowError> {
     let fwd = t.key(CT_DIR_FORWARD);
-    if let Some(ct) = unsafe { CONNTRACK.get(fwd) } {
+    if let Some(ct) = ct_live(&fwd, t.tcp_flags) {
         return Ok(Flow {
             backend: Backend {
                 addr: ct.addr,
@@ -172,6 +208,9 @@ pub fn flow(
             nat_port: 0,
             svc_id: svc.id,
             nat_addr: 0,
+            seen_ns: now(),
+            flags: 0,
+            _pad: 0,
         };
         // Reply entry first: once the forward entry exists a reply can come
         // back, and it must find its way home.
@@ -186,6 +225,9 @@ pub fn flow(
         nat_port: snat.1,
         svc_id: svc.id,
         nat_addr: snat.0,
+        seen_ns: now(),
+        flags: 0,
+        _pad: 0,
     };
     CONNTRACK
         .insert(fwd, to_backend, 0)
@@ -195,6 +237,11 @@ pub fn flow(
         snat,
         new: true,
     })
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
 }
 
 /// Exact round-robin: one atomic cursor per service, shared by all CPUs.
@@ -227,6 +274,9 @@ fn claim_snat(t: &Tuple, svc_id: u32, backend: Backend, ifindex: u32) -> Option<
         nat_port: t.sport,
         svc_id,
         nat_addr: t.saddr,
+        seen_ns: now(),
+        flags: 0,
+        _pad: 0,
     };
     let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
     // The client's own port only from the SNAT range: below it live the

@@ -124,6 +124,7 @@ pub fn kproxy_ingress(ctx: TcContext) -> i32 {
                 sport,
                 dport,
                 proto: ip.proto,
+                tcp_flags: ip.tcp_flags,
             };
             let svc = match flow::target(&t) {
                 Target::None => return TC_ACT_UNSPEC,
@@ -185,7 +186,7 @@ fn reply_entry(ip: &Ipv4, sport: u16, dport: u16) -> Option<CtValue> {
         dir: CT_DIR_REPLY,
         _pad: 0,
     };
-    unsafe { CONNTRACK.get(key) }.copied()
+    flow::ct_live(&key, ip.tcp_flags)
 }
 
 /// Counts a translated packet of `len` bytes for the service and globally.

@@ -32,6 +32,8 @@ pub struct Ipv4 {
     pub ihl: usize,
     pub more_fragments: bool,
     pub l4: L4Kind,
+    /// TCP flags (0 for anything else).
+    pub tcp_flags: u8,
 }
 
 pub enum L4Kind {
@@ -123,6 +125,7 @@ pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
         ihl,
         more_fragments: frag & IP_MF != 0,
         l4: L4Kind::Other,
+        tcp_flags: 0,
     };
     let l4_min = match proto {
         IPPROTO_TCP => 20,
@@ -143,6 +146,13 @@ pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
         sport: unsafe { get(l4) },
         dport: unsafe { get(l4 + 2) },
     };
+    if proto == IPPROTO_TCP {
+        // The whole TCP header is linear (l4_min above).
+        let Some(flags) = at(ctx, ETH_HLEN + (ihl & 0x3c) + 13, 1) else {
+            return Parsed::Malformed;
+        };
+        ip.tcp_flags = unsafe { get(flags) };
+    }
     Parsed::Ipv4(ip)
 }
 

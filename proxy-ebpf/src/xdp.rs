@@ -93,12 +93,19 @@ fn parse(ctx: &XdpContext) -> Option<Tuple> {
     }
     let proto: u8 = unsafe { get(iph + 9) };
     let l4 = eth + L4_OFF;
+    let tcp_flags = if proto == IPPROTO_TCP {
+        let tcp = at(ctx, L4_OFF, 20)?;
+        unsafe { get::<u8>(tcp + 13) }
+    } else {
+        0
+    };
     let t = Tuple {
         saddr: unsafe { get(iph + 12) },
         daddr: unsafe { get(iph + 16) },
         sport: unsafe { get(l4) },
         dport: unsafe { get(l4 + 2) },
         proto,
+        tcp_flags,
     };
     let l4_min = match proto {
         IPPROTO_TCP => 20,

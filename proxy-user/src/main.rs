@@ -132,6 +132,11 @@ struct Args {
     /// disable.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
     metrics_addr: String,
+    /// How long a TCP flow's conntrack entries live after a FIN or RST went
+    /// through (netfilter's close/time-wait; idle TCP flows live 5 days, UDP
+    /// 120 s).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    conntrack_tcp_close_seconds: u64,
     /// Capacity of the LRU conntrack table (two entries per flow).
     #[arg(long, default_value_t = MAX_CONNTRACK, value_parser = clap::value_parser!(u32).range(2..))]
     conntrack_size: u32,
@@ -256,6 +261,7 @@ fn start_ebpf(args: &Args) -> Result<Dataplane> {
         conntrack_size: args.conntrack_size,
         bpf_log_level: args.bpf_log_level as u8,
         pin_dir: (!args.no_pin).then(|| args.pin_dir.clone()),
+        ct_tcp_close_ns: args.conntrack_tcp_close_seconds * 1_000_000_000,
     };
     let mut dp = Dataplane::load(&opts)?;
     dp.keep_on_exit(args.keep_datapath_on_exit);

@@ -37,6 +37,7 @@ fn dataplane() -> Dataplane {
         conntrack_size: 1024,
         bpf_log_level: 0,
         pin_dir: None,
+        ..LoadOptions::default()
     })
     .expect("load eBPF object (tests must run as root)");
     let mut state = DesiredState::default();

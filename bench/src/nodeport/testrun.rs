@@ -120,6 +120,7 @@ fn inside(single_runs: u32, repeat: u32) -> Result<Figures> {
         conntrack_size: 4 * single_runs + 1024,
         bpf_log_level: 0,
         pin_dir: None,
+        ..LoadOptions::default()
     })?;
     let v0 = proxy_user::links::ipv4_addrs("v0")?.0;
     dp.set_node_addrs(&NodeAddrs {

@@ -163,6 +163,7 @@ fn measure(n: u32, opts: &Opts) -> Result<Row> {
         conntrack_size: 2 * opts.single_runs + 1024,
         bpf_log_level: 0,
         pin_dir: None,
+        ..LoadOptions::default()
     };
     let mut dp = Dataplane::load(&load)?;
     let desired = state(n);

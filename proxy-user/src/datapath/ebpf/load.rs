@@ -23,6 +23,8 @@ pub struct LoadOptions {
     /// datapath outlives the agent (crash, `kill -9`, upgrade) and the next
     /// agent adopts it. `None`: nothing is pinned.
     pub pin_dir: Option<PathBuf>,
+    /// How long a TCP conntrack entry lives after a FIN or RST, in ns.
+    pub ct_tcp_close_ns: u64,
 }
 
 impl Default for LoadOptions {
@@ -33,6 +35,7 @@ impl Default for LoadOptions {
             conntrack_size: MAX_CONNTRACK,
             bpf_log_level: 0,
             pin_dir: None,
+            ct_tcp_close_ns: CT_TCP_CLOSE_TIMEOUT_NS,
         }
     }
 }
@@ -181,6 +184,7 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .override_global(aya_log::LEVEL, &opts.bpf_log_level, true)
+            .override_global(CT_TCP_CLOSE_GLOBAL, &opts.ct_tcp_close_ns, true)
             .map_max_entries("SERVICES", opts.max_services)
             .map_max_entries("RR_CURSOR", opts.max_services)
             .map_max_entries("SVC_COUNTERS", opts.max_services)
