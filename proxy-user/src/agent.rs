@@ -47,6 +47,8 @@ pub struct Config {
     pub node: Node,
     /// How often the manifests are checked (inotify is the fast path).
     pub poll_interval: Duration,
+    /// How often the datapath's own conntrack is swept (eBPF).
+    pub gc_interval: Duration,
     /// `HOST:PORT` for /metrics, /healthz and /readyz; `None`: not served.
     pub metrics_addr: Option<String>,
     /// On SIGINT/SIGTERM, leave the datapath in place, pinned under this
@@ -142,6 +144,9 @@ pub async fn run(config: Config, start: impl FnOnce() -> Result<Started>) -> Res
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut gc_tick = tokio::time::interval(config.gc_interval);
+    gc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut table_full = false;
     let mut generation = 1u64;
     // Set when an apply failed: the next round re-diffs the whole state.
     let mut resync = false;
@@ -161,6 +166,31 @@ pub async fn run(config: Config, start: impl FnOnce() -> Result<Started>) -> Res
                         }
                         Err(e) => log::warn!("reading link events: {e}"),
                     }
+                }
+                continue;
+            }
+            _ = gc_tick.tick() => {
+                if let Some(gc) = dp.conntrack_gc() {
+                    let r = gc.collect();
+                    metrics.ct_gc_runs.inc();
+                    metrics.ct_gc_deleted.inc_by(r.deleted as u64);
+                    metrics.ct_gc_seconds.set(r.took.as_secs_f64());
+                    metrics.ct_capacity.set(r.capacity as i64);
+                    let full = r.live * 10 >= r.capacity * 9;
+                    if full {
+                        metrics.ct_full.inc();
+                        if !table_full {
+                            log::warn!(
+                                "conntrack table {}/{} full: the least recently used flows are \
+                                 being evicted to make room (new flows are still served; raise \
+                                 --conntrack-size)",
+                                r.live,
+                                r.capacity
+                            );
+                        }
+                    }
+                    table_full = full;
+                    log::debug!("conntrack sweep: {r:?}");
                 }
                 continue;
             }

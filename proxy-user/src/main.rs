@@ -137,6 +137,10 @@ struct Args {
     /// 120 s).
     #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     conntrack_tcp_close_seconds: u64,
+    /// How often the agent sweeps expired entries out of the conntrack table
+    /// (eBPF; the programs also drop an expired entry a packet meets).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    conntrack_gc_interval_seconds: u64,
     /// Capacity of the LRU conntrack table (two entries per flow).
     #[arg(long, default_value_t = MAX_CONNTRACK, value_parser = clap::value_parser!(u32).range(2..))]
     conntrack_size: u32,
@@ -202,6 +206,7 @@ fn config(args: &Args) -> agent::Config {
             node_port_range: args.node_port_range,
         },
         poll_interval: Duration::from_millis(args.poll_interval_ms),
+        gc_interval: Duration::from_secs(args.conntrack_gc_interval_seconds),
         metrics_addr: (args.metrics_addr != "off").then(|| args.metrics_addr.clone()),
         leave_pinned_under: (args.keep_datapath_on_exit && args.mode == Mode::Ebpf && !args.no_pin)
             .then(|| args.pin_dir.clone()),

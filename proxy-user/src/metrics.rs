@@ -50,6 +50,13 @@ pub struct Metrics {
     pub backends: Gauge,
     pub sync_errors: Counter,
     pub manifests_rejected: Counter,
+    /// Conntrack garbage collection (eBPF).
+    pub ct_gc_runs: Counter,
+    pub ct_gc_deleted: Counter,
+    pub ct_gc_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Sweeps that found the table at least 90 % full.
+    pub ct_full: Counter,
+    pub ct_capacity: Gauge,
     pub ready: Arc<AtomicBool>,
 }
 
@@ -68,6 +75,11 @@ impl Metrics {
             backends: Gauge::default(),
             sync_errors: Counter::default(),
             manifests_rejected: Counter::default(),
+            ct_gc_runs: Counter::default(),
+            ct_gc_deleted: Counter::default(),
+            ct_gc_seconds: Gauge::default(),
+            ct_full: Counter::default(),
+            ct_capacity: Gauge::default(),
             ready: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -96,6 +108,33 @@ impl Metrics {
             "Manifest files rejected (previous state kept)",
             self.manifests_rejected.clone(),
         );
+        if snap.is_some() {
+            reg.register(
+                "conntrack_gc_runs",
+                "Conntrack garbage-collection sweeps",
+                self.ct_gc_runs.clone(),
+            );
+            reg.register(
+                "conntrack_gc_deleted",
+                "Expired conntrack entries the sweeps deleted",
+                self.ct_gc_deleted.clone(),
+            );
+            reg.register(
+                "conntrack_gc_last_seconds",
+                "Duration of the last sweep",
+                self.ct_gc_seconds.clone(),
+            );
+            reg.register(
+                "conntrack_full",
+                "Sweeps that found the conntrack table at least 90 % full (LRU eviction of live flows)",
+                self.ct_full.clone(),
+            );
+            reg.register(
+                "conntrack_capacity",
+                "Conntrack table capacity (entries)",
+                self.ct_capacity.clone(),
+            );
+        }
         if let Some(s) = snap {
             let g = &s.global;
             for (name, help, v) in [

@@ -26,13 +26,14 @@ const TESTS_DIR: &str = "tests/tests";
 /// Integration test targets that exist only for the eBPF datapath: the eBPF
 /// object itself (BPF_PROG_TEST_RUN), attaching to interfaces as they appear,
 /// `--attach netlink`, the north-south cases with `--xdp off` and the XDP
-/// program's own checks, and the cluster (which runs kproxy in eBPF mode). Not
+/// program's own checks, the conntrack sweep, and the cluster (which runs kproxy in eBPF mode). Not
 /// generated for the iptables step; each fails with a message when run with
 /// `KPROXY_MODE=iptables`.
 const EBPF_ONLY_TESTS: &[&str] = &[
     "packet_classes",
     "north_south_tc",
     "xdp",
+    "conntrack_gc",
     "follow_links",
     "cluster_e2e",
     "cleanup_netlink",

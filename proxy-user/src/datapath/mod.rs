@@ -59,6 +59,30 @@ pub trait Datapath {
     fn follow_links(&mut self) -> Option<&mut dyn FollowLinks> {
         None
     }
+
+    /// The conntrack garbage collector, if this datapath keeps its own
+    /// conntrack (eBPF; iptables relies on netfilter's).
+    fn conntrack_gc(&mut self) -> Option<&mut dyn ConntrackGc> {
+        None
+    }
+}
+
+/// What one garbage-collection sweep found.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GcReport {
+    /// Entries left.
+    pub live: usize,
+    /// Expired entries deleted.
+    pub deleted: usize,
+    /// The table's capacity.
+    pub capacity: usize,
+    pub took: std::time::Duration,
+}
+
+/// A datapath with a conntrack of its own to sweep.
+pub trait ConntrackGc {
+    /// Deletes expired entries.
+    fn collect(&mut self) -> GcReport;
 }
 
 /// Packet counters kept by the datapath.

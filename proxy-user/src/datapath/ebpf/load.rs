@@ -219,6 +219,8 @@ impl Dataplane {
             xdp_counters: take(&mut bpf, "XDP_COUNTERS")?,
             node_addrs: Vec::new(),
             xdp_loaded: false,
+            ct_tcp_close_ns: opts.ct_tcp_close_ns,
+            ct_capacity: opts.conntrack_size as usize,
             bpf,
             programmed: std::collections::BTreeMap::new(),
             ids: IdAllocator {

@@ -19,13 +19,14 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray};
 use proxy_common::*;
 
-use crate::datapath::{Datapath, FollowLinks, PacketCounters};
+use crate::datapath::{ConntrackGc, Datapath, FollowLinks, PacketCounters};
 use crate::model::{DesiredState, Frontend};
 use crate::reconcile::{ApplyStats, Change};
 
 pub mod attach;
 pub mod counters;
 pub mod follow;
+pub mod gc;
 pub mod load;
 pub mod maps;
 pub mod test_run;
@@ -65,6 +66,10 @@ pub struct Dataplane {
     ids: maps::IdAllocator,
     attachments: Vec<attach::Attachment>,
     xdp_attachments: Vec<xdp::XdpAttachment>,
+    /// The TCP close timeout the programs were loaded with, and the
+    /// conntrack capacity (for the garbage collector).
+    ct_tcp_close_ns: u64,
+    ct_capacity: usize,
     /// `kproxy_xdp` is verified only when first needed, so a kernel that
     /// refuses it still runs everything else.
     xdp_loaded: bool,
@@ -160,6 +165,10 @@ impl Datapath for Dataplane {
     }
 
     fn counters(&self) -> Option<&dyn PacketCounters> {
+        Some(self)
+    }
+
+    fn conntrack_gc(&mut self) -> Option<&mut dyn ConntrackGc> {
         Some(self)
     }
 

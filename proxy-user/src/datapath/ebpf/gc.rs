@@ -1,0 +1,146 @@
+//! The conntrack garbage collector: the programs delete an expired entry
+//! when a packet meets it, and this sweep deletes the ones no packet meets
+//! again (a closed flow's entries, a client gone), so the LRU table holds
+//! live flows and its size means something.
+
+use std::time::Instant;
+
+use proxy_common::*;
+
+use super::Dataplane;
+use crate::datapath::{ConntrackGc, GcReport};
+
+/// `bpf_ktime_get_ns` as user space reads it: CLOCK_MONOTONIC.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Whether an entry last seen at `v.seen_ns` is past its timeout at `now`
+/// (the rule the programs apply in `flow.rs::ct_live`).
+pub fn expired(k: &CtKey, v: &CtValue, now: u64, tcp_close_ns: u64) -> bool {
+    let timeout = if k.proto != IPPROTO_TCP {
+        CT_UDP_TIMEOUT_NS
+    } else if v.flags & CT_F_CLOSING != 0 {
+        tcp_close_ns
+    } else {
+        CT_TCP_TIMEOUT_NS
+    };
+    now.saturating_sub(v.seen_ns) > timeout
+}
+
+impl ConntrackGc for Dataplane {
+    fn collect(&mut self) -> GcReport {
+        let started = Instant::now();
+        let now = monotonic_ns();
+        let mut scanned = 0usize;
+        let mut doomed = Vec::new();
+        for entry in self.conntrack.iter() {
+            let Ok((k, v)) = entry else { continue };
+            scanned += 1;
+            if expired(&k, &v, now, self.ct_tcp_close_ns) {
+                doomed.push(k);
+            }
+        }
+        let mut deleted = 0usize;
+        for k in &doomed {
+            // Refreshed by a packet since the scan: leave it.
+            match self.conntrack.get(k, 0) {
+                Ok(v)
+                    if expired(k, &v, monotonic_ns(), self.ct_tcp_close_ns)
+                        && self.conntrack.remove(k).is_ok() =>
+                {
+                    deleted += 1;
+                }
+                _ => {}
+            }
+        }
+        GcReport {
+            live: scanned - deleted,
+            deleted,
+            capacity: self.ct_capacity,
+            took: started.elapsed(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(proto: u8) -> CtKey {
+        CtKey {
+            saddr: 1,
+            daddr: 2,
+            sport: 3,
+            dport: 4,
+            proto,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        }
+    }
+
+    fn value(seen_ns: u64, flags: u32) -> CtValue {
+        CtValue {
+            addr: 5,
+            port: 6,
+            nat_port: 0,
+            svc_id: 0,
+            nat_addr: 0,
+            seen_ns,
+            flags,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn timeouts_follow_protocol_and_closing() {
+        let s = 1_000_000_000u64;
+        let close = 10 * s;
+        let t0 = 1_000 * s;
+        // UDP: 120 s.
+        assert!(!expired(
+            &key(IPPROTO_UDP),
+            &value(t0, 0),
+            t0 + 119 * s,
+            close
+        ));
+        assert!(expired(
+            &key(IPPROTO_UDP),
+            &value(t0, 0),
+            t0 + 121 * s,
+            close
+        ));
+        // TCP open: days; closing: the close timeout.
+        assert!(!expired(
+            &key(IPPROTO_TCP),
+            &value(t0, 0),
+            t0 + 3600 * s,
+            close
+        ));
+        assert!(expired(
+            &key(IPPROTO_TCP),
+            &value(t0, CT_F_CLOSING),
+            t0 + 11 * s,
+            close
+        ));
+        assert!(!expired(
+            &key(IPPROTO_TCP),
+            &value(t0, CT_F_CLOSING),
+            t0 + 9 * s,
+            close
+        ));
+        // A clock reading before the entry's (another CPU): not expired.
+        assert!(!expired(
+            &key(IPPROTO_TCP),
+            &value(t0, CT_F_CLOSING),
+            t0 - s,
+            close
+        ));
+    }
+}
