@@ -118,14 +118,7 @@ pub fn kproxy_ingress(ctx: TcContext) -> i32 {
             hairpin_reply(&ctx, &ip, sport, dport)
         }
         L4Kind::Ports { sport, dport } => {
-            let t = Tuple {
-                saddr: ip.saddr,
-                daddr: ip.daddr,
-                sport,
-                dport,
-                proto: ip.proto,
-                tcp_flags: ip.tcp_flags,
-            };
+            let t = tuple(&ip, sport, dport);
             let svc = match flow::target(&t) {
                 Target::None => return TC_ACT_UNSPEC,
                 Target::SnatReply(ct) => return snat_reply(&ctx, &ip, ct),
@@ -158,7 +151,7 @@ pub fn kproxy_egress(ctx: TcContext) -> i32 {
     let L4Kind::Ports { sport, dport } = ip.l4 else {
         return TC_ACT_UNSPEC;
     };
-    let Some(ct) = reply_entry(&ip, sport, dport) else {
+    let Some(ct) = tuple(&ip, sport, dport).reply_entry() else {
         return TC_ACT_UNSPEC;
     };
     // Replies of source-NATed flows are addressed to the node and handled
@@ -169,36 +162,36 @@ pub fn kproxy_egress(ctx: TcContext) -> i32 {
     if packet::rewrite(&ctx, &ip, packet::Side::Source, ct.addr, ct.port).is_err() {
         return drop_packet(ct.svc_id);
     }
-    count_packet(ct.svc_id, u64::from(ctx.len()));
+    count_packet(ct.svc_id, u64::from(ctx.len()), 0);
     TC_ACT_OK
 }
 
-/// The reply-direction conntrack entry of a packet: the frontend to restore
-/// as its source, if it belongs to one of our flows.
+/// A TCP/UDP packet's tuple, for `flow.rs`.
 #[inline(always)]
-fn reply_entry(ip: &Ipv4, sport: u16, dport: u16) -> Option<CtValue> {
-    let key = CtKey {
+fn tuple(ip: &Ipv4, sport: u16, dport: u16) -> Tuple {
+    Tuple {
         saddr: ip.saddr,
         daddr: ip.daddr,
         sport,
         dport,
         proto: ip.proto,
-        dir: CT_DIR_REPLY,
-        _pad: 0,
-    };
-    flow::ct_live(&key, ip.tcp_flags)
+        tcp_flags: ip.tcp_flags,
+    }
 }
 
-/// Counts a translated packet of `len` bytes for the service and globally.
+/// Counts a translated packet of `len` bytes, and the flows it opened
+/// (0 or 1), for the service and globally.
 #[inline(always)]
-fn count_packet(svc_id: u32, len: u64) {
+fn count_packet(svc_id: u32, len: u64, new_flows: u64) {
     count_service(svc_id, |c| {
         c.packets += 1;
         c.bytes += len;
+        c.new_flows += new_flows;
     });
     count_global(|c| {
         c.packets += 1;
         c.bytes += len;
+        c.new_flows += new_flows;
     });
 }
 
@@ -273,18 +266,7 @@ fn forward(ctx: &TcContext, ip: &Ipv4, t: &Tuple, svc: SvcValue) -> i32 {
     {
         return drop_packet(svc.id);
     }
-    let len = u64::from(ctx.len());
-    let flows = u64::from(new_flow);
-    count_service(svc.id, |c| {
-        c.packets += 1;
-        c.bytes += len;
-        c.new_flows += flows;
-    });
-    count_global(|c| {
-        c.packets += 1;
-        c.bytes += len;
-        c.new_flows += flows;
-    });
+    count_packet(svc.id, u64::from(ctx.len()), u64::from(new_flow));
     if hairpin {
         return back_where_it_came_from(ctx);
     }
@@ -317,18 +299,7 @@ fn forward_snat(
     {
         return drop_packet(svc_id);
     }
-    let len = u64::from(ctx.len());
-    let flows = u64::from(new_flow);
-    count_service(svc_id, |c| {
-        c.packets += 1;
-        c.bytes += len;
-        c.new_flows += flows;
-    });
-    count_global(|c| {
-        c.packets += 1;
-        c.bytes += len;
-        c.new_flows += flows;
-    });
+    count_packet(svc_id, u64::from(ctx.len()), u64::from(new_flow));
     redirect_neigh(ifindex)
 }
 
@@ -345,7 +316,7 @@ fn snat_reply(ctx: &TcContext, ip: &Ipv4, ct: CtValue) -> i32 {
     {
         return drop_packet(ct.svc_id);
     }
-    count_packet(ct.svc_id, u64::from(ctx.len()));
+    count_packet(ct.svc_id, u64::from(ctx.len()), 0);
     redirect_neigh(ifindex)
 }
 
@@ -383,7 +354,7 @@ fn back_where_it_came_from(ctx: &TcContext) -> i32 {
 /// address is not ours.
 #[inline(always)]
 fn hairpin_reply(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16) -> i32 {
-    let Some(ct) = reply_entry(ip, sport, dport) else {
+    let Some(ct) = tuple(ip, sport, dport).reply_entry() else {
         return TC_ACT_UNSPEC;
     };
     if packet::rewrite(ctx, ip, packet::Side::Source, ct.addr, ct.port).is_err()
@@ -392,7 +363,7 @@ fn hairpin_reply(ctx: &TcContext, ip: &Ipv4, sport: u16, dport: u16) -> i32 {
     {
         return drop_packet(ct.svc_id);
     }
-    count_packet(ct.svc_id, u64::from(ctx.len()));
+    count_packet(ct.svc_id, u64::from(ctx.len()), 0);
     back_where_it_came_from(ctx)
 }
 

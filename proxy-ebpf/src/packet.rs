@@ -79,13 +79,16 @@ fn at(ctx: &TcContext, off: usize, len: usize) -> Option<usize> {
     Some(p)
 }
 
+/// Reads a `T` at a packet address already bounds-checked (shared with
+/// `xdp.rs`).
 #[inline(always)]
-unsafe fn get<T: Copy>(p: usize) -> T {
+pub unsafe fn get<T: Copy>(p: usize) -> T {
     unsafe { *(p as *const T) }
 }
 
+/// Writes a `T` at a packet address already bounds-checked.
 #[inline(always)]
-unsafe fn put<T: Copy>(p: usize, v: T) {
+pub unsafe fn put<T: Copy>(p: usize, v: T) {
     unsafe { *(p as *mut T) = v }
 }
 

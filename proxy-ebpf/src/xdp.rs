@@ -25,8 +25,8 @@ use aya_ebpf::programs::XdpContext;
 use proxy_common::*;
 
 use crate::flow::{self, Route, Target, Tuple};
-use crate::packet::{csum_replace2, csum_replace4};
-use crate::{XDP_COUNTERS, count_global, count_service};
+use crate::packet::{csum_replace2, csum_replace4, get, put};
+use crate::{XDP_COUNTERS, count_global, count_packet, count_service};
 
 const ETH_HLEN: usize = 14;
 const IP_HLEN: usize = 20;
@@ -34,16 +34,6 @@ const L4_OFF: usize = ETH_HLEN + IP_HLEN;
 const ETH_P_IP: u16 = 0x0800;
 /// MF and the fragment offset: any fragment is left to TC.
 const IP_FRAG_MASK: u16 = 0x3fff;
-
-#[inline(always)]
-unsafe fn get<T: Copy>(p: usize) -> T {
-    unsafe { *(p as *const T) }
-}
-
-#[inline(always)]
-unsafe fn put<T: Copy>(p: usize, v: T) {
-    unsafe { *(p as *mut T) = v }
-}
 
 /// `len` bytes at `off`, bounds-checked for the verifier.
 #[inline(always)]
@@ -171,14 +161,8 @@ fn send(ctx: &XdpContext, route: &Route, in_ifindex: u32, svc_id: u32, new_flow:
     }
     let len = (ctx.data_end() - ctx.data()) as u64;
     let flows = u64::from(new_flow);
-    count_service(svc_id, |c| {
-        c.packets += 1;
-        c.bytes += len;
-    });
-    count_global(|c| {
-        c.packets += 1;
-        c.bytes += len;
-    });
+    // The flow was counted in Counters when it was opened.
+    count_packet(svc_id, len, 0);
     if route.ifindex == in_ifindex {
         count(|c| {
             c.tx += 1;
