@@ -292,13 +292,7 @@ fn start_ebpf(args: &Args) -> Result<Dataplane> {
     for name in dp.prune_stale_link_pins() {
         log::info!("removed pinned link {name}: its interface is gone");
     }
-    let mut ifaces: Vec<&String> = Vec::new();
-    for iface in args.iface.iter().chain(&args.external_iface) {
-        if !iface.is_empty() && !ifaces.contains(&iface) {
-            ifaces.push(iface);
-        }
-    }
-    for iface in ifaces {
+    for iface in distinct(args.iface.iter().chain(&args.external_iface)) {
         // On error `dp` drops and detaches what was attached so far.
         dp.attach(iface, mode)?;
         println!(
@@ -315,12 +309,7 @@ fn start_ebpf(args: &Args) -> Result<Dataplane> {
         XdpArg::Off => None,
     };
     if let Some(xdp) = xdp {
-        let mut seen: Vec<&String> = Vec::new();
-        for iface in args.external_iface.iter().filter(|i| !i.is_empty()) {
-            if seen.contains(&iface) {
-                continue;
-            }
-            seen.push(iface);
+        for iface in distinct(args.external_iface.iter()) {
             let mode = match dp.attach_xdp(iface, xdp) {
                 Ok(()) => xdp,
                 Err(e) if args.xdp == XdpArg::Auto => {
@@ -349,6 +338,18 @@ fn start_ebpf(args: &Args) -> Result<Dataplane> {
         }
     }
     Ok(dp)
+}
+
+/// The interface names of comma-separated flag values, each once, empty
+/// ones (`--iface ''`) left out.
+fn distinct<'a>(names: impl Iterator<Item = &'a String>) -> Vec<&'a String> {
+    let mut out: Vec<&String> = Vec::new();
+    for name in names {
+        if !name.is_empty() && !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    out
 }
 
 /// `--node-port-range`: `LO-HI`, both valid ports, LO ≤ HI.
@@ -406,7 +407,7 @@ fn node_addrs(args: &Args) -> Result<NodeAddrs> {
         addrs.default_snat = addrs.node_ips.first().copied();
         return Ok(addrs);
     }
-    for iface in args.external_iface.iter().filter(|i| !i.is_empty()) {
+    for iface in distinct(args.external_iface.iter()) {
         let (index, ips) = links::ipv4_addrs(iface)
             .with_context(|| format!("--external-iface {iface}: reading its addresses"))?;
         if let Some(first) = ips.first() {

@@ -159,6 +159,21 @@ pub struct Node {
 /// The apiserver's default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
 
+impl Node {
+    /// A nodePort or healthCheckNodePort field: a port in the node port
+    /// range, or the message naming `what`.
+    fn node_port(&self, v: i32, what: &str) -> Result<u16, String> {
+        let p = port_u16(v, what)?;
+        let (lo, hi) = self.node_port_range;
+        if !(lo..=hi).contains(&p) {
+            return Err(format!(
+                "{what} {p} is outside the node port range {lo}-{hi}"
+            ));
+        }
+        Ok(p)
+    }
+}
+
 impl Default for Node {
     fn default() -> Node {
         Node {
@@ -398,16 +413,10 @@ pub fn view_service(svc: &Service, node: &Node) -> Result<SvcView, ObjectError> 
         let proto =
             parse_proto(p.protocol.as_deref()).map_err(|m| err(format!("spec.ports[{i}]: {m}")))?;
         let node_port = match p.node_port {
-            Some(np) if has_node_ports => {
-                let np = port_u16(np, &format!("spec.ports[{i}].nodePort")).map_err(err)?;
-                let (lo, hi) = node.node_port_range;
-                if !(lo..=hi).contains(&np) {
-                    return Err(err(format!(
-                        "spec.ports[{i}].nodePort {np} is outside the node port range {lo}-{hi}"
-                    )));
-                }
-                Some(np)
-            }
+            Some(np) if has_node_ports => Some(
+                node.node_port(np, &format!("spec.ports[{i}].nodePort"))
+                    .map_err(err)?,
+            ),
             _ => None,
         };
         if let Some(proto) = proto {
@@ -421,14 +430,7 @@ pub fn view_service(svc: &Service, node: &Node) -> Result<SvcView, ObjectError> 
     }
     let health_check_node_port = match spec.health_check_node_port {
         Some(p) if type_ == "LoadBalancer" && policy == TrafficPolicy::Local => {
-            let p = port_u16(p, "spec.healthCheckNodePort").map_err(err)?;
-            let (lo, hi) = node.node_port_range;
-            if !(lo..=hi).contains(&p) {
-                return Err(err(format!(
-                    "spec.healthCheckNodePort {p} is outside the node port range {lo}-{hi}"
-                )));
-            }
-            Some(p)
+            Some(node.node_port(p, "spec.healthCheckNodePort").map_err(err)?)
         }
         _ => None,
     };

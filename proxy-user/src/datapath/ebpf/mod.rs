@@ -115,19 +115,8 @@ impl Dataplane {
         if let Some(ip) = addrs.default_snat {
             self.snat_addrs.insert(0, ip_raw(ip), 0)?;
         }
-        let old = std::mem::replace(
-            &mut self.node_addrs,
-            addrs.node_ips.iter().map(|ip| ip_raw(*ip)).collect(),
-        );
+        self.node_addrs = addrs.node_ips.iter().map(|ip| ip_raw(*ip)).collect();
         // Entries under addresses no longer the node's go, new ones come.
-        for fe in self.programmed.keys().filter(|fe| fe.is_nodeport()) {
-            let key = svc_key(fe);
-            for addr in old.iter().filter(|a| !self.node_addrs.contains(a)) {
-                self.services
-                    .remove(&SvcKey { addr: *addr, ..key })
-                    .or_else(maps::ignore_missing)?;
-            }
-        }
         self.sync_nodeport_aliases()
     }
 }
