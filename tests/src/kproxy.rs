@@ -432,3 +432,23 @@ pub fn field_u64(line: &str, key: &str) -> Result<u64> {
     v.parse()
         .with_context(|| format!("field {key}={v:?} in {line:?} is not a number"))
 }
+
+/// Where kproxy serves /metrics, /healthz and /readyz inside its namespace
+/// (its default `--metrics-addr`).
+pub const METRICS_ADDR: std::net::SocketAddr = std::net::SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 10249),
+);
+
+/// `GET path` from kproxy's metrics server in `node`: status and body.
+pub fn metrics_get(node: &crate::Netns, path: &str) -> Result<(u16, String)> {
+    crate::http_get(node, METRICS_ADDR, path, Duration::from_secs(3))
+}
+
+/// The value of the first sample line of `text` (/metrics) starting with
+/// `prefix` (a metric name and a space, or a name and its first labels).
+pub fn sample(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

@@ -4,21 +4,14 @@
 //! so (`kproxy_conntrack_entries`, `kproxy_conntrack_gc_deleted_total`,
 //! `kproxy_conntrack_capacity`).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use kproxy_tests::fixture::{HTTP_PORT, VIP};
-use kproxy_tests::{Fixture, Mode, http_get, mode, poll_until};
+use kproxy_tests::kproxy::{metrics_get, sample};
+use kproxy_tests::{Fixture, Mode, mode, poll_until};
 
 const FLOWS: usize = 3;
-
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(&format!("{name} ")))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
 
 #[test]
 fn closed_flows_are_swept_and_counted() -> Result<()> {
@@ -40,9 +33,8 @@ fn closed_flows_are_swept_and_counted() -> Result<()> {
     // Opened, answered and closed when the sessions drop.
     let names = f.tcp_round(VIP, HTTP_PORT, FLOWS)?;
     assert_eq!(names.len(), FLOWS);
-    let metrics = SocketAddr::from(([127, 0, 0, 1], 10249));
     let scrape = || -> Result<String> {
-        let (status, text) = http_get(&f.topo.node, metrics, "/metrics", Duration::from_secs(3))?;
+        let (status, text) = metrics_get(&f.topo.node, "/metrics")?;
         anyhow::ensure!(status == 200, "/metrics answered {status}");
         Ok(text)
     };
@@ -51,18 +43,18 @@ fn closed_flows_are_swept_and_counted() -> Result<()> {
         Duration::from_secs(10),
         || {
             let text = scrape()?;
-            let entries = sample(&text, "kproxy_conntrack_entries").context("entries")?;
+            let entries = sample(&text, "kproxy_conntrack_entries ").context("entries")?;
             Ok((entries == 0.0).then_some(text))
         },
     )?;
-    let deleted = sample(&text, "kproxy_conntrack_gc_deleted_total").context("gc_deleted")?;
+    let deleted = sample(&text, "kproxy_conntrack_gc_deleted_total ").context("gc_deleted")?;
     assert!(
         deleted >= (2 * FLOWS) as f64,
         "the sweep deleted {deleted} entries, expected both directions of {FLOWS} flows:\n{text}"
     );
-    assert!(sample(&text, "kproxy_conntrack_gc_runs_total").unwrap_or(0.0) >= 1.0);
+    assert!(sample(&text, "kproxy_conntrack_gc_runs_total ").unwrap_or(0.0) >= 1.0);
     assert_eq!(
-        sample(&text, "kproxy_conntrack_capacity"),
+        sample(&text, "kproxy_conntrack_capacity "),
         Some(4096.0),
         "{text}"
     );

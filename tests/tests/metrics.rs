@@ -1,24 +1,13 @@
 //! /metrics, /healthz and /readyz of the agent, read from inside the node
 //! namespace (the default address is 127.0.0.1:10249 there).
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
 use anyhow::Result;
 use kproxy_tests::fixture::{HTTP_PORT, VIP};
-use kproxy_tests::{Fixture, Mode, http_get, mode};
+use kproxy_tests::kproxy::{metrics_get, sample};
+use kproxy_tests::{Fixture, Mode, mode};
 
 fn get(f: &Fixture, path: &str) -> Result<(u16, String)> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], 10249));
-    http_get(&f.topo.node, addr, path, Duration::from_secs(3))
-}
-
-/// The value of the first sample line starting with `prefix`.
-fn sample(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    metrics_get(&f.topo.node, path)
 }
 
 #[test]

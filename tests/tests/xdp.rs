@@ -7,13 +7,13 @@
 #[allow(dead_code)]
 mod cases;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use cases::{NODE_IP, NorthSouth, REMOTE, Xdp, np_objects, slice};
 use kproxy_tests::fixture::{STOP_TIMEOUT, assert_spread};
-use kproxy_tests::{Mode, Netns, http_get, mode};
+use kproxy_tests::kproxy::{metrics_get, sample};
+use kproxy_tests::{Mode, Netns, mode};
 
 /// Interfaces kproxy runs XDP on: both clients' and the remote node's.
 const EXTERNAL: [&str; 3] = ["c0", "c1", "n2"];
@@ -44,14 +44,6 @@ fn bpftool_xdp_driver_ids(node: &Netns, iface: &str) -> Result<Vec<u64>> {
         .collect())
 }
 
-/// A counter's value in the /metrics text.
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(&format!("{name} ")))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[test]
 fn xdp_is_attached_sends_remote_flows_counts_and_leaves_on_sigterm() -> Result<()> {
     assert_eq!(
@@ -80,12 +72,11 @@ fn xdp_is_attached_sends_remote_flows_counts_and_leaves_on_sigterm() -> Result<(
     ns.f.kproxy().wait_applied(Duration::from_secs(10))?;
     let names = ns.tcp_round(NODE_IP, 30080, 9)?;
     assert_spread(&names, &[1, 2, REMOTE], "TCP to the nodePort through XDP");
-    let metrics = SocketAddr::from(([127, 0, 0, 1], 10249));
-    let (status, text) = http_get(&ns.f.topo.node, metrics, "/metrics", Duration::from_secs(3))?;
+    let (status, text) = metrics_get(&ns.f.topo.node, "/metrics")?;
     assert_eq!(status, 200);
-    let redirected = sample(&text, "kproxy_xdp_redirected_total").context("xdp_redirected")?;
-    let passed = sample(&text, "kproxy_xdp_passed_total").context("xdp_passed")?;
-    let flows = sample(&text, "kproxy_xdp_new_flows_total").context("xdp_new_flows")?;
+    let redirected = sample(&text, "kproxy_xdp_redirected_total ").context("xdp_redirected")?;
+    let passed = sample(&text, "kproxy_xdp_passed_total ").context("xdp_passed")?;
+    let flows = sample(&text, "kproxy_xdp_new_flows_total ").context("xdp_new_flows")?;
     // Three connections to the remote endpoint: their packets both ways go
     // through XDP (the first may wait for a neighbour entry in TC); the six
     // local ones are opened in XDP and passed to TC.

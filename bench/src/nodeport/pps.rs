@@ -166,32 +166,14 @@ pub fn measure(secs: f64, rounds: u32) -> Result<Vec<ModePps>> {
     let externals = format!("{},{}", client.node_iface, node2.node_iface);
     let mut out = Vec::new();
     for mode in MODES {
-        let (m, extra): (Mode, Vec<&str>) = match mode {
-            "XDP" => (
-                Mode::Ebpf,
-                vec![
-                    "--node-name",
-                    "node1",
-                    "--external-iface",
-                    &externals,
-                    "--xdp",
-                    "native",
-                    "--no-pin",
-                ],
-            ),
-            "TC" => (
-                Mode::Ebpf,
-                vec![
-                    "--node-name",
-                    "node1",
-                    "--external-iface",
-                    &externals,
-                    "--xdp",
-                    "off",
-                    "--no-pin",
-                ],
-            ),
-            _ => (Mode::Iptables, vec!["--node-name", "node1"]),
+        let mut extra = vec!["--node-name", "node1"];
+        let m = match mode {
+            "iptables" => Mode::Iptables,
+            xdp => {
+                let xdp = if xdp == "XDP" { "native" } else { "off" };
+                extra.extend(["--external-iface", &externals, "--xdp", xdp, "--no-pin"]);
+                Mode::Ebpf
+            }
         };
         eprintln!("[nodeport] {mode}: starting kproxy");
         let mut kp = Kproxy::start_with_mode(&topo.node, dir.path(), &[], &extra, m)?;
