@@ -22,6 +22,7 @@
 //! | `ROUTES` | LRU hash | [`RouteKey`] → [`RouteEntry`] | ingress, XDP (a cache of FIB lookups) | ingress, XDP |
 //! | `XDP_COUNTERS` | per-CPU array | `0` → [`XdpCounters`] | XDP | agent |
 //! | `SOURCE_RANGES` | LPM trie | (prefix `32 + len`, [`SrcRangeKey`]) → `u32` (unused, `1`) | agent | ingress |
+//! | `AFFINITY` | LRU hash | [`AffinityKey`] → [`AffinityValue`] | ingress, XDP (new flows of a frontend with `affinity_secs`); agent deletes entries of removed backends and services | ingress, XDP, agent |
 //!
 //! North-south: a NodePort frontend is stored with address `0`
 //! ([`NODEPORT_ADDR`]) and, with the same value (one id, one cursor, one set
@@ -46,6 +47,15 @@
 //! cursor and takes slot `cursor % count`. One cursor per service makes the
 //! choice exact across CPUs (9 new flows over 3 backends go 3/3/3).
 //!
+//! Session affinity (`sessionAffinity: ClientIP`): a frontend with
+//! `SvcValue::affinity_secs > 0` looks a new flow's client up in
+//! `AFFINITY` first; an entry younger than the timeout names the backend
+//! (and is refreshed), else the round-robin choice is recorded there. As
+//! kube-proxy's `recent` match, the timeout runs from the client's last new
+//! connection. The agent deletes the entries of a backend that leaves the
+//! rotation and of a removed frontend, so affinity never outlives its
+//! endpoint or reaches a reused service id.
+//!
 //! Slot compaction (agent): a backend is added by writing slot `count` and
 //! then `count + 1`; removed by copying the last slot over it and then
 //! writing `count - 1`. Each step leaves a consistent table for concurrent
@@ -61,7 +71,7 @@ pub mod lifecycle;
 /// Version of the map layout below. Bump it whenever a key or value type
 /// changes meaning (sizes are checked separately): the agent refuses to reuse
 /// pinned maps of another version and recreates them.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Default capacity of `SERVICES` (frontends) and of the per-service arrays.
 pub const MAX_SERVICES: u32 = 131_072;
@@ -71,6 +81,9 @@ pub const MAX_SLOTS: u32 = 524_288;
 pub const MAX_CONNTRACK: u32 = 262_144;
 /// Capacity of the LRU `FRAGS` map.
 pub const MAX_FRAGS: u32 = 8_192;
+/// Default capacity of the LRU `AFFINITY` map (one entry per client and
+/// frontend with session affinity).
+pub const MAX_AFFINITY: u32 = 131_072;
 /// Capacity of `NODE_IPS` and `SNAT_ADDRS`.
 pub const MAX_NODE_IPS: u32 = 256;
 
@@ -164,7 +177,26 @@ pub struct SvcValue {
     pub count: u32,
     /// `SVC_F_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// `sessionAffinity: ClientIP` timeout in seconds; `0`: no affinity.
+    pub affinity_secs: u32,
+}
+
+/// Key of an `AFFINITY` entry: a client of a frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// Client address, network order.
+    pub client: u32,
+    pub svc_id: u32,
+}
+
+/// The backend a client is bound to, and when it last opened a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend: Backend,
+    /// `bpf_ktime_get_ns` of the client's last new flow to the frontend.
+    pub seen_ns: u64,
 }
 
 /// One backend slot of a frontend.
@@ -369,6 +401,8 @@ mod pod {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for SrcRangeKey {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for XdpCounters {}
     unsafe impl aya::Pod for RouteKey {}
     unsafe impl aya::Pod for RouteEntry {}
@@ -390,6 +424,8 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 32);
         assert_eq!(size_of::<FragKey>(), 12);
         assert_eq!(size_of::<SrcRangeKey>(), 8);
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<XdpCounters>(), 48);
         assert_eq!(size_of::<RouteKey>(), 8);
         assert_eq!(size_of::<RouteEntry>(), 32);

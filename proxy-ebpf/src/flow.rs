@@ -13,7 +13,9 @@ use aya_ebpf::maps::lpm_trie::Key;
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use proxy_common::*;
 
-use crate::{CONNTRACK, NODE_IPS, ROUTES, RR_CURSOR, SERVICES, SLOTS, SNAT_ADDRS, SOURCE_RANGES};
+use crate::{
+    AFFINITY, CONNTRACK, NODE_IPS, ROUTES, RR_CURSOR, SERVICES, SLOTS, SNAT_ADDRS, SOURCE_RANGES,
+};
 
 /// `AF_INET`, for the FIB lookup.
 const AF_INET: u8 = 2;
@@ -183,7 +185,7 @@ pub fn flow(
             new: false,
         });
     }
-    let backend = select_backend(svc).ok_or(FlowError::NoBackend)?;
+    let backend = choose_backend(t.saddr, svc).ok_or(FlowError::NoBackend)?;
     let snat = if backend.flags & BACKEND_F_SNAT != 0 {
         let ifindex = egress(backend.addr).ok_or(FlowError::NoSnat)?;
         claim_snat(t, svc.id, backend, ifindex).ok_or(FlowError::NoSnat)?
@@ -242,6 +244,40 @@ pub fn flow(
 #[inline(always)]
 fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
+}
+
+/// The backend of a new flow: with session affinity, the one this client
+/// was bound to within the timeout (refreshed), else the next one
+/// round-robin (and, with affinity, recorded as the client's).
+#[inline(always)]
+fn choose_backend(client: u32, svc: SvcValue) -> Option<Backend> {
+    if svc.affinity_secs == 0 {
+        return select_backend(svc);
+    }
+    let key = AffinityKey {
+        client,
+        svc_id: svc.id,
+    };
+    let now = now();
+    if let Some(p) = AFFINITY.get_ptr_mut(key) {
+        let e = unsafe { &mut *p };
+        if now.wrapping_sub(e.seen_ns) <= u64::from(svc.affinity_secs) * 1_000_000_000 {
+            e.seen_ns = now;
+            return Some(e.backend);
+        }
+    }
+    let backend = select_backend(svc)?;
+    // Best effort: without the entry the client's next flow is simply
+    // balanced again.
+    let _ = AFFINITY.insert(
+        key,
+        AffinityValue {
+            backend,
+            seen_ns: now,
+        },
+        0,
+    );
+    Some(backend)
 }
 
 /// Exact round-robin: one atomic cursor per service, shared by all CPUs.

@@ -94,6 +94,9 @@ static SOURCE_RANGES: LpmTrie<SrcRangeKey, u32> = LpmTrie::with_max_entries(MAX_
 #[map]
 static XDP_COUNTERS: PerCpuArray<XdpCounters> = PerCpuArray::with_max_entries(1, 0);
 #[map]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(MAX_AFFINITY, 0);
+#[map]
 static ROUTES: LruHashMap<RouteKey, RouteEntry> = LruHashMap::with_max_entries(MAX_ROUTES, 0);
 
 #[xdp]

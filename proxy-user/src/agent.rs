@@ -341,9 +341,13 @@ async fn read_sources(objects: &Objects, node: &Node) -> Result<Sources> {
         }
         Objects::Api { kubeconfig } => {
             let client = kube_source::client(kubeconfig.as_deref()).await?;
+            let mut node = node.clone();
+            if node.zone.is_none() {
+                node.zone = kube_source::node_zone(&client, &node.name).await;
+            }
             let mut events = kube_source::spawn_watchers(client);
             let mut state = ApiState::default();
-            let mut index = Index::new(node.clone());
+            let mut index = Index::new(node);
             while !state.synced() {
                 let Some(ev) = events.recv().await else {
                     bail!("Kubernetes API watchers stopped");

@@ -50,6 +50,30 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
 }
 
 /// Starts both watchers; events arrive on the returned channel.
+/// The `topology.kubernetes.io/zone` label of Node `name`, read once at
+/// start (`None`: no such node, no label, or the read failed — logged;
+/// topology hints are then ignored, never a reason not to start).
+pub async fn node_zone(client: &Client, name: &str) -> Option<String> {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    match nodes.get_opt(name).await {
+        Ok(Some(n)) => {
+            let zone = n.labels().get(ZONE_LABEL).cloned();
+            if let Some(z) = &zone {
+                log::info!("node {name} is in zone {z} ({ZONE_LABEL})");
+            }
+            zone
+        }
+        Ok(None) => None,
+        Err(e) => {
+            log::warn!("reading Node {name} for its zone: {e}; topology hints ignored");
+            None
+        }
+    }
+}
+
+/// The Node label naming its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 pub fn spawn_watchers(client: Client) -> mpsc::Receiver<ApiEvent> {
     let (tx, rx) = mpsc::channel(1024);
     let svc_tx = tx.clone();

@@ -54,6 +54,13 @@ struct Args {
     /// to other nodes.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// The node's zone: endpoints whose `hints.forZones` name it are
+    /// preferred for Services with `trafficDistribution: PreferClose` (or
+    /// `service.kubernetes.io/topology-mode: Auto`). Default: the Node's
+    /// `topology.kubernetes.io/zone` label when reading the API; with
+    /// manifests and no --zone, hints are ignored.
+    #[arg(long)]
+    zone: Option<String>,
     /// Interfaces where traffic from outside the node and from other nodes
     /// arrives (the uplinks; comma-separated): NodePort, externalIP and
     /// LoadBalancer traffic is translated there, and their IPv4 addresses
@@ -204,6 +211,7 @@ fn config(args: &Args) -> agent::Config {
         node: Node {
             name: node_name(args),
             node_port_range: args.node_port_range,
+            zone: args.zone.clone().filter(|z| !z.is_empty()),
         },
         poll_interval: Duration::from_millis(args.poll_interval_ms),
         gc_interval: Duration::from_secs(args.conntrack_gc_interval_seconds),

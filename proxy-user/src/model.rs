@@ -13,6 +13,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Annotation that turns topology-aware hints on (`Auto`), the older
+/// spelling of `trafficDistribution: PreferClose`.
+pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
@@ -154,6 +157,10 @@ pub struct Node {
     /// Valid nodePorts (`--node-port-range`, the apiserver's
     /// `--service-node-port-range`).
     pub node_port_range: (u16, u16),
+    /// The node's `topology.kubernetes.io/zone` (`--zone`): endpoints
+    /// hinted for this zone are preferred (`trafficDistribution:
+    /// PreferClose`, topology-aware hints). `None`: hints are ignored.
+    pub zone: Option<String>,
 }
 
 /// The apiserver's default `--service-node-port-range`.
@@ -179,6 +186,7 @@ impl Default for Node {
         Node {
             name: String::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
+            zone: None,
         }
     }
 }
@@ -188,6 +196,27 @@ impl fmt::Display for BackendAddr {
         write!(f, "{}:{}", self.ip, self.port)
     }
 }
+
+/// How a frontend treats its traffic beyond the choice of backends. A
+/// change of any of it replaces the frontend (its flows were admitted under
+/// the old rule).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// `None` for a ClusterIP; the traffic policy of a NodePort, externalIP
+    /// or LoadBalancer frontend.
+    pub external: Option<TrafficPolicy>,
+    /// `loadBalancerSourceRanges` of a LoadBalancer address: only clients
+    /// in these reach it. Empty: everyone.
+    pub source_ranges: Vec<Cidr>,
+    /// `sessionAffinity: ClientIP`: its timeout in seconds
+    /// (`sessionAffinityConfig.clientIP.timeoutSeconds`, default 10800).
+    pub affinity: Option<u32>,
+}
+
+/// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_SECONDS: u32 = 10_800;
+/// Largest valid `timeoutSeconds` (one day, as the apiserver validates).
+pub const MAX_AFFINITY_SECONDS: u32 = 86_400;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredService {
@@ -200,12 +229,7 @@ pub struct DesiredService {
     /// already have keep going to them until they leave the slice — a pod
     /// finishing its requests during its grace period (kubernetes#85643).
     pub draining: BTreeSet<BackendAddr>,
-    /// `None` for a ClusterIP; the traffic policy of a NodePort, externalIP
-    /// or LoadBalancer frontend.
-    pub external: Option<TrafficPolicy>,
-    /// `loadBalancerSourceRanges` of a LoadBalancer address: only clients
-    /// in these reach it. Empty: everyone.
-    pub source_ranges: Vec<Cidr>,
+    pub policy: Policy,
 }
 
 impl DesiredService {
@@ -215,8 +239,7 @@ impl DesiredService {
             name: name.into(),
             backends,
             draining: BTreeSet::new(),
-            external: None,
-            source_ranges: Vec::new(),
+            policy: Policy::default(),
         }
     }
 }
@@ -314,6 +337,15 @@ pub struct SvcView {
     pub health_check_node_port: Option<u16>,
     /// `spec.loadBalancerSourceRanges` of a LoadBalancer (IPv4 ones).
     pub source_ranges: Vec<Cidr>,
+    /// `sessionAffinity: ClientIP` timeout in seconds.
+    pub affinity: Option<u32>,
+    /// `spec.internalTrafficPolicy: Local`: in-cluster traffic only to
+    /// this node's endpoints.
+    pub internal_local: bool,
+    /// `trafficDistribution: PreferClose` (or the
+    /// `service.kubernetes.io/topology-mode: Auto` annotation): endpoints
+    /// hinted for this node's zone are preferred.
+    pub prefer_close: bool,
 }
 
 /// Parses a list of IPv4 addresses, naming the field of the bad one. IPv6
@@ -358,6 +390,9 @@ pub fn view_service(svc: &Service, node: &Node) -> Result<SvcView, ObjectError> 
             policy: TrafficPolicy::Cluster,
             health_check_node_port: None,
             source_ranges: vec![],
+            affinity: None,
+            internal_local: false,
+            prefer_close: false,
         });
     }
     let has_node_ports = match type_ {
@@ -457,6 +492,58 @@ pub fn view_service(svc: &Service, node: &Node) -> Result<SvcView, ObjectError> 
     // back from the datapath sees no change.
     source_ranges.sort();
     source_ranges.dedup();
+    let affinity = match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            Some(match t {
+                None => DEFAULT_AFFINITY_SECONDS,
+                Some(t) if (1..=i64::from(MAX_AFFINITY_SECONDS)).contains(&i64::from(t)) => {
+                    t as u32
+                }
+                Some(t) => {
+                    return Err(err(format!(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds {t} is outside \
+                         1-{MAX_AFFINITY_SECONDS}"
+                    )));
+                }
+            })
+        }
+        Some(other) => {
+            return Err(err(format!(
+                "spec.sessionAffinity {other:?} is not one of None, ClientIP"
+            )));
+        }
+    };
+    let internal_local = match spec.internal_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            return Err(err(format!(
+                "spec.internalTrafficPolicy {other:?} is not one of Cluster, Local"
+            )));
+        }
+    };
+    let distribution = match spec.traffic_distribution.as_deref() {
+        None => false,
+        // PreferSameZone is PreferClose's newer name.
+        Some("PreferClose" | "PreferSameZone") => true,
+        Some(other) => {
+            return Err(err(format!(
+                "spec.trafficDistribution {other:?} is not one of PreferClose, PreferSameZone"
+            )));
+        }
+    };
+    let topology_mode = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(TOPOLOGY_MODE_ANNOTATION))
+        .is_some_and(|m| m.eq_ignore_ascii_case("auto"));
     Ok(SvcView {
         ns,
         name,
@@ -467,6 +554,9 @@ pub fn view_service(svc: &Service, node: &Node) -> Result<SvcView, ObjectError> 
         policy,
         health_check_node_port,
         source_ranges,
+        affinity,
+        internal_local,
+        prefer_close: distribution || topology_mode,
     })
 }
 
@@ -484,6 +574,8 @@ pub struct SliceView {
     pub draining: BTreeMap<(String, Proto), BTreeSet<BackendAddr>>,
     /// Endpoint address → `nodeName`, for those that name one.
     pub nodes: BTreeMap<Ipv4Addr, String>,
+    /// Ready endpoint address → its `hints.forZones` (empty: no hints).
+    pub zones: BTreeMap<Ipv4Addr, BTreeSet<String>>,
 }
 
 pub fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectError> {
@@ -515,6 +607,7 @@ pub fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectErro
     let mut ready = BTreeSet::new();
     let mut draining = BTreeSet::new();
     let mut nodes = BTreeMap::new();
+    let mut zones: BTreeMap<Ipv4Addr, BTreeSet<String>> = BTreeMap::new();
     for (i, ep) in slice.endpoints.iter().enumerate() {
         if ep.addresses.is_empty() {
             return Err(err(format!("endpoints[{i}].addresses is empty")));
@@ -535,6 +628,16 @@ pub fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectErro
         let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
         if let Some(node) = &ep.node_name {
             nodes.insert(ips[0], node.clone());
+        }
+        if is_ready {
+            let hinted = ep
+                .hints
+                .as_ref()
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone());
+            zones.entry(ips[0]).or_default().extend(hinted);
         }
         // Kubernetes uses only the first address of an endpoint.
         if is_ready {
@@ -572,14 +675,39 @@ pub fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectErro
         ports,
         draining: draining_ports,
         nodes,
+        zones,
     }))
+}
+
+/// Whether a service port's ready `backends` can be narrowed to `zone`
+/// (kube-proxy's rule for topology hints): every one carries hints, and at
+/// least one is hinted for the zone. Otherwise all are used, so a half-
+/// hinted slice or a zone without endpoints never loses traffic.
+fn zone_usable(
+    backends: &BTreeSet<BackendAddr>,
+    hints: &dyn Fn(Ipv4Addr) -> BTreeSet<String>,
+    zone: &str,
+) -> bool {
+    let mut any = false;
+    for b in backends {
+        let h = hints(b.ip);
+        if h.is_empty() {
+            return false;
+        }
+        any |= h.contains(zone);
+    }
+    any
 }
 
 /// The frontends of one service and their ready backends, from the
 /// slices that belong to it: per port its ClusterIP, its nodePort, each
-/// externalIP and each LoadBalancer address. External frontends follow
-/// `externalTrafficPolicy`: `Local` keeps only the endpoints on `node`,
-/// `Cluster` marks those elsewhere for source NAT.
+/// externalIP and each LoadBalancer address. The ClusterIP follows
+/// `internalTrafficPolicy` (`Local`: only the endpoints on `node`; none
+/// → refused) and external frontends `externalTrafficPolicy` (`Local`
+/// keeps only the endpoints on `node`, `Cluster` marks those elsewhere for
+/// source NAT); where a policy is `Cluster`, `PreferClose` narrows the
+/// endpoints to those hinted for the node's zone when
+/// [`zone_usable`].
 pub fn frontends<'a>(
     svc: &SvcView,
     node: &Node,
@@ -592,6 +720,17 @@ pub fn frontends<'a>(
         slices
             .clone()
             .any(|v| v.nodes.get(&b.ip).is_some_and(|n| *n == node.name))
+    };
+    let hints = |ip: Ipv4Addr| -> BTreeSet<String> {
+        slices
+            .clone()
+            .filter_map(|v| v.zones.get(&ip))
+            .flatten()
+            .cloned()
+            .collect()
+    };
+    let local_only = |set: &BTreeSet<BackendAddr>| -> BTreeSet<BackendAddr> {
+        set.iter().filter(|b| is_local(b)).copied().collect()
     };
     let mut out = Vec::new();
     for p in &svc.ports {
@@ -614,9 +753,19 @@ pub fn frontends<'a>(
         } else {
             format!("{}/{}:{}", svc.ns, svc.name, p.name)
         };
+        // Endpoints for a `Cluster` policy: those of the node's zone when
+        // the hints allow it, else all.
+        let cluster = match &node.zone {
+            Some(zone) if svc.prefer_close && zone_usable(&backends, &hints, zone) => backends
+                .iter()
+                .filter(|b| hints(b.ip).contains(zone))
+                .copied()
+                .collect(),
+            _ => backends.clone(),
+        };
         let external = |set: &BTreeSet<BackendAddr>| -> BTreeSet<BackendAddr> {
             match svc.policy {
-                TrafficPolicy::Local => set.iter().filter(|b| is_local(b)).copied().collect(),
+                TrafficPolicy::Local => local_only(set),
                 TrafficPolicy::Cluster => set
                     .iter()
                     .map(|b| BackendAddr {
@@ -628,15 +777,24 @@ pub fn frontends<'a>(
         };
         let outside = DesiredService {
             name: name.clone(),
-            backends: external(&backends),
+            backends: match svc.policy {
+                TrafficPolicy::Local => external(&backends),
+                TrafficPolicy::Cluster => external(&cluster),
+            },
             draining: external(&draining),
-            external: Some(svc.policy),
-            source_ranges: Vec::new(),
+            policy: Policy {
+                external: Some(svc.policy),
+                source_ranges: Vec::new(),
+                affinity: svc.affinity,
+            },
         };
         // loadBalancerSourceRanges guard the LoadBalancer addresses only
         // (as kube-proxy); nodePorts and externalIPs stay open.
         let guarded = DesiredService {
-            source_ranges: svc.source_ranges.clone(),
+            policy: Policy {
+                source_ranges: svc.source_ranges.clone(),
+                ..outside.policy.clone()
+            },
             ..outside.clone()
         };
         let on = |ip: Ipv4Addr| Frontend {
@@ -665,10 +823,20 @@ pub fn frontends<'a>(
             },
             DesiredService {
                 name,
-                backends,
-                draining,
-                external: None,
-                source_ranges: Vec::new(),
+                backends: if svc.internal_local {
+                    local_only(&backends)
+                } else {
+                    cluster
+                },
+                draining: if svc.internal_local {
+                    local_only(&draining)
+                } else {
+                    draining
+                },
+                policy: Policy {
+                    affinity: svc.affinity,
+                    ..Policy::default()
+                },
             },
         ));
     }
@@ -932,12 +1100,12 @@ ports:
             ]
         );
         let cluster = &st.services[&fe("10.96.0.20", 80)];
-        assert_eq!(cluster.external, None);
+        assert_eq!(cluster.policy.external, None);
         assert!(cluster.backends.iter().all(|b| !b.snat));
         // Cluster policy: every endpoint, those not on node1 source-NATed.
         for f in [Frontend::nodeport(30080, Proto::Tcp), fe("192.0.2.20", 80)] {
             let s = &st.services[&f];
-            assert_eq!(s.external, Some(TrafficPolicy::Cluster));
+            assert_eq!(s.policy.external, Some(TrafficPolicy::Cluster));
             let snat: Vec<(String, bool)> =
                 s.backends.iter().map(|b| (b.to_string(), b.snat)).collect();
             assert_eq!(
@@ -959,7 +1127,7 @@ ports:
         );
         let st = build(&node1(), &[svc(&local)], &[slice(NODEPORT_SLICE)]).unwrap();
         let np = &st.services[&Frontend::nodeport(30080, Proto::Tcp)];
-        assert_eq!(np.external, Some(TrafficPolicy::Local));
+        assert_eq!(np.policy.external, Some(TrafficPolicy::Local));
         let ips: Vec<String> = np.backends.iter().map(|b| b.to_string()).collect();
         assert_eq!(ips, ["10.0.0.1:8080"]);
         assert!(np.backends.iter().all(|b| !b.snat));
@@ -1028,5 +1196,153 @@ ports:
             e.message.contains("nodePort 30080/TCP is already used"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn session_affinity_is_parsed_defaulted_and_validated() {
+        let with = |extra: &str| WEB.replace("  clusterIP:", &format!("{extra}\n  clusterIP:"));
+        let st = build(
+            &Node::default(),
+            &[svc(&with("  sessionAffinity: ClientIP"))],
+            &[],
+        )
+        .unwrap();
+        assert!(
+            st.services
+                .values()
+                .all(|s| s.policy.affinity == Some(10_800))
+        );
+        let st = build(
+            &Node::default(),
+            &[svc(&with(
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}",
+            ))],
+            &[],
+        )
+        .unwrap();
+        assert!(st.services.values().all(|s| s.policy.affinity == Some(5)));
+        let st = build(
+            &Node::default(),
+            &[svc(&with("  sessionAffinity: None"))],
+            &[],
+        )
+        .unwrap();
+        assert!(st.services.values().all(|s| s.policy.affinity.is_none()));
+        let e = build(
+            &Node::default(),
+            &[svc(&with("  sessionAffinity: Cookie"))],
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.message.contains("spec.sessionAffinity \"Cookie\""), "{e}");
+        for bad in [0, 86_401] {
+            let e = build(
+                &Node::default(),
+                &[svc(&with(&format!(
+                    "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {bad}}}}}"
+                )))],
+                &[],
+            )
+            .unwrap_err();
+            assert!(
+                e.message
+                    .contains(&format!("timeoutSeconds {bad} is outside 1-86400")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_this_nodes_endpoints_only() {
+        let local = NODEPORT.replace(
+            "externalTrafficPolicy: Cluster",
+            "externalTrafficPolicy: Cluster\n  internalTrafficPolicy: Local",
+        );
+        let st = build(&node1(), &[svc(&local)], &[slice(NODEPORT_SLICE)]).unwrap();
+        let ips: Vec<String> = st.services[&fe("10.96.0.20", 80)]
+            .backends
+            .iter()
+            .map(|b| b.to_string())
+            .collect();
+        assert_eq!(ips, ["10.0.0.1:8080"]);
+        // External traffic still follows externalTrafficPolicy.
+        assert_eq!(
+            st.services[&Frontend::nodeport(30080, Proto::Tcp)]
+                .backends
+                .len(),
+            3
+        );
+        // No local endpoint: the ClusterIP has none (refused).
+        let other = Node {
+            name: "node9".into(),
+            ..Node::default()
+        };
+        let st = build(&other, &[svc(&local)], &[slice(NODEPORT_SLICE)]).unwrap();
+        assert!(st.services[&fe("10.96.0.20", 80)].backends.is_empty());
+        let e = build(
+            &node1(),
+            &[svc(&local.replace(
+                "internalTrafficPolicy: Local",
+                "internalTrafficPolicy: Nearby",
+            ))],
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.message.contains("spec.internalTrafficPolicy \"Nearby\""),
+            "{e}"
+        );
+    }
+
+    const ZONED_SLICE: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints:
+- {addresses: [10.0.0.1], zone: a, hints: {forZones: [{name: a}]}}
+- {addresses: [10.0.0.2], zone: b, hints: {forZones: [{name: b}]}}
+- {addresses: [10.0.0.3], zone: a, hints: {forZones: [{name: a}]}}
+ports:
+- {name: http, port: 8080, protocol: TCP}
+"#;
+
+    #[test]
+    fn prefer_close_narrows_to_the_zone_when_every_endpoint_is_hinted() {
+        let close = WEB.replace(
+            "  clusterIP:",
+            "  trafficDistribution: PreferClose\n  clusterIP:",
+        );
+        let in_zone = |zone: Option<&str>, service: &str, slice_yaml: &str| -> Vec<String> {
+            let node = Node {
+                zone: zone.map(str::to_owned),
+                ..node1()
+            };
+            let st = build(&node, &[svc(service)], &[slice(slice_yaml)]).unwrap();
+            st.services[&fe("10.96.0.10", 80)]
+                .backends
+                .iter()
+                .map(|b| b.ip.to_string())
+                .collect()
+        };
+        assert_eq!(
+            in_zone(Some("a"), &close, ZONED_SLICE),
+            ["10.0.0.1", "10.0.0.3"]
+        );
+        assert_eq!(in_zone(Some("b"), &close, ZONED_SLICE), ["10.0.0.2"]);
+        // No endpoint for the zone, no zone, no PreferClose, or one endpoint
+        // without hints: all of them.
+        let all = ["10.0.0.1", "10.0.0.2", "10.0.0.3"];
+        assert_eq!(in_zone(Some("c"), &close, ZONED_SLICE), all);
+        assert_eq!(in_zone(None, &close, ZONED_SLICE), all);
+        assert_eq!(in_zone(Some("a"), WEB, ZONED_SLICE), all);
+        let half = ZONED_SLICE.replace(", hints: {forZones: [{name: b}]}", "");
+        assert_eq!(in_zone(Some("a"), &close, &half), all);
+        // The older annotation means the same.
+        let auto = WEB.replace(
+            "namespace: default}",
+            "namespace: default, annotations: {service.kubernetes.io/topology-mode: Auto}}",
+        );
+        assert_eq!(in_zone(Some("b"), &auto, ZONED_SLICE), ["10.0.0.2"]);
     }
 }

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::model::{BackendAddr, Cidr, DesiredService, DesiredState, Frontend, TrafficPolicy};
+use crate::model::{BackendAddr, DesiredService, DesiredState, Frontend, Policy};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -18,10 +18,8 @@ pub enum Change {
         frontend: Frontend,
         name: String,
         backends: BTreeSet<BackendAddr>,
-        /// `None` for a ClusterIP.
-        external: Option<TrafficPolicy>,
-        /// Only these clients reach it (LoadBalancer addresses); empty: all.
-        source_ranges: Vec<Cidr>,
+        /// Traffic policy, source ranges, session affinity.
+        policy: Policy,
     },
     /// A frontend's backend set changes.
     UpdateBackends {
@@ -89,8 +87,7 @@ fn add(fe: Frontend, new: &DesiredService) -> Change {
         frontend: fe,
         name: new.name.clone(),
         backends: new.backends.clone(),
-        external: new.external,
-        source_ranges: new.source_ranges.clone(),
+        policy: new.policy.clone(),
     }
 }
 
@@ -107,12 +104,11 @@ impl Changes {
         match (old, new) {
             (Some(_), None) => self.removes.push(Change::RemoveService { frontend: fe }),
             (None, Some(new)) => self.others.push(add(fe, new)),
-            // A frontend whose traffic policy or source ranges change (or
-            // that turns from a ClusterIP into an external address) is
-            // replaced: its flows were admitted under the old rule.
-            (Some(old), Some(new))
-                if old.external != new.external || old.source_ranges != new.source_ranges =>
-            {
+            // A frontend whose policy changes (traffic policy, source
+            // ranges, affinity; or that turns from a ClusterIP into an
+            // external address) is replaced: its flows were admitted under
+            // the old rule.
+            (Some(old), Some(new)) if old.policy != new.policy => {
                 self.removes.push(Change::RemoveService { frontend: fe });
                 self.others.push(add(fe, new));
             }
@@ -213,8 +209,7 @@ mod tests {
                     frontend: fe(83),
                     name: "svc83".into(),
                     backends: [be(5)].into(),
-                    external: None,
-                    source_ranges: vec![],
+                    policy: Policy::default(),
                 },
             ]
         );

@@ -465,8 +465,7 @@ mod tests {
                     .iter()
                     .map(|(fe, d)| {
                         let svc = DesiredService {
-                            external: d.external,
-                            source_ranges: d.source_ranges.clone(),
+                            policy: d.policy.clone(),
                             ..DesiredService::new(d.name.clone(), d.backends.clone())
                         };
                         (*fe, svc)

@@ -18,7 +18,7 @@ use anyhow::{Result, bail};
 use kproxy_tests::Netns;
 use proxy_user::datapath::ebpf::{Dataplane, INGRESS_PROG, LoadOptions, NodeAddrs, XDP_PROG};
 use proxy_user::model::{
-    BackendAddr, DesiredService, DesiredState, Frontend, Proto, TrafficPolicy,
+    BackendAddr, DesiredService, DesiredState, Frontend, Policy, Proto, TrafficPolicy,
 };
 use proxy_user::pktgen::Frame;
 use proxy_user::reconcile::diff;
@@ -63,7 +63,10 @@ pub struct Figures {
 fn state() -> DesiredState {
     let mut st = DesiredState::default();
     let external = |name: &str, backend: BackendAddr| DesiredService {
-        external: Some(TrafficPolicy::Cluster),
+        policy: Policy {
+            external: Some(TrafficPolicy::Cluster),
+            ..Policy::default()
+        },
         ..DesiredService::new(name, [backend].into())
     };
     st.services.insert(

@@ -37,8 +37,7 @@ impl Datapath for Memory {
                     frontend,
                     name,
                     backends,
-                    external,
-                    source_ranges,
+                    policy,
                 } => {
                     if self.state.services.contains_key(frontend) {
                         bail!("service {frontend} is already programmed");
@@ -48,8 +47,7 @@ impl Datapath for Memory {
                     self.state.services.insert(
                         *frontend,
                         DesiredService {
-                            external: *external,
-                            source_ranges: source_ranges.clone(),
+                            policy: policy.clone(),
                             ..DesiredService::new(name, backends.clone())
                         },
                     );

@@ -41,7 +41,7 @@ impl Default for LoadOptions {
 }
 
 /// Maps pinned in pinned mode. `AYA_LOGS` is per agent and not pinned.
-const PINNED_MAPS: [&str; 8] = [
+const PINNED_MAPS: [&str; 9] = [
     "SERVICES",
     "SLOTS",
     "RR_CURSOR",
@@ -50,6 +50,7 @@ const PINNED_MAPS: [&str; 8] = [
     "SVC_COUNTERS",
     "GLOBAL_COUNTERS",
     "SOURCE_RANGES",
+    "AFFINITY",
 ];
 
 /// Names the pinned layout: the layout version, the size of every key and
@@ -67,6 +68,8 @@ pub fn layout_tag(opts: &LoadOptions) -> String {
         size_of::<FragKey>(),
         size_of::<Counters>(),
         size_of::<SrcRangeKey>(),
+        size_of::<AffinityKey>(),
+        size_of::<AffinityValue>(),
     ]
     .map(|s| s.to_string())
     // bpffs refuses '.' in the names of pinned objects.
@@ -216,6 +219,7 @@ impl Dataplane {
             node_ips: take(&mut bpf, "NODE_IPS")?,
             snat_addrs: take(&mut bpf, "SNAT_ADDRS")?,
             source_ranges: take(&mut bpf, "SOURCE_RANGES")?,
+            affinity: take(&mut bpf, "AFFINITY")?,
             xdp_counters: take(&mut bpf, "XDP_COUNTERS")?,
             node_addrs: Vec::new(),
             xdp_loaded: false,

@@ -11,7 +11,7 @@ use super::Dataplane;
 use aya::maps::lpm_trie::Key as LpmKey;
 
 use crate::model::{
-    BackendAddr, Cidr, DesiredService, DesiredState, Frontend, Proto, TrafficPolicy,
+    BackendAddr, Cidr, DesiredService, DesiredState, Frontend, Policy, Proto, TrafficPolicy,
 };
 use crate::reconcile::{ApplyStats, Change};
 
@@ -21,19 +21,28 @@ pub(super) struct Programmed {
     pub(super) name: String,
     /// Slot i of the service holds `slots[i]`; `slots.len()` is the count.
     pub(super) slots: Vec<BackendAddr>,
-    pub(super) external: Option<TrafficPolicy>,
-    pub(super) source_ranges: Vec<Cidr>,
+    pub(super) policy: Policy,
+}
+
+/// The `SERVICES` value of frontend `id` with `count` slots.
+pub fn svc_value(id: u32, count: usize, policy: &Policy) -> SvcValue {
+    SvcValue {
+        id,
+        count: count as u32,
+        flags: svc_flags(policy),
+        affinity_secs: policy.affinity.unwrap_or(0),
+    }
 }
 
 /// `SvcValue::flags` of a frontend.
-pub fn svc_flags(external: Option<TrafficPolicy>, source_ranges: &[Cidr]) -> u32 {
-    let ranges = if source_ranges.is_empty() {
+pub fn svc_flags(policy: &Policy) -> u32 {
+    let ranges = if policy.source_ranges.is_empty() {
         0
     } else {
         SVC_F_SOURCE_RANGES
     };
     ranges
-        | match external {
+        | match policy.external {
             None => 0,
             Some(TrafficPolicy::Cluster) => SVC_F_EXTERNAL,
             Some(TrafficPolicy::Local) => SVC_F_EXTERNAL | SVC_F_DROP_EMPTY,
@@ -258,13 +267,16 @@ impl Dataplane {
                     id: val.id,
                     name: format!("{fe} (adopted)"),
                     slots,
-                    external: policy_of(val.flags),
-                    source_ranges: if val.flags & SVC_F_SOURCE_RANGES != 0 {
-                        let mut r = ranges.get(&val.id).cloned().unwrap_or_default();
-                        r.sort();
-                        r
-                    } else {
-                        Vec::new()
+                    policy: Policy {
+                        external: policy_of(val.flags),
+                        source_ranges: if val.flags & SVC_F_SOURCE_RANGES != 0 {
+                            let mut r = ranges.get(&val.id).cloned().unwrap_or_default();
+                            r.sort();
+                            r
+                        } else {
+                            Vec::new()
+                        },
+                        affinity: (val.affinity_secs != 0).then_some(val.affinity_secs),
                     },
                 },
             );
@@ -283,7 +295,7 @@ impl Dataplane {
             if !self
                 .programmed
                 .values()
-                .any(|p| p.id == id && !p.source_ranges.is_empty())
+                .any(|p| p.id == id && !p.policy.source_ranges.is_empty())
             {
                 self.source_ranges.remove(k).or_else(ignore_missing)?;
             }
@@ -315,8 +327,7 @@ impl Dataplane {
                 .iter()
                 .map(|(fe, p)| {
                     let svc = DesiredService {
-                        external: p.external,
-                        source_ranges: p.source_ranges.clone(),
+                        policy: p.policy.clone(),
                         ..DesiredService::new(p.name.clone(), p.slots.iter().copied().collect())
                     };
                     (*fe, svc)
@@ -343,6 +354,8 @@ impl Dataplane {
         let mut gone_backends: HashSet<(u32, Backend)> = HashSet::new();
         // Ids of removed services: their flows go, then the ids are freed.
         let mut gone_ids: HashSet<u32> = HashSet::new();
+        // (service id, backend) pairs whose clients lose their affinity.
+        let mut unbound: HashSet<(u32, Backend)> = HashSet::new();
         for change in changes {
             match change {
                 Change::RemoveService { frontend } => {
@@ -358,7 +371,7 @@ impl Dataplane {
                             .remove(&SlotKey { svc_id: p.id, slot })
                             .or_else(ignore_missing)?;
                     }
-                    for r in &p.source_ranges {
+                    for r in &p.policy.source_ranges {
                         self.source_ranges
                             .remove(&range_key(p.id, r))
                             .or_else(ignore_missing)?;
@@ -371,8 +384,7 @@ impl Dataplane {
                     frontend,
                     name,
                     backends,
-                    external,
-                    source_ranges,
+                    policy,
                 } => {
                     if self.programmed.contains_key(frontend) {
                         bail!("service {frontend} is already programmed");
@@ -401,19 +413,14 @@ impl Dataplane {
                             .with_context(|| slot_table_hint(frontend))?;
                     }
                     // Ranges before the frontend: it never admits everyone.
-                    for r in source_ranges {
+                    for r in &policy.source_ranges {
                         self.source_ranges
                             .insert(&range_key(id, r), 1, 0)
                             .with_context(|| {
                                 format!("writing loadBalancerSourceRanges of {frontend}")
                             })?;
                     }
-                    let value = SvcValue {
-                        id,
-                        count: slots.len() as u32,
-                        flags: svc_flags(*external, source_ranges),
-                        _pad: 0,
-                    };
+                    let value = svc_value(id, slots.len(), policy);
                     for key in self.frontend_keys(frontend) {
                         self.services.insert(key, value, 0)?;
                     }
@@ -425,8 +432,7 @@ impl Dataplane {
                             id,
                             name: name.clone(),
                             slots,
-                            external: *external,
-                            source_ranges: source_ranges.clone(),
+                            policy: policy.clone(),
                         },
                     );
                 }
@@ -461,6 +467,11 @@ impl Dataplane {
                     // Draining backends keep their flows (they are in
                     // `removed` but not in `flush`).
                     gone_backends.extend(flush.iter().map(|b| (p.id, flow_backend(b))));
+                    // Affinity ends as soon as the backend leaves the
+                    // rotation (draining or gone).
+                    if p.policy.affinity.is_some() {
+                        unbound.extend(removed.iter().map(|b| (p.id, flow_backend(b))));
+                    }
                     new.extend(added.iter().copied());
                     // 1. Slots that change or appear (beyond the old count
                     //    they are invisible until step 2).
@@ -479,12 +490,7 @@ impl Dataplane {
                         }
                     }
                     // 2. The new count makes them live.
-                    let value = SvcValue {
-                        id: p.id,
-                        count: new.len() as u32,
-                        flags: svc_flags(p.external, &p.source_ranges),
-                        _pad: 0,
-                    };
+                    let value = svc_value(p.id, new.len(), &p.policy);
                     for key in keys {
                         self.services.insert(key, value, 0)?;
                     }
@@ -505,6 +511,9 @@ impl Dataplane {
         }
         if !gone_backends.is_empty() || !gone_ids.is_empty() {
             stats.flows_flushed = self.flush_flows(&gone_backends, &gone_ids)?;
+        }
+        if !unbound.is_empty() || !gone_ids.is_empty() {
+            self.unbind_clients(&unbound, &gone_ids)?;
         }
         for id in gone_ids {
             self.ids.free.push(id);
@@ -549,6 +558,37 @@ impl Dataplane {
             self.conntrack.remove(k).or_else(ignore_missing)?;
         }
         Ok(doomed.len())
+    }
+}
+
+impl Dataplane {
+    /// Deletes the `AFFINITY` entries that bind clients to `backends` (of
+    /// their service id) or to removed services, so a client's next flow
+    /// is balanced again and a reused id starts with no bindings.
+    fn unbind_clients(
+        &mut self,
+        backends: &HashSet<(u32, Backend)>,
+        ids: &HashSet<u32>,
+    ) -> Result<()> {
+        let mut doomed = Vec::new();
+        for entry in self.affinity.iter() {
+            let (k, v) = match entry {
+                Ok(kv) => kv,
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let b = Backend {
+                flags: 0,
+                ..v.backend
+            };
+            if ids.contains(&k.svc_id) || backends.contains(&(k.svc_id, b)) {
+                doomed.push(k);
+            }
+        }
+        for k in &doomed {
+            self.affinity.remove(k).or_else(ignore_missing)?;
+        }
+        Ok(())
     }
 }
 

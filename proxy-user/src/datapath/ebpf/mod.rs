@@ -61,6 +61,7 @@ pub struct Dataplane {
     node_addrs: Vec<u32>,
     snat_addrs: HashMap<MapData, u32, u32>,
     source_ranges: LpmTrie<MapData, SrcRangeKey, u32>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     xdp_counters: PerCpuArray<MapData, XdpCounters>,
     programmed: BTreeMap<Frontend, maps::Programmed>,
     ids: maps::IdAllocator,

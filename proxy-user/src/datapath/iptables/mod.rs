@@ -43,9 +43,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use super::Datapath;
-use crate::model::{
-    BackendAddr, Cidr, DesiredService, DesiredState, Frontend, Proto, TrafficPolicy,
-};
+use crate::model::{BackendAddr, Cidr, DesiredService, DesiredState, Frontend, Policy, Proto};
 use crate::reconcile::{ApplyStats, Change};
 
 mod exec;
@@ -58,10 +56,9 @@ struct Svc {
     name: String,
     /// Endpoints in kube-proxy's order (sorted).
     backends: Vec<BackendAddr>,
-    /// `None`: a ClusterIP.
-    external: Option<TrafficPolicy>,
-    /// LoadBalancer address: only these clients (`KUBE-FW-`).
-    source_ranges: Vec<Cidr>,
+    /// Traffic policy (`None`: a ClusterIP), source ranges (`KUBE-FW-`),
+    /// session affinity (`recent` lists).
+    policy: Policy,
 }
 
 pub struct Iptables {
@@ -108,8 +105,7 @@ impl Iptables {
                     frontend,
                     name,
                     backends,
-                    external,
-                    source_ranges,
+                    policy,
                 } => {
                     stats.services_added += 1;
                     stats.backends_added += backends.len();
@@ -118,8 +114,7 @@ impl Iptables {
                         Svc {
                             name: name.clone(),
                             backends: backends.iter().copied().collect(),
-                            external: *external,
-                            source_ranges: source_ranges.clone(),
+                            policy: policy.clone(),
                         },
                     );
                 }
@@ -194,8 +189,7 @@ impl Iptables {
                     (
                         *fe,
                         DesiredService {
-                            external: s.external,
-                            source_ranges: s.source_ranges.clone(),
+                            policy: s.policy.clone(),
                             ..DesiredService::new(
                                 s.name.clone(),
                                 s.backends.iter().copied().collect(),

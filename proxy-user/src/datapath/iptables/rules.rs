@@ -62,9 +62,9 @@ fn fw_chain(fe: &Frontend, name: &str) -> String {
 
 /// The chain a frontend's dispatch rule jumps to.
 fn entry_chain(fe: &Frontend, svc: &Svc) -> String {
-    if !svc.source_ranges.is_empty() {
+    if !svc.policy.source_ranges.is_empty() {
         fw_chain(fe, &svc.name)
-    } else if svc.external.is_some() {
+    } else if svc.policy.external.is_some() {
         ext_chain(fe, &svc.name)
     } else {
         svc_chain(fe, &svc.name)
@@ -139,9 +139,10 @@ impl Iptables {
         }
         let p = proto_arg(fe.proto);
         let mut chain = entry_chain(fe, svc);
-        if !svc.source_ranges.is_empty() {
+        if !svc.policy.source_ranges.is_empty() {
             let ext = ext_chain(fe, &svc.name);
             let mut fw: Vec<String> = svc
+                .policy
                 .source_ranges
                 .iter()
                 .map(|r| {
@@ -159,12 +160,12 @@ impl Iptables {
             chain = ext;
         }
         let mut rules = Vec::new();
-        if svc.external == Some(TrafficPolicy::Cluster) {
+        if svc.policy.external == Some(TrafficPolicy::Cluster) {
             rules.push(format!(
                 "-A {chain} -m comment --comment \"masquerade traffic for {} external destinations\" -j KUBE-MARK-MASQ",
                 svc.name
             ));
-        } else if svc.external.is_some() {
+        } else if svc.policy.external.is_some() {
             // Local: the client's address is kept, only local endpoints.
         } else if let Some(cidr) = self.cluster_cidr {
             rules.push(format!(
@@ -172,6 +173,22 @@ impl Iptables {
                 svc.name, fe.ip, fe.port
             ));
         }
+        // Session affinity, as kube-proxy: a client seen by an endpoint's
+        // `recent` list within the timeout goes back to it; every new
+        // connection DNATed to an endpoint (re)sets its client there.
+        let recent_set = match svc.policy.affinity {
+            Some(secs) => {
+                for b in &svc.backends {
+                    let sep = sep_chain(fe, &svc.name, b);
+                    rules.push(format!(
+                        "-A {chain} -m comment --comment \"{} -> {b}\" -m recent --name {sep} --mask 255.255.255.255 --rsource --rcheck --seconds {secs} --reap -j {sep}",
+                        svc.name
+                    ));
+                }
+                true
+            }
+            None => false,
+        };
         let n = svc.backends.len();
         for (i, b) in svc.backends.iter().enumerate() {
             let sep = sep_chain(fe, &svc.name, b);
@@ -187,12 +204,17 @@ impl Iptables {
                 "-A {chain} -m comment --comment \"{} -> {b}\"{prob} -j {sep}",
                 svc.name
             ));
+            let recent = if recent_set {
+                format!(" -m recent --name {sep} --mask 255.255.255.255 --rsource --set")
+            } else {
+                String::new()
+            };
             out.insert(
                 sep.clone(),
                 vec![
                     format!("-A {sep} -m comment --comment {} -s {}/32 -j KUBE-MARK-MASQ", svc.name, b.ip),
                     format!(
-                        "-A {sep} -m comment --comment {} -p {p} -m {p} -j DNAT --to-destination {b}",
+                        "-A {sep} -m comment --comment {} -p {p} -m {p}{recent} -j DNAT --to-destination {b}",
                         svc.name
                     ),
                 ],
@@ -247,13 +269,13 @@ impl Iptables {
             // How the frontend is matched: its address, or any local one.
             let (dst, what) = if fe.is_nodeport() {
                 ("-m addrtype --dst-type LOCAL".to_owned(), "nodePort")
-            } else if svc.external.is_some() {
+            } else if svc.policy.external.is_some() {
                 (format!("-d {}/32", fe.ip), "external IP")
             } else {
                 (format!("-d {}/32", fe.ip), "cluster IP")
             };
             if svc.backends.is_empty() {
-                let (chain, why, verdict) = match svc.external {
+                let (chain, why, verdict) = match svc.policy.external {
                     None => (
                         "KUBE-SERVICES",
                         "has no endpoints",
@@ -308,6 +330,7 @@ impl Iptables {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Policy;
 
     fn fe() -> Frontend {
         Frontend {
@@ -338,8 +361,7 @@ mod tests {
             backends: (1..=3)
                 .map(|i| BackendAddr::new([10, 0, 0, i].into(), 8080))
                 .collect(),
-            external: None,
-            source_ranges: vec![],
+            policy: Policy::default(),
         };
         let mut out = BTreeMap::new();
         ipt.render_svc(&fe(), &svc, &mut out);
@@ -368,8 +390,7 @@ mod tests {
         let mk = |n: u8| Svc {
             name: format!("default/s{n}"),
             backends: vec![BackendAddr::new([10, 0, 0, n].into(), 80)],
-            external: None,
-            source_ranges: vec![],
+            policy: Policy::default(),
         };
         let fe2 = Frontend { port: 81, ..fe() };
         ipt.services.insert(fe(), mk(1));
@@ -418,8 +439,10 @@ mod tests {
         let svc = |external, backends: Vec<BackendAddr>| Svc {
             name: "default/np:http".into(),
             backends,
-            external,
-            source_ranges: vec![],
+            policy: Policy {
+                external,
+                ..Policy::default()
+            },
         };
         let one = vec![BackendAddr::new([10, 0, 0, 1].into(), 8080)];
         ipt.services
