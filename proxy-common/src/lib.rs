@@ -22,6 +22,7 @@
 //! | `ROUTES` | LRU hash | [`RouteKey`] → [`RouteEntry`] | ingress, XDP (a cache of FIB lookups) | ingress, XDP |
 //! | `XDP_COUNTERS` | per-CPU array | `0` → [`XdpCounters`] | XDP | agent |
 //! | `SOURCE_RANGES` | LPM trie | (prefix `32 + len`, [`SrcRangeKey`]) → `u32` (unused, `1`) | agent | ingress |
+//! | `MAGLEV` | hash, not preallocated | service id → [`MaglevTable`] | agent (frontends with [`SVC_F_MAGLEV`]) | ingress, XDP |
 //! | `AFFINITY` | LRU hash | [`AffinityKey`] → [`AffinityValue`] | ingress, XDP (new flows of a frontend with `affinity_secs`); agent deletes entries of removed backends and services | ingress, XDP, agent |
 //!
 //! North-south: a NodePort frontend is stored with address `0`
@@ -55,6 +56,15 @@
 //! connection. The agent deletes the entries of a backend that leaves the
 //! rotation and of a removed frontend, so affinity never outlives its
 //! endpoint or reaches a reused service id.
+//!
+//! Maglev (`--lb-algorithm maglev`, or per Service): a frontend with
+//! [`SVC_F_MAGLEV`] picks a new flow's backend from its `MAGLEV` table at
+//! [`maglev_index`]`(`[`flow_hash`]`(tuple))` instead of the cursor, so every
+//! node (and an agent that lost its conntrack) sends a flow to the same
+//! backend, and removing one of N backends moves little more than the
+//! 1/N of flows that were on it. The agent computes the table (Eisenbud et
+//! al., NSDI 2016) from the sorted backends and replaces it whole in one
+//! update, so a reader sees either the old or the new table.
 //!
 //! Slot compaction (agent): a backend is added by writing slot `count` and
 //! then `count + 1`; removed by copying the last slot over it and then
@@ -100,6 +110,53 @@ pub const SVC_F_DROP_EMPTY: u32 = 2;
 /// `SvcValue::flags`: only clients in the frontend's `SOURCE_RANGES`
 /// entries reach it (`loadBalancerSourceRanges`); others are dropped.
 pub const SVC_F_SOURCE_RANGES: u32 = 4;
+
+/// `SvcValue::flags`: new flows are placed by the frontend's Maglev table
+/// (`MAGLEV`), not round-robin.
+pub const SVC_F_MAGLEV: u32 = 8;
+
+/// Entries of a Maglev table: a prime, ≥ 100× the backends of a service
+/// with up to 163 of them (the paper's bound for an even spread).
+pub const MAGLEV_M: u32 = 16_381;
+/// Default capacity of `MAGLEV` (frontends with a table). The map is not
+/// preallocated: a table costs its 128 KiB only while it exists.
+pub const MAX_MAGLEV: u32 = 4_096;
+
+/// One frontend's Maglev lookup table: entry `i` is the backend of the
+/// flows whose [`maglev_index`] is `i`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MaglevTable {
+    pub backends: [Backend; MAGLEV_M as usize],
+    /// Never read. LLVM folds `(h·M >> 32)·8` into `h·M >> 29 & !7`, whose
+    /// bound the verifier takes as 7 bytes past the last entry; this slack
+    /// keeps that inside the value.
+    pub _slack: Backend,
+}
+
+/// The hash Maglev places a flow by: its 5-tuple as on the wire (network
+/// order), mixed with splitmix64's finalizer. The same on every node and in
+/// the agent, so placement can be predicted and checked.
+#[inline(always)]
+pub fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h = (u64::from(saddr) << 32) | u64::from(daddr);
+    h ^= ((u64::from(sport) << 24) | (u64::from(dport) << 8) | u64::from(proto))
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    (h as u32) ^ ((h >> 32) as u32)
+}
+
+/// The table entry of a flow hash: `hash · M / 2^32`, in `0..MAGLEV_M`
+/// (a multiply and a shift: cheaper than a modulo, and bounds the verifier
+/// can follow).
+#[inline(always)]
+pub fn maglev_index(hash: u32) -> u32 {
+    ((u64::from(hash) * u64::from(MAGLEV_M)) >> 32) as u32
+}
 
 /// Capacity of `SOURCE_RANGES` (CIDRs over all LoadBalancer frontends).
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
@@ -403,6 +460,7 @@ mod pod {
     unsafe impl aya::Pod for SrcRangeKey {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for MaglevTable {}
     unsafe impl aya::Pod for XdpCounters {}
     unsafe impl aya::Pod for RouteKey {}
     unsafe impl aya::Pod for RouteEntry {}
@@ -426,6 +484,30 @@ mod tests {
         assert_eq!(size_of::<SrcRangeKey>(), 8);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<MaglevTable>(), 8 * (MAGLEV_M as usize + 1));
+    }
+
+    #[test]
+    fn maglev_index_covers_the_table_and_no_more() {
+        assert_eq!(maglev_index(0), 0);
+        assert_eq!(maglev_index(u32::MAX), MAGLEV_M - 1);
+        // Hashes of neighbouring ports spread over the table.
+        let mut seen = [false; MAGLEV_M as usize];
+        for port in 0..50_000u16 {
+            let i = maglev_index(flow_hash(
+                0x0a00_0102,
+                0x0a60_000a,
+                port.to_be(),
+                80u16.to_be(),
+                6,
+            ));
+            seen[i as usize] = true;
+        }
+        let covered = seen.iter().filter(|s| **s).count();
+        assert!(
+            covered > (MAGLEV_M as usize) * 9 / 10,
+            "{covered} of {MAGLEV_M}"
+        );
         assert_eq!(size_of::<XdpCounters>(), 48);
         assert_eq!(size_of::<RouteKey>(), 8);
         assert_eq!(size_of::<RouteEntry>(), 32);

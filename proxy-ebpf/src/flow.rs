@@ -14,7 +14,8 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use proxy_common::*;
 
 use crate::{
-    AFFINITY, CONNTRACK, NODE_IPS, ROUTES, RR_CURSOR, SERVICES, SLOTS, SNAT_ADDRS, SOURCE_RANGES,
+    AFFINITY, CONNTRACK, MAGLEV, NODE_IPS, ROUTES, RR_CURSOR, SERVICES, SLOTS, SNAT_ADDRS,
+    SOURCE_RANGES,
 };
 
 /// `AF_INET`, for the FIB lookup.
@@ -185,7 +186,7 @@ pub fn flow(
             new: false,
         });
     }
-    let backend = choose_backend(t.saddr, svc).ok_or(FlowError::NoBackend)?;
+    let backend = choose_backend(t, svc).ok_or(FlowError::NoBackend)?;
     let snat = if backend.flags & BACKEND_F_SNAT != 0 {
         let ifindex = egress(backend.addr).ok_or(FlowError::NoSnat)?;
         claim_snat(t, svc.id, backend, ifindex).ok_or(FlowError::NoSnat)?
@@ -247,15 +248,15 @@ fn now() -> u64 {
 }
 
 /// The backend of a new flow: with session affinity, the one this client
-/// was bound to within the timeout (refreshed), else the next one
-/// round-robin (and, with affinity, recorded as the client's).
+/// was bound to within the timeout (refreshed), else [`pick_backend`]'s
+/// (and, with affinity, recorded as the client's).
 #[inline(always)]
-fn choose_backend(client: u32, svc: SvcValue) -> Option<Backend> {
+fn choose_backend(t: &Tuple, svc: SvcValue) -> Option<Backend> {
     if svc.affinity_secs == 0 {
-        return select_backend(svc);
+        return pick_backend(t, svc);
     }
     let key = AffinityKey {
-        client,
+        client: t.saddr,
         svc_id: svc.id,
     };
     let now = now();
@@ -266,7 +267,7 @@ fn choose_backend(client: u32, svc: SvcValue) -> Option<Backend> {
             return Some(e.backend);
         }
     }
-    let backend = select_backend(svc)?;
+    let backend = pick_backend(t, svc)?;
     // Best effort: without the entry the client's next flow is simply
     // balanced again.
     let _ = AFFINITY.insert(
@@ -278,6 +279,20 @@ fn choose_backend(client: u32, svc: SvcValue) -> Option<Backend> {
         0,
     );
     Some(backend)
+}
+
+/// A new flow's backend by the frontend's algorithm: its Maglev table entry
+/// for the flow's hash, else (or while the table is missing) round-robin.
+#[inline(always)]
+fn pick_backend(t: &Tuple, svc: SvcValue) -> Option<Backend> {
+    if svc.flags & SVC_F_MAGLEV != 0
+        && let Some(table) = MAGLEV.get_ptr(svc.id)
+    {
+        let i = maglev_index(flow_hash(t.saddr, t.daddr, t.sport, t.dport, t.proto));
+        // SAFETY: `i < MAGLEV_M` (maglev_index), inside the table.
+        return Some(unsafe { (table as *const Backend).add(i as usize).read() });
+    }
+    select_backend(svc)
 }
 
 /// Exact round-robin: one atomic cursor per service, shared by all CPUs.

@@ -93,6 +93,10 @@ static SNAT_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODE_IPS, 0
 static SOURCE_RANGES: LpmTrie<SrcRangeKey, u32> = LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
 #[map]
 static XDP_COUNTERS: PerCpuArray<XdpCounters> = PerCpuArray::with_max_entries(1, 0);
+/// Not preallocated: a 128 KiB table exists only for Maglev frontends.
+#[map]
+static MAGLEV: HashMap<u32, MaglevTable> =
+    HashMap::with_max_entries(MAX_MAGLEV, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 #[map]
 static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::with_max_entries(MAX_AFFINITY, 0);

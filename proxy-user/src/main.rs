@@ -20,7 +20,7 @@ use proxy_user::datapath::ebpf::{AttachMode, Dataplane, Following, LoadOptions};
 use proxy_user::datapath::ebpf::{NodeAddrs, XdpAttach};
 use proxy_user::datapath::iptables::Iptables;
 use proxy_user::links;
-use proxy_user::model::{Cidr, Node};
+use proxy_user::model::{Cidr, LbAlgorithm, Node};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -61,6 +61,13 @@ struct Args {
     /// manifests and no --zone, hints are ignored.
     #[arg(long)]
     zone: Option<String>,
+    /// How new flows are placed on a Service's endpoints: `round-robin`
+    /// (eBPF: exact, one cursor per frontend; iptables: random, as
+    /// kube-proxy) or `maglev` (eBPF only: consistent hashing of the flow's
+    /// 5-tuple, the same choice on every node; 128 KiB per frontend). A
+    /// Service overrides it with the annotation `kproxy.io/lb-algorithm`.
+    #[arg(long, value_name = "ALGORITHM", default_value = "round-robin")]
+    lb_algorithm: LbAlgorithm,
     /// Interfaces where traffic from outside the node and from other nodes
     /// arrives (the uplinks; comma-separated): NodePort, externalIP and
     /// LoadBalancer traffic is translated there, and their IPv4 addresses
@@ -212,6 +219,7 @@ fn config(args: &Args) -> agent::Config {
             name: node_name(args),
             node_port_range: args.node_port_range,
             zone: args.zone.clone().filter(|z| !z.is_empty()),
+            lb_algorithm: args.lb_algorithm,
         },
         poll_interval: Duration::from_millis(args.poll_interval_ms),
         gc_interval: Duration::from_secs(args.conntrack_gc_interval_seconds),
@@ -246,6 +254,12 @@ fn start(args: &Args) -> Result<Started> {
     let datapath: Box<dyn Datapath> = match args.mode {
         Mode::Ebpf => Box::new(start_ebpf(args)?),
         Mode::Iptables => {
+            if args.lb_algorithm == LbAlgorithm::Maglev {
+                bail!(
+                    "--lb-algorithm maglev needs --mode ebpf (iptables picks endpoints at random, \
+                     as kube-proxy)"
+                );
+            }
             if !args.iface.is_empty() || !args.external_iface.is_empty() {
                 log::info!(
                     "iptables mode: --iface and --external-iface are ignored (rules cover the namespace)"

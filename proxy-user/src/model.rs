@@ -161,7 +161,34 @@ pub struct Node {
     /// hinted for this zone are preferred (`trafficDistribution:
     /// PreferClose`, topology-aware hints). `None`: hints are ignored.
     pub zone: Option<String>,
+    /// How new flows are placed unless a Service's
+    /// [`LB_ALGORITHM_ANNOTATION`] says otherwise (`--lb-algorithm`).
+    pub lb_algorithm: LbAlgorithm,
 }
+
+/// How a frontend places new flows on its backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LbAlgorithm {
+    /// Exact round-robin (eBPF) / random (iptables, as kube-proxy).
+    #[default]
+    RoundRobin,
+    /// Maglev consistent hashing of the flow's 5-tuple (eBPF only).
+    Maglev,
+}
+
+impl std::str::FromStr for LbAlgorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "round-robin" => Ok(LbAlgorithm::RoundRobin),
+            "maglev" => Ok(LbAlgorithm::Maglev),
+            other => Err(format!("{other:?} is not one of round-robin, maglev")),
+        }
+    }
+}
+
+/// Per-Service override of `--lb-algorithm` (`round-robin` or `maglev`).
+pub const LB_ALGORITHM_ANNOTATION: &str = "kproxy.io/lb-algorithm";
 
 /// The apiserver's default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
@@ -187,6 +214,7 @@ impl Default for Node {
             name: String::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             zone: None,
+            lb_algorithm: LbAlgorithm::RoundRobin,
         }
     }
 }
@@ -211,6 +239,8 @@ pub struct Policy {
     /// `sessionAffinity: ClientIP`: its timeout in seconds
     /// (`sessionAffinityConfig.clientIP.timeoutSeconds`, default 10800).
     pub affinity: Option<u32>,
+    /// How new flows are placed.
+    pub lb: LbAlgorithm,
 }
 
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
@@ -346,6 +376,8 @@ pub struct SvcView {
     /// `service.kubernetes.io/topology-mode: Auto` annotation): endpoints
     /// hinted for this node's zone are preferred.
     pub prefer_close: bool,
+    /// [`LB_ALGORITHM_ANNOTATION`], if set.
+    pub lb: Option<LbAlgorithm>,
 }
 
 /// Parses a list of IPv4 addresses, naming the field of the bad one. IPv6
@@ -393,6 +425,7 @@ pub fn view_service(svc: &Service, node: &Node) -> Result<SvcView, ObjectError> 
             affinity: None,
             internal_local: false,
             prefer_close: false,
+            lb: None,
         });
     }
     let has_node_ports = match type_ {
@@ -538,12 +571,15 @@ pub fn view_service(svc: &Service, node: &Node) -> Result<SvcView, ObjectError> 
             )));
         }
     };
-    let topology_mode = svc
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(TOPOLOGY_MODE_ANNOTATION))
-        .is_some_and(|m| m.eq_ignore_ascii_case("auto"));
+    let annotation = |name: &str| svc.metadata.annotations.as_ref().and_then(|a| a.get(name));
+    let topology_mode =
+        annotation(TOPOLOGY_MODE_ANNOTATION).is_some_and(|m| m.eq_ignore_ascii_case("auto"));
+    let lb = annotation(LB_ALGORITHM_ANNOTATION)
+        .map(|v| {
+            v.parse::<LbAlgorithm>()
+                .map_err(|m| err(format!("annotation {LB_ALGORITHM_ANNOTATION}: {m}")))
+        })
+        .transpose()?;
     Ok(SvcView {
         ns,
         name,
@@ -557,6 +593,7 @@ pub fn view_service(svc: &Service, node: &Node) -> Result<SvcView, ObjectError> 
         affinity,
         internal_local,
         prefer_close: distribution || topology_mode,
+        lb,
     })
 }
 
@@ -786,6 +823,7 @@ pub fn frontends<'a>(
                 external: Some(svc.policy),
                 source_ranges: Vec::new(),
                 affinity: svc.affinity,
+                lb: svc.lb.unwrap_or(node.lb_algorithm),
             },
         };
         // loadBalancerSourceRanges guard the LoadBalancer addresses only
@@ -835,6 +873,7 @@ pub fn frontends<'a>(
                 },
                 policy: Policy {
                     affinity: svc.affinity,
+                    lb: svc.lb.unwrap_or(node.lb_algorithm),
                     ..Policy::default()
                 },
             },
@@ -1344,5 +1383,39 @@ ports:
             "namespace: default, annotations: {service.kubernetes.io/topology-mode: Auto}}",
         );
         assert_eq!(in_zone(Some("b"), &auto, ZONED_SLICE), ["10.0.0.2"]);
+    }
+
+    #[test]
+    fn lb_algorithm_comes_from_the_annotation_else_the_node() {
+        let annotated = |v: &str| {
+            WEB.replace(
+                "namespace: default}",
+                &format!("namespace: default, annotations: {{kproxy.io/lb-algorithm: {v}}}}}"),
+            )
+        };
+        let lb = |node: &Node, yaml: &str| -> Vec<LbAlgorithm> {
+            let st = build(node, &[svc(yaml)], &[]).unwrap();
+            st.services.values().map(|s| s.policy.lb).collect()
+        };
+        let maglev_node = Node {
+            lb_algorithm: LbAlgorithm::Maglev,
+            ..Node::default()
+        };
+        assert_eq!(lb(&Node::default(), WEB), [LbAlgorithm::RoundRobin; 2]);
+        assert_eq!(lb(&maglev_node, WEB), [LbAlgorithm::Maglev; 2]);
+        assert_eq!(
+            lb(&Node::default(), &annotated("maglev")),
+            [LbAlgorithm::Maglev; 2]
+        );
+        assert_eq!(
+            lb(&maglev_node, &annotated("round-robin")),
+            [LbAlgorithm::RoundRobin; 2]
+        );
+        let e = build(&Node::default(), &[svc(&annotated("random"))], &[]).unwrap_err();
+        assert!(
+            e.message
+                .contains("kproxy.io/lb-algorithm: \"random\" is not one of"),
+            "{e}"
+        );
     }
 }

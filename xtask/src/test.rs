@@ -34,6 +34,7 @@ const EBPF_ONLY_TESTS: &[&str] = &[
     "north_south_tc",
     "xdp",
     "conntrack_gc",
+    "maglev",
     "follow_links",
     "cluster_e2e",
     "cleanup_netlink",

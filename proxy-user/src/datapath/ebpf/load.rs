@@ -41,7 +41,7 @@ impl Default for LoadOptions {
 }
 
 /// Maps pinned in pinned mode. `AYA_LOGS` is per agent and not pinned.
-const PINNED_MAPS: [&str; 9] = [
+const PINNED_MAPS: [&str; 10] = [
     "SERVICES",
     "SLOTS",
     "RR_CURSOR",
@@ -51,6 +51,7 @@ const PINNED_MAPS: [&str; 9] = [
     "GLOBAL_COUNTERS",
     "SOURCE_RANGES",
     "AFFINITY",
+    "MAGLEV",
 ];
 
 /// Names the pinned layout: the layout version, the size of every key and
@@ -70,6 +71,7 @@ pub fn layout_tag(opts: &LoadOptions) -> String {
         size_of::<SrcRangeKey>(),
         size_of::<AffinityKey>(),
         size_of::<AffinityValue>(),
+        size_of::<MaglevTable>(),
     ]
     .map(|s| s.to_string())
     // bpffs refuses '.' in the names of pinned objects.
@@ -220,6 +222,7 @@ impl Dataplane {
             snat_addrs: take(&mut bpf, "SNAT_ADDRS")?,
             source_ranges: take(&mut bpf, "SOURCE_RANGES")?,
             affinity: take(&mut bpf, "AFFINITY")?,
+            maglev: take(&mut bpf, "MAGLEV")?,
             xdp_counters: take(&mut bpf, "XDP_COUNTERS")?,
             node_addrs: Vec::new(),
             xdp_loaded: false,

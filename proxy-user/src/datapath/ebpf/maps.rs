@@ -11,7 +11,8 @@ use super::Dataplane;
 use aya::maps::lpm_trie::Key as LpmKey;
 
 use crate::model::{
-    BackendAddr, Cidr, DesiredService, DesiredState, Frontend, Policy, Proto, TrafficPolicy,
+    BackendAddr, Cidr, DesiredService, DesiredState, Frontend, LbAlgorithm, Policy, Proto,
+    TrafficPolicy,
 };
 use crate::reconcile::{ApplyStats, Change};
 
@@ -41,7 +42,12 @@ pub fn svc_flags(policy: &Policy) -> u32 {
     } else {
         SVC_F_SOURCE_RANGES
     };
+    let maglev = match policy.lb {
+        LbAlgorithm::Maglev => SVC_F_MAGLEV,
+        LbAlgorithm::RoundRobin => 0,
+    };
     ranges
+        | maglev
         | match policy.external {
             None => 0,
             Some(TrafficPolicy::Cluster) => SVC_F_EXTERNAL,
@@ -277,9 +283,27 @@ impl Dataplane {
                             Vec::new()
                         },
                         affinity: (val.affinity_secs != 0).then_some(val.affinity_secs),
+                        lb: if val.flags & SVC_F_MAGLEV != 0 {
+                            LbAlgorithm::Maglev
+                        } else {
+                            LbAlgorithm::RoundRobin
+                        },
                     },
                 },
             );
+        }
+        // A Maglev frontend whose table is missing gets it back (the
+        // programs fall back to round-robin meanwhile).
+        let maglev: Vec<(u32, Vec<BackendAddr>)> = self
+            .programmed
+            .values()
+            .filter(|p| p.policy.lb == LbAlgorithm::Maglev)
+            .map(|p| (p.id, p.slots.clone()))
+            .collect();
+        for (id, slots) in maglev {
+            if self.maglev.get(&id, 0).is_err() {
+                self.write_maglev(id, &slots)?;
+            }
         }
         let orphans: Vec<SlotKey> = self
             .slots
@@ -376,6 +400,9 @@ impl Dataplane {
                             .remove(&range_key(p.id, r))
                             .or_else(ignore_missing)?;
                     }
+                    if p.policy.lb == LbAlgorithm::Maglev {
+                        self.maglev.remove(&p.id).or_else(ignore_missing)?;
+                    }
                     gone_ids.insert(p.id);
                     stats.services_removed += 1;
                     stats.backends_removed += p.slots.len();
@@ -419,6 +446,10 @@ impl Dataplane {
                             .with_context(|| {
                                 format!("writing loadBalancerSourceRanges of {frontend}")
                             })?;
+                    }
+                    if policy.lb == LbAlgorithm::Maglev {
+                        self.write_maglev(id, &slots)
+                            .with_context(|| format!("writing the Maglev table of {frontend}"))?;
                     }
                     let value = svc_value(id, slots.len(), policy);
                     for key in self.frontend_keys(frontend) {
@@ -489,7 +520,17 @@ impl Dataplane {
                                 .with_context(|| slot_table_hint(frontend))?;
                         }
                     }
-                    // 2. The new count makes them live.
+                    // 2. The new count makes them live; a Maglev table is
+                    //    replaced whole just before (it names backends, not
+                    //    slots, so either table is valid with either count).
+                    let (id, policy) = (p.id, p.policy.clone());
+                    if policy.lb == LbAlgorithm::Maglev {
+                        self.write_maglev(id, &new)
+                            .with_context(|| format!("writing the Maglev table of {frontend}"))?;
+                    }
+                    let Some(p) = self.programmed.get_mut(frontend) else {
+                        bail!("service {frontend} is not programmed");
+                    };
                     let value = svc_value(p.id, new.len(), &p.policy);
                     for key in keys {
                         self.services.insert(key, value, 0)?;
@@ -562,6 +603,26 @@ impl Dataplane {
 }
 
 impl Dataplane {
+    /// Writes frontend `id`'s Maglev table for `backends` in one update
+    /// (none: the table goes; such a frontend refuses before it looks).
+    fn write_maglev(&mut self, id: u32, backends: &[BackendAddr]) -> Result<()> {
+        let (sorted, entries) = super::maglev::table(backends);
+        if sorted.is_empty() {
+            self.maglev.remove(&id).or_else(ignore_missing)?;
+            return Ok(());
+        }
+        let raw: Vec<Backend> = sorted.iter().map(backend_raw).collect();
+        let mut t = Box::new(MaglevTable {
+            backends: [raw[0]; MAGLEV_M as usize],
+            _slack: raw[0],
+        });
+        for (slot, owner) in t.backends.iter_mut().zip(&entries) {
+            *slot = raw[*owner as usize];
+        }
+        self.maglev.insert(id, *t, 0)?;
+        Ok(())
+    }
+
     /// Deletes the `AFFINITY` entries that bind clients to `backends` (of
     /// their service id) or to removed services, so a client's next flow
     /// is balanced again and a reused id starts with no bindings.

@@ -28,6 +28,7 @@ pub mod counters;
 pub mod follow;
 pub mod gc;
 pub mod load;
+pub mod maglev;
 pub mod maps;
 pub mod test_run;
 pub mod xdp;
@@ -62,6 +63,7 @@ pub struct Dataplane {
     snat_addrs: HashMap<MapData, u32, u32>,
     source_ranges: LpmTrie<MapData, SrcRangeKey, u32>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    maglev: HashMap<MapData, u32, MaglevTable>,
     xdp_counters: PerCpuArray<MapData, XdpCounters>,
     programmed: BTreeMap<Frontend, maps::Programmed>,
     ids: maps::IdAllocator,
