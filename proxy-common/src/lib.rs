@@ -190,14 +190,42 @@ pub const HAIRPIN_SNAT_IP: [u8; 4] = [169, 254, 42, 1];
 /// meets it and never translates again — a client port reused later for
 /// another connection must not be rewritten by a flow long gone.
 pub const CT_TCP_TIMEOUT_NS: u64 = 432_000 * 1_000_000_000;
-/// UDP (netfilter: 30 s unreplied, 120 s for a stream; one value here).
+/// UDP once a reply went back (netfilter's stream timeout).
 pub const CT_UDP_TIMEOUT_NS: u64 = 120 * 1_000_000_000;
+/// UDP without a reply yet (netfilter: 30 s).
+pub const CT_UDP_UNREPLIED_TIMEOUT_NS: u64 = 30 * 1_000_000_000;
+/// TCP without a reply yet: a SYN nobody answered (netfilter's SYN_RECV,
+/// Cilium's SYN timeout), so a SYN flood or a dead backend does not hold
+/// entries for days.
+pub const CT_TCP_SYN_TIMEOUT_NS: u64 = 60 * 1_000_000_000;
 /// Default TCP timeout once a FIN or RST was seen (`--conntrack-tcp-close-seconds`).
 pub const CT_TCP_CLOSE_TIMEOUT_NS: u64 = 10 * 1_000_000_000;
 /// Name of the read-only global the agent sets to the TCP close timeout.
 pub const CT_TCP_CLOSE_GLOBAL: &str = "KPROXY_CT_TCP_CLOSE_NS";
 /// `CtValue::flags`: a FIN or RST went through; the short timeout applies.
 pub const CT_F_CLOSING: u32 = 1;
+/// `CtValue::flags`: set on both entries of a new flow, cleared by its
+/// first reply; the unreplied timeouts apply meanwhile.
+pub const CT_F_UNREPLIED: u32 = 2;
+
+/// How long an entry lives after its last packet, by protocol and state
+/// (the one rule of the programs' lookups and the agent's sweep).
+#[inline(always)]
+pub fn ct_timeout_ns(proto: u8, flags: u32, tcp_close_ns: u64) -> u64 {
+    if proto == IPPROTO_TCP {
+        if flags & CT_F_CLOSING != 0 {
+            tcp_close_ns
+        } else if flags & CT_F_UNREPLIED != 0 {
+            CT_TCP_SYN_TIMEOUT_NS
+        } else {
+            CT_TCP_TIMEOUT_NS
+        }
+    } else if flags & CT_F_UNREPLIED != 0 {
+        CT_UDP_UNREPLIED_TIMEOUT_NS
+    } else {
+        CT_UDP_TIMEOUT_NS
+    }
+}
 
 /// `CtKey::dir` of an entry keyed by the client → frontend tuple.
 pub const CT_DIR_FORWARD: u8 = 0;

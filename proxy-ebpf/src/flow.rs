@@ -44,20 +44,15 @@ static KPROXY_CT_TCP_CLOSE_NS: u64 = CT_TCP_CLOSE_TIMEOUT_NS;
 
 /// The live conntrack entry under `key`: refreshed by this packet (and
 /// marked closing on a FIN or RST), or — past its timeout — deleted and
-/// `None`, so an expired flow never translates a packet again.
+/// `None`, so an expired flow never translates a packet again. The first
+/// packet through a reply entry marks both entries of the flow replied.
 #[inline(always)]
 pub fn ct_live(key: &CtKey, tcp_flags: u8) -> Option<CtValue> {
     let p = CONNTRACK.get_ptr_mut(key)?;
     let e = unsafe { &mut *p };
     let now = unsafe { bpf_ktime_get_ns() };
-    let timeout = if key.proto != IPPROTO_TCP {
-        CT_UDP_TIMEOUT_NS
-    } else if e.flags & CT_F_CLOSING != 0 {
-        unsafe { core::ptr::read_volatile(&KPROXY_CT_TCP_CLOSE_NS) }
-    } else {
-        CT_TCP_TIMEOUT_NS
-    };
-    if now.wrapping_sub(e.seen_ns) > timeout {
+    let close = unsafe { core::ptr::read_volatile(&KPROXY_CT_TCP_CLOSE_NS) };
+    if now.wrapping_sub(e.seen_ns) > ct_timeout_ns(key.proto, e.flags, close) {
         let _ = CONNTRACK.remove(key);
         return None;
     }
@@ -65,7 +60,37 @@ pub fn ct_live(key: &CtKey, tcp_flags: u8) -> Option<CtValue> {
     if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         e.flags |= CT_F_CLOSING;
     }
+    if key.dir == CT_DIR_REPLY && e.flags & CT_F_UNREPLIED != 0 {
+        e.flags &= !CT_F_UNREPLIED;
+        mark_replied(key, e);
+    }
     Some(*e)
+}
+
+/// Clears the unreplied flag of the forward entry that goes with reply
+/// entry `key` → `v`: client → frontend, the client being the SNAT
+/// client, the hairpin backend itself, or the reply's destination.
+#[inline(always)]
+fn mark_replied(key: &CtKey, v: &CtValue) {
+    let (saddr, sport) = if v.nat_addr != 0 {
+        (v.nat_addr, v.nat_port)
+    } else if key.daddr == crate::hairpin_addr() {
+        (key.saddr, key.dport)
+    } else {
+        (key.daddr, key.dport)
+    };
+    let fwd = CtKey {
+        saddr,
+        daddr: v.addr,
+        sport,
+        dport: v.port,
+        proto: key.proto,
+        dir: CT_DIR_FORWARD,
+        _pad: 0,
+    };
+    if let Some(f) = CONNTRACK.get_ptr_mut(fwd) {
+        unsafe { (*f).flags &= !CT_F_UNREPLIED };
+    }
 }
 
 impl Tuple {
@@ -212,7 +237,7 @@ pub fn flow(
             svc_id: svc.id,
             nat_addr: 0,
             seen_ns: now(),
-            flags: 0,
+            flags: CT_F_UNREPLIED,
             _pad: 0,
         };
         // Reply entry first: once the forward entry exists a reply can come
@@ -229,7 +254,7 @@ pub fn flow(
         svc_id: svc.id,
         nat_addr: snat.0,
         seen_ns: now(),
-        flags: 0,
+        flags: CT_F_UNREPLIED,
         _pad: 0,
     };
     CONNTRACK
@@ -326,7 +351,7 @@ fn claim_snat(t: &Tuple, svc_id: u32, backend: Backend, ifindex: u32) -> Option<
         svc_id,
         nat_addr: t.saddr,
         seen_ns: now(),
-        flags: 0,
+        flags: CT_F_UNREPLIED,
         _pad: 0,
     };
     let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;

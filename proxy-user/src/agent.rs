@@ -176,7 +176,7 @@ pub async fn run(config: Config, start: impl FnOnce() -> Result<Started>) -> Res
                     metrics.ct_gc_deleted.inc_by(r.deleted as u64);
                     metrics.ct_gc_seconds.set(r.took.as_secs_f64());
                     metrics.ct_capacity.set(r.capacity as i64);
-                    let full = r.live * 10 >= r.capacity * 9;
+                    let full = r.live * 10 >= r.usable * 9;
                     if full {
                         metrics.ct_full.inc();
                         if !table_full {

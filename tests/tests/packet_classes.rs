@@ -258,6 +258,52 @@ fn replies_are_reverse_translated() {
 }
 
 #[test]
+fn a_new_flow_is_unreplied_until_its_first_reply() {
+    use proxy_common::{CT_F_UNREPLIED, CtKey, CtValue};
+    let dp = dataplane();
+    let flags = |dp: &Dataplane, sport: u16| -> Vec<(u8, u32)> {
+        let mut v: Vec<(u8, u32)> = dp
+            .conntrack_snapshot()
+            .into_iter()
+            .filter(|(k, _): &(CtKey, CtValue)| {
+                k.sport == sport.to_be() || k.dport == sport.to_be()
+            })
+            .map(|(k, v)| (k.dir, v.flags & CT_F_UNREPLIED))
+            .collect();
+        v.sort();
+        v
+    };
+    for (frame, bport) in [
+        (Frame::tcp(CLIENT, 47000, VIP, 80), 8080),
+        (Frame::udp(CLIENT, 47001, VIP, 53), 5353),
+    ] {
+        let r = dp.test_run(INGRESS_PROG, &frame.build(), 1).unwrap();
+        let be = assert_translated(&r.packet, bport);
+        // Forward and reply entry, both unreplied (the short timeouts).
+        assert_eq!(
+            flags(&dp, frame.sport),
+            [(0, CT_F_UNREPLIED), (1, CT_F_UNREPLIED)]
+        );
+        // The client repeating itself changes nothing.
+        dp.test_run(INGRESS_PROG, &frame.build(), 1).unwrap();
+        assert_eq!(
+            flags(&dp, frame.sport),
+            [(0, CT_F_UNREPLIED), (1, CT_F_UNREPLIED)]
+        );
+        let reply = if frame.proto == 6 {
+            Frame::tcp(be, bport, CLIENT, frame.sport)
+        } else {
+            Frame::udp(be, bport, CLIENT, frame.sport)
+        };
+        assert_eq!(
+            dp.test_run(EGRESS_PROG, &reply.build(), 1).unwrap().verdict,
+            OK
+        );
+        assert_eq!(flags(&dp, frame.sport), [(0, 0), (1, 0)], "replied");
+    }
+}
+
+#[test]
 fn fragments_follow_their_first_fragment() {
     let dp = dataplane();
     let mut first = Frame::udp(CLIENT, 46000, VIP, 53);

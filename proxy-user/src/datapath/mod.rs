@@ -76,6 +76,9 @@ pub struct GcReport {
     pub deleted: usize,
     /// The table's capacity.
     pub capacity: usize,
+    /// How many entries it holds before it starts evicting (below the
+    /// capacity when the table keeps free entries aside).
+    pub usable: usize,
     pub took: std::time::Duration,
 }
 

@@ -20,6 +20,12 @@ impl Dataplane {
         self.conntrack.keys().filter(|k| k.is_ok()).count()
     }
 
+    /// Every conntrack entry as it is now (for tests; entries evicted
+    /// while reading are skipped).
+    pub fn conntrack_snapshot(&self) -> Vec<(proxy_common::CtKey, proxy_common::CtValue)> {
+        self.conntrack.iter().filter_map(|e| e.ok()).collect()
+    }
+
     /// Global counters summed over CPUs.
     pub fn global_counters(&self) -> Result<Counters> {
         sum(&self.global_counters.get(&0, 0)?)
