@@ -5,7 +5,9 @@
 //!   `--quick`): `kproxy-compare` from bench/, eBPF mode against iptables
 //!   mode in network namespaces; report and plots in bench/results/;
 //! - `dataplane`: `kproxy-bench dataplane` from proxy-user, the
-//!   BPF_PROG_TEST_RUN ns/packet table;
+//!   BPF_PROG_TEST_RUN ns/packet table, new-flow cost by selector and the
+//!   conntrack sweep; report and plot (`kdataplane-report`) in
+//!   bench/results/;
 //! - `nodeport`: `knodeport-bench` from bench/, NodePort traffic to a remote
 //!   endpoint through XDP, TC alone and iptables: ns/packet (test-run) and
 //!   forwarded packets per second; report and plot in bench/results/;
@@ -231,18 +233,38 @@ pub fn run_bench(args: &[String]) -> Result<()> {
         .env(KPROXY_BIN_ENV, &outputs.kproxy)
         .args(["run", "--release"]);
     if what == "dataplane" {
+        // kproxy-bench prints its tables on stdout (shown, and checked in a
+        // smoke run) and writes its figures as JSON; kdataplane-report
+        // turns those into the report and plot.
+        let (dir, date) = if smoke {
+            let dir = smoke::out_dir("dataplane");
+            smoke::fresh_dir(&dir)?;
+            (dir, "smoke".to_owned())
+        } else {
+            let date = String::from_utf8(
+                std::process::Command::new("date")
+                    .args(["-u", "+%Y-%m-%d"])
+                    .output()
+                    .context("running date")?
+                    .stdout,
+            )?;
+            (
+                util::workspace_root().join("bench/results"),
+                date.trim().to_owned(),
+            )
+        };
+        let json = util::target_dir().join("dataplane-figures.json");
         cmd.args(["-p", "proxy-user", "--bin", "kproxy-bench", "--target-dir"])
             .arg(util::target_dir())
             .arg("--")
-            .arg("dataplane");
-        if !smoke {
-            cmd.args(rest);
-            return run(&mut cmd);
-        }
+            .arg("dataplane")
+            .arg("--json")
+            .arg(&json);
         let scales = DATAPLANE_SMOKE_SCALES.map(|n| n.to_string()).join(",");
-        cmd.args(["--smoke", "--services", &scales]).args(rest);
-        // kproxy-bench prints its table on stdout: captured for the check
-        // (its progress on stderr still shows), then shown.
+        if smoke {
+            cmd.args(["--smoke", "--services", &scales]);
+        }
+        cmd.args(rest);
         let shown = util::display(&cmd);
         say!("==> running: {shown}");
         let done = cmd
@@ -255,8 +277,36 @@ pub fn run_bench(args: &[String]) -> Result<()> {
         if !done.status.success() {
             bail!("`{shown}` failed ({})", done.status);
         }
-        check_dataplane_table(&table, &DATAPLANE_SMOKE_SCALES)?;
-        say!("==> smoke: the table has every figure for {scales} services");
+        if smoke {
+            check_dataplane_table(&table, &DATAPLANE_SMOKE_SCALES)?;
+            say!("==> smoke: the table has every figure for {scales} services");
+        }
+        let mut report = util::cargo(Toolchain::Active);
+        report
+            .current_dir(util::workspace_root())
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "kproxy-compare",
+                "--bin",
+                "kdataplane-report",
+                "--target-dir",
+            ])
+            .arg(util::target_dir())
+            .arg("--")
+            .arg("--json")
+            .arg(&json)
+            .arg("--out")
+            .arg(&dir)
+            .arg("--date")
+            .arg(&date)
+            .arg("--invocation")
+            .arg(invocation(args));
+        run(&mut report)?;
+        if smoke {
+            smoke::check_report(&dir.join("latest-dataplane.md"), 1)?;
+        }
         return Ok(());
     }
     if what == "nodeport" {

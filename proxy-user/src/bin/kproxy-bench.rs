@@ -11,13 +11,20 @@
 //! creates the flow); they are timed one run each over distinct packets, and
 //! the kernel's per-run timing overhead, measured the same way on the miss
 //! path, is subtracted.
+//!
+//! Then the cost of choosing a backend for a new flow, by selector (exact
+//! round-robin, a session-affinity hit, Maglev), and of one conntrack sweep
+//! over `--gc-entries` entries (default 1,000,000), all live and with half
+//! of them expired.
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use proxy_user::datapath::ebpf::{Dataplane, EGRESS_PROG, INGRESS_PROG, LoadOptions};
-use proxy_user::model::{BackendAddr, DesiredService, DesiredState, Frontend, Proto};
+use proxy_user::model::{
+    BackendAddr, DesiredService, DesiredState, Frontend, LbAlgorithm, Policy, Proto,
+};
 use proxy_user::pktgen::Frame;
 use proxy_user::reconcile::diff;
 
@@ -28,6 +35,9 @@ struct Opts {
     scales: Vec<u32>,
     repeat: u32,
     single_runs: u32,
+    gc_entries: u32,
+    /// Also write every figure here, as JSON (for the report).
+    json: Option<std::path::PathBuf>,
 }
 
 /// Parses the arguments after the program name.
@@ -37,6 +47,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts> {
         scales: vec![1, 100_000],
         repeat: 200_000,
         single_runs: 3_000,
+        gc_entries: 1_000_000,
+        json: None,
     };
     let mut scales_given = false;
     match args.next().as_deref() {
@@ -59,15 +71,19 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts> {
             }
             "--repeat" => opts.repeat = val()?.parse()?,
             "--single-runs" => opts.single_runs = val()?.parse()?,
+            "--gc-entries" => opts.gc_entries = val()?.parse()?,
+            "--json" => opts.json = Some(val()?.into()),
             "--quick" => {
                 opts.repeat = 50_000;
                 opts.single_runs = 1_000;
+                opts.gc_entries = 200_000;
             }
             // Seconds: the whole path (load, program, every measured
             // packet class, the table), figures too noisy to mean much.
             "--smoke" => {
                 opts.repeat = 1_000;
                 opts.single_runs = 100;
+                opts.gc_entries = 10_000;
                 if !scales_given {
                     opts.scales = vec![1, 1_000];
                 }
@@ -75,7 +91,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts> {
             "-h" | "--help" => {
                 println!(
                     "usage: kproxy-bench dataplane [--services 1,100000] [--repeat N] \
-                     [--single-runs N] [--quick | --smoke]"
+                     [--single-runs N] [--gc-entries N] [--json FILE] [--quick | --smoke]"
                 );
                 std::process::exit(0);
             }
@@ -85,8 +101,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts> {
     if opts.scales.is_empty() || opts.scales.contains(&0) {
         bail!("--services needs positive counts");
     }
-    if opts.repeat == 0 || opts.single_runs == 0 {
-        bail!("--repeat and --single-runs need positive counts");
+    if opts.repeat == 0 || opts.single_runs == 0 || opts.gc_entries == 0 {
+        bail!("--repeat, --single-runs and --gc-entries need positive counts");
     }
     Ok(opts)
 }
@@ -222,6 +238,158 @@ fn measure(n: u32, opts: &Opts) -> Result<Row> {
     })
 }
 
+/// New-flow cost by selector, ns.
+struct Selection {
+    round_robin: f64,
+    affinity_hit: f64,
+    maglev: f64,
+}
+
+/// Times new flows to three frontends over three backends that differ only
+/// in how they choose: round-robin, ClientIP affinity (one client, distinct
+/// ports: every flow after the first finds its binding), Maglev.
+fn measure_selection(opts: &Opts) -> Result<Selection> {
+    let mut dp = Dataplane::load(&LoadOptions {
+        max_services: 64,
+        max_slots: 256,
+        conntrack_size: 8 * opts.single_runs + 1024,
+        bpf_log_level: 0,
+        pin_dir: None,
+        ..LoadOptions::default()
+    })?;
+    let vip = |k: u8| Ipv4Addr::new(10, 96, 1, k);
+    let mut st = DesiredState::default();
+    let policies = [
+        Policy::default(),
+        Policy {
+            affinity: Some(10_800),
+            ..Policy::default()
+        },
+        Policy {
+            lb: LbAlgorithm::Maglev,
+            ..Policy::default()
+        },
+    ];
+    for (k, policy) in policies.into_iter().enumerate() {
+        let backends = (0..3)
+            .map(|b| BackendAddr::new(Ipv4Addr::new(10, 128, 1, 10 * k as u8 + b), 8080))
+            .collect();
+        st.services.insert(
+            Frontend {
+                ip: vip(k as u8 + 1),
+                port: 80,
+                proto: Proto::Tcp,
+            },
+            DesiredService {
+                policy,
+                ..DesiredService::new(format!("sel-{k}"), backends)
+            },
+        );
+    }
+    dp.apply(&diff(&DesiredState::default(), &st))?;
+    let miss_pkt = Frame::tcp(CLIENT, 40000, Ipv4Addr::new(10, 200, 0, 1), 80).build();
+    let miss = best_of(&dp, INGRESS_PROG, &miss_pkt, opts.repeat)?;
+    let mut cost = [0.0f64; 3];
+    for (k, c) in cost.iter_mut().enumerate() {
+        let mut total = 0.0;
+        let mut overhead = 0.0;
+        // The affinity frontend's first flow makes the binding; time the rest.
+        if k == 1 {
+            dp.test_run(INGRESS_PROG, &Frame::tcp(CLIENT, 1, vip(2), 80).build(), 1)?;
+        }
+        for i in 0..opts.single_runs {
+            let pkt = if k == 1 {
+                Frame::tcp(CLIENT, 2 + i as u16, vip(2), 80)
+            } else {
+                let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 0)) + i);
+                Frame::tcp(src, 30000, vip(k as u8 + 1), 80)
+            };
+            let r = dp.test_run(INGRESS_PROG, &pkt.build(), 1)?;
+            if r.verdict != 0 {
+                bail!(
+                    "selector {k}: new flow {i} not translated (verdict {})",
+                    r.verdict
+                );
+            }
+            total += ns(r.duration);
+            overhead += ns(dp.test_run(INGRESS_PROG, &miss_pkt, 1)?.duration);
+        }
+        let runs = f64::from(opts.single_runs);
+        *c = total / runs - (overhead / runs - miss).max(0.0);
+    }
+    Ok(Selection {
+        round_robin: cost[0],
+        affinity_hit: cost[1],
+        maglev: cost[2],
+    })
+}
+
+/// One sweep's wall time over `n` conntrack entries, all live, and with
+/// every second one expired (which it then deletes).
+fn measure_gc(n: u32) -> Result<(Duration, Duration)> {
+    use proxy_common::{CT_DIR_FORWARD, CT_F_CLOSING, CtKey, CtValue, IPPROTO_TCP};
+    use proxy_user::datapath::ConntrackGc;
+    let mut dp = Dataplane::load(&LoadOptions {
+        max_services: 64,
+        max_slots: 256,
+        // Room beyond n, so the LRU never evicts while filling.
+        conntrack_size: n + n / 4 + 4096,
+        bpf_log_level: 0,
+        pin_dir: None,
+        ..LoadOptions::default()
+    })?;
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+    let fill = |dp: &mut Dataplane, expired_every: u32| -> Result<()> {
+        for i in 0..n {
+            let key = CtKey {
+                saddr: (0x0a01_0000u32 + (i >> 16)).to_be(),
+                daddr: 0x0a60_000au32.to_be(),
+                sport: (i as u16).to_be(),
+                dport: 80u16.to_be(),
+                proto: IPPROTO_TCP,
+                dir: CT_DIR_FORWARD,
+                _pad: 0,
+            };
+            let expired = expired_every > 0 && i % expired_every == 0;
+            let value = CtValue {
+                addr: 0x0a80_0001u32.to_be(),
+                port: 8080u16.to_be(),
+                nat_port: 0,
+                svc_id: 0,
+                nat_addr: 0,
+                // Closed a minute ago: past the close timeout.
+                seen_ns: if expired {
+                    now_ns.saturating_sub(60 * 1_000_000_000)
+                } else {
+                    now_ns
+                },
+                flags: if expired { CT_F_CLOSING } else { 0 },
+                _pad: 0,
+            };
+            dp.conntrack_insert(key, value)?;
+        }
+        Ok(())
+    };
+    eprintln!("[bench] filling {n} conntrack entries…");
+    fill(&mut dp, 0)?;
+    let live = dp.collect();
+    if live.live != n as usize || live.deleted != 0 {
+        bail!("sweep of {n} live entries: {live:?}");
+    }
+    fill(&mut dp, 2)?;
+    let half = dp.collect();
+    if half.deleted != n.div_ceil(2) as usize {
+        bail!("sweep of {n} entries, half expired: {half:?}");
+    }
+    Ok((live.took, half.took))
+}
+
 fn main() -> Result<()> {
     let opts = parse_args(std::env::args().skip(1))?;
     println!(
@@ -277,6 +445,65 @@ fn main() -> Result<()> {
             },
             last.established / first.established
         );
+    }
+
+    eprintln!("[bench] new-flow cost by selector…");
+    let sel = measure_selection(&opts)?;
+    println!();
+    println!("| new flow, by selector | ns |");
+    println!("|---|---:|");
+    println!("| round-robin | {:.1} |", sel.round_robin);
+    println!(
+        "| session affinity (binding found) | {:.1} |",
+        sel.affinity_hit
+    );
+    println!("| Maglev | {:.1} |", sel.maglev);
+    let added = sel.affinity_hit - sel.round_robin;
+    println!();
+    println!(
+        "targets: affinity adds ≤ 20 ns: {} ({added:+.1}); Maglev vs round-robin {:+.1} ns",
+        if added <= 20.0 { "met" } else { "MISSED" },
+        sel.maglev - sel.round_robin
+    );
+
+    let (live, half) = measure_gc(opts.gc_entries)?;
+    println!();
+    println!(
+        "conntrack sweep over {} entries: {:.0} ms all live, {:.0} ms with half expired \
+         ({:.0} ns per entry scanned)",
+        opts.gc_entries,
+        live.as_secs_f64() * 1e3,
+        half.as_secs_f64() * 1e3,
+        live.as_secs_f64() * 1e9 / f64::from(opts.gc_entries)
+    );
+    if let Some(path) = &opts.json {
+        let doc = serde_json::json!({
+            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim(),
+            "repeat": opts.repeat,
+            "single_runs": opts.single_runs,
+            "rows": rows.iter().map(|r| serde_json::json!({
+                "services": r.services,
+                "program_ms": r.program_ms,
+                "non_ipv4": r.non_ipv4,
+                "miss": r.miss,
+                "new_flow": r.new_flow,
+                "established": r.established,
+                "reverse": r.reverse,
+            })).collect::<Vec<_>>(),
+            "selection": {
+                "round_robin": sel.round_robin,
+                "affinity_hit": sel.affinity_hit,
+                "maglev": sel.maglev,
+            },
+            "gc": {
+                "entries": opts.gc_entries,
+                "live_ms": live.as_secs_f64() * 1e3,
+                "half_expired_ms": half.as_secs_f64() * 1e3,
+            },
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
     }
     Ok(())
 }

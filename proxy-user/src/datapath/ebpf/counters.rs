@@ -20,6 +20,17 @@ impl Dataplane {
         self.conntrack.keys().filter(|k| k.is_ok()).count()
     }
 
+    /// Writes one conntrack entry as the programs would (for benchmarks of
+    /// the sweep).
+    pub fn conntrack_insert(
+        &mut self,
+        key: proxy_common::CtKey,
+        value: proxy_common::CtValue,
+    ) -> Result<()> {
+        self.conntrack.insert(key, value, 0)?;
+        Ok(())
+    }
+
     /// Every conntrack entry as it is now (for tests; entries evicted
     /// while reading are skipped).
     pub fn conntrack_snapshot(&self) -> Vec<(proxy_common::CtKey, proxy_common::CtValue)> {

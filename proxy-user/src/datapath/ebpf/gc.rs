@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use proxy_common::*;
 
-use super::Dataplane;
+use std::os::fd::AsFd;
+
+use super::{Dataplane, batch};
 use crate::datapath::{ConntrackGc, GcReport};
 
 /// `bpf_ktime_get_ns` as user space reads it: CLOCK_MONOTONIC.
@@ -44,15 +46,19 @@ impl ConntrackGc for Dataplane {
     fn collect(&mut self) -> GcReport {
         let started = Instant::now();
         let now = monotonic_ns();
-        let mut scanned = 0usize;
         let mut doomed = Vec::new();
-        for entry in self.conntrack.iter() {
-            let Ok((k, v)) = entry else { continue };
-            scanned += 1;
-            if expired(&k, &v, now, self.ct_tcp_close_ns) {
+        let close = self.ct_tcp_close_ns;
+        let scanned = match batch::for_each(self.conntrack_fd.as_fd(), |k: CtKey, v: CtValue| {
+            if expired(&k, &v, now, close) {
                 doomed.push(k);
             }
-        }
+        }) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("conntrack sweep: reading the table: {e}");
+                0
+            }
+        };
         let mut deleted = 0usize;
         for k in &doomed {
             // Refreshed by a packet since the scan: leave it.

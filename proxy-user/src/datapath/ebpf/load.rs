@@ -161,6 +161,19 @@ fn prepare_pin_root(pin_dir: &Path, tag: &str) -> Result<PathBuf> {
     Ok(root)
 }
 
+/// A second descriptor of hash map `name`, for batch reads (aya's typed
+/// maps do not hand theirs out).
+fn hash_map_fd(bpf: &Ebpf, name: &str) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd;
+    match bpf.map(name) {
+        Some(aya::maps::Map::HashMap(m) | aya::maps::Map::LruHashMap(m)) => {
+            Ok(m.fd().as_fd().try_clone_to_owned()?)
+        }
+        Some(_) => bail!("map {name} is not a hash map"),
+        None => bail!("map {name} missing from the eBPF object"),
+    }
+}
+
 fn take<T>(bpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -215,6 +228,7 @@ impl Dataplane {
             services: take(&mut bpf, "SERVICES")?,
             slots: take(&mut bpf, "SLOTS")?,
             cursors: take(&mut bpf, "RR_CURSOR")?,
+            conntrack_fd: hash_map_fd(&bpf, "CONNTRACK")?,
             conntrack: take(&mut bpf, "CONNTRACK")?,
             svc_counters: take(&mut bpf, "SVC_COUNTERS")?,
             global_counters: take(&mut bpf, "GLOBAL_COUNTERS")?,

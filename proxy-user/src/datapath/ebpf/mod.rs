@@ -24,6 +24,7 @@ use crate::model::{DesiredState, Frontend};
 use crate::reconcile::{ApplyStats, Change};
 
 pub mod attach;
+pub mod batch;
 pub mod counters;
 pub mod follow;
 pub mod gc;
@@ -53,6 +54,8 @@ pub struct Dataplane {
     slots: HashMap<MapData, SlotKey, Backend>,
     cursors: Array<MapData, u64>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    /// The same map, for [`batch::for_each`].
+    conntrack_fd: std::os::fd::OwnedFd,
     svc_counters: PerCpuArray<MapData, Counters>,
     global_counters: PerCpuArray<MapData, Counters>,
     /// Written once at start ([`Dataplane::set_node_addrs`]), not pinned.
