@@ -11,6 +11,7 @@ pub mod agent;
 pub mod datapath;
 pub mod health;
 pub mod index;
+pub mod inspect;
 pub mod kube_source;
 pub mod links;
 pub mod manifests;

@@ -5,13 +5,14 @@
 //! This file turns the command line into an [`agent::Config`] and a
 //! datapath; the loop is [`agent::run`]. Stdout carries one
 //! [`proxy_common::lifecycle::Event`] line per lifecycle event, for people
-//! and scripts. Diagnostics go to stderr through `log`.
+//! and scripts. Diagnostics go to stderr through `log`. `kproxy inspect`
+//! only reads what a datapath holds: [`inspect::run`].
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use proxy_common::lifecycle::Event;
 use proxy_common::{MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS};
 use proxy_user::agent::{self, Started};
@@ -19,6 +20,7 @@ use proxy_user::datapath::Datapath;
 use proxy_user::datapath::ebpf::{AttachMode, Dataplane, Following, LoadOptions};
 use proxy_user::datapath::ebpf::{NodeAddrs, XdpAttach};
 use proxy_user::datapath::iptables::Iptables;
+use proxy_user::inspect;
 use proxy_user::links;
 use proxy_user::model::{Cidr, LbAlgorithm, Node};
 use tokio::io::Interest;
@@ -28,9 +30,15 @@ use tokio::io::unix::AsyncFd;
 #[command(
     name = "kproxy",
     version,
-    about = "Kubernetes service dataplane in eBPF"
+    about = "Kubernetes service dataplane in eBPF",
+    // `kproxy inspect …` needs none of the agent's flags (--manifests …),
+    // and takes none of them either.
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Service and EndpointSlice manifests: a YAML/JSON file or a directory of
     /// them. Followed for changes.
     #[arg(
@@ -160,6 +168,14 @@ struct Args {
     conntrack_size: u32,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show what the datapath holds right now, read-only: `services`,
+    /// `backends`, `conntrack` or `affinity` (eBPF: the pinned maps;
+    /// iptables: the rules, netfilter's conntrack, the recent lists).
+    Inspect(inspect::InspectArgs),
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Mode {
     Ebpf,
@@ -193,6 +209,16 @@ enum BpfLogLevel {
 
 fn main() {
     let args = Args::parse();
+    if let Some(Command::Inspect(a)) = &args.command {
+        match inspect::run(a) {
+            Ok(out) => print!("{out}"),
+            Err(e) => {
+                eprintln!("kproxy inspect: error: {e:#}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     env_logger::Builder::new()
         .filter_level(args.log_level)
         .format_target(false)
@@ -447,4 +473,43 @@ fn node_addrs(args: &Args) -> Result<NodeAddrs> {
         .or(addrs.snat.first().map(|(_, ip)| ip))
         .copied();
     Ok(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inspect_needs_none_of_the_agents_flags_and_the_agent_is_unchanged() {
+        let agent = Args::try_parse_from(["kproxy", "--manifests", "m", "--iface", "c0"]).unwrap();
+        assert!(agent.command.is_none());
+        assert_eq!(agent.iface, ["c0"]);
+        let agent =
+            Args::try_parse_from(["kproxy", "--mode", "iptables", "--manifests", "m"]).unwrap();
+        assert!(agent.command.is_none() && agent.mode == Mode::Iptables);
+        // The agent still needs a source.
+        assert!(Args::try_parse_from(["kproxy", "--iface", "c0"]).is_err());
+        let Some(Command::Inspect(i)) = Args::try_parse_from([
+            "kproxy",
+            "inspect",
+            "conntrack",
+            "--mode",
+            "iptables",
+            "-o",
+            "json",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("no inspect command");
+        };
+        assert_eq!(i.subject, "conntrack");
+        assert_eq!(i.mode, inspect::InspectMode::Iptables);
+        assert_eq!(i.output, inspect::Format::Json);
+        assert_eq!(i.pin_dir, PathBuf::from("/sys/fs/bpf/kproxy"));
+        // Agent flags and the subcommand do not mix.
+        assert!(
+            Args::try_parse_from(["kproxy", "--manifests", "m", "inspect", "services"]).is_err()
+        );
+    }
 }

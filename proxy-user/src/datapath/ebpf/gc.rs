@@ -13,7 +13,7 @@ use super::{Dataplane, batch};
 use crate::datapath::{ConntrackGc, GcReport};
 
 /// `bpf_ktime_get_ns` as user space reads it: CLOCK_MONOTONIC.
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -58,6 +58,19 @@ const PINNED_MAPS: [&str; 10] = [
 /// value, and the table capacities. Pinned maps of another tag are never
 /// reused (their bytes would be misread); they are removed with a log line.
 pub fn layout_tag(opts: &LoadOptions) -> String {
+    format!(
+        "{}-s{}-b{}-c{}",
+        layout_tag_prefix(),
+        opts.max_services,
+        opts.max_slots,
+        opts.conntrack_size
+    )
+}
+
+/// The part of [`layout_tag`] that decides how the maps' bytes are read
+/// (version and key/value sizes), without the capacities: a reader such as
+/// `kproxy inspect` can read any tag that starts with it and `-s`.
+pub fn layout_tag_prefix() -> String {
     use std::mem::size_of;
     let sizes = [
         size_of::<SvcKey>(),
@@ -76,10 +89,7 @@ pub fn layout_tag(opts: &LoadOptions) -> String {
     .map(|s| s.to_string())
     // bpffs refuses '.' in the names of pinned objects.
     .join("_");
-    format!(
-        "v{LAYOUT_VERSION}-{sizes}-s{}-b{}-c{}",
-        opts.max_services, opts.max_slots, opts.conntrack_size
-    )
+    format!("v{LAYOUT_VERSION}-{sizes}")
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;

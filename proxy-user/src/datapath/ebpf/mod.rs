@@ -36,7 +36,7 @@ pub mod xdp;
 
 pub use attach::AttachMode;
 pub use follow::Following;
-pub use load::{LoadOptions, layout_tag};
+pub use load::{LoadOptions, layout_tag, layout_tag_prefix};
 pub use maps::{backend_raw, ip_raw, svc_key};
 pub use test_run::TestRunOutput;
 pub use xdp::XdpAttach;
