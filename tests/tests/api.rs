@@ -167,3 +167,64 @@ fn follow_the_api(store: Store) -> Result<()> {
     );
     Ok(())
 }
+
+/// In API mode the node's zone comes from its Node object's
+/// `topology.kubernetes.io/zone` label: a `PreferClose` Service then keeps
+/// its traffic on the endpoints hinted for that zone.
+#[test]
+fn the_node_objects_zone_label_steers_prefer_close() -> Result<()> {
+    let f = Fixture::new(3, &[])?;
+    let data = DataDir(PathBuf::from(format!(
+        "/tmp/kpt-api-zone-{}",
+        std::process::id()
+    )));
+    let api = Apiserver::start(&f.topo.node, &data.0, "127.0.0.1:6443")?;
+    let node = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node1\n  labels:\n    \
+                topology.kubernetes.io/zone: a\n";
+    let service = web_service_yaml().replace(
+        "  type: ClusterIP\n",
+        "  type: ClusterIP\n  trafficDistribution: PreferClose\n",
+    );
+    anyhow::ensure!(
+        service.contains("trafficDistribution"),
+        "the Service manifest changed shape: {service}"
+    );
+    let zones = [(1, "a"), (2, "b"), (3, "a")];
+    let endpoints: Vec<String> = zones
+        .iter()
+        .map(|(i, z)| {
+            format!(
+                "- addresses: [{}]\n  conditions: {{ready: true}}\n  zone: {z}\n  \
+                 hints: {{forZones: [{{name: {z}}}]}}\n",
+                kproxy_tests::backend_ip(*i)
+            )
+        })
+        .collect();
+    let slice = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc12\n  \
+         namespace: default\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\n\
+         endpoints:\n{}ports:\n- {{name: http, port: 8080, protocol: TCP}}\n\
+         - {{name: dns, port: 8080, protocol: UDP}}\n",
+        endpoints.concat()
+    );
+    api.kubectl(
+        &["apply", "-f", "-"],
+        Some(&multi_doc(&[node.to_owned(), service, slice])),
+    )?;
+    let mut kp = Kproxy::start_from(
+        &f.topo.node,
+        Source::Kubeconfig(&api.kubeconfig()),
+        &[f.topo.client_iface_on_node()],
+        &["--no-pin", "--node-name", "node1"],
+        mode(),
+        Launch::IpNetnsExec,
+    )?;
+    kp.wait_ready()?;
+    let names = f.tcp_round(VIP, HTTP_PORT, spread_flows(2, 12))?;
+    assert_spread(
+        &names,
+        &[1, 3],
+        "zone a's endpoints (from the Node's label)",
+    );
+    Ok(())
+}

@@ -31,6 +31,8 @@ const QUICK_TESTS: &[&str] = &[
     "cleanup",
     "cleanup_netlink",
     "restart",
+    "maglev",
+    "session_affinity",
 ];
 
 /// Programs the tests start, each named by an environment variable:

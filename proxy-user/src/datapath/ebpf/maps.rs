@@ -614,7 +614,7 @@ impl Dataplane {
         let raw: Vec<Backend> = sorted.iter().map(backend_raw).collect();
         let mut t = Box::new(MaglevTable {
             backends: [raw[0]; MAGLEV_M as usize],
-            _slack: raw[0],
+            _slack: [raw[0]; MAGLEV_SLACK],
         });
         for (slot, owner) in t.backends.iter_mut().zip(&entries) {
             *slot = raw[*owner as usize];
