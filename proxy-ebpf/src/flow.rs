@@ -211,10 +211,12 @@ pub fn flow(
             new: false,
         });
     }
-    let backend = choose_backend(t, svc).ok_or(FlowError::NoBackend)?;
+    // One clock read for the whole new flow (each costs tens of ns here).
+    let now = now();
+    let backend = choose_backend(t, svc, now).ok_or(FlowError::NoBackend)?;
     let snat = if backend.flags & BACKEND_F_SNAT != 0 {
         let ifindex = egress(backend.addr).ok_or(FlowError::NoSnat)?;
-        claim_snat(t, svc.id, backend, ifindex).ok_or(FlowError::NoSnat)?
+        claim_snat(t, svc.id, backend, ifindex, now).ok_or(FlowError::NoSnat)?
     } else {
         // A hairpin flow's replies are addressed to the hairpin source.
         let reply = CtKey {
@@ -236,7 +238,7 @@ pub fn flow(
             nat_port: 0,
             svc_id: svc.id,
             nat_addr: 0,
-            seen_ns: now(),
+            seen_ns: now,
             flags: CT_F_UNREPLIED,
             _pad: 0,
         };
@@ -253,7 +255,7 @@ pub fn flow(
         nat_port: snat.1,
         svc_id: svc.id,
         nat_addr: snat.0,
-        seen_ns: now(),
+        seen_ns: now,
         flags: CT_F_UNREPLIED,
         _pad: 0,
     };
@@ -276,7 +278,7 @@ fn now() -> u64 {
 /// was bound to within the timeout (refreshed), else [`pick_backend`]'s
 /// (and, with affinity, recorded as the client's).
 #[inline(always)]
-fn choose_backend(t: &Tuple, svc: SvcValue) -> Option<Backend> {
+fn choose_backend(t: &Tuple, svc: SvcValue, now: u64) -> Option<Backend> {
     if svc.affinity_secs == 0 {
         return pick_backend(t, svc);
     }
@@ -284,7 +286,6 @@ fn choose_backend(t: &Tuple, svc: SvcValue) -> Option<Backend> {
         client: t.saddr,
         svc_id: svc.id,
     };
-    let now = now();
     if let Some(p) = AFFINITY.get_ptr_mut(key) {
         let e = unsafe { &mut *p };
         if now.wrapping_sub(e.seen_ns) <= u64::from(svc.affinity_secs) * 1_000_000_000 {
@@ -339,7 +340,13 @@ fn select_backend(svc: SvcValue) -> Option<Backend> {
 /// interface and a source port no other flow to that backend uses (the
 /// client's own port first), with the reply entry recorded under it.
 #[inline(always)]
-fn claim_snat(t: &Tuple, svc_id: u32, backend: Backend, ifindex: u32) -> Option<(u32, u16)> {
+fn claim_snat(
+    t: &Tuple,
+    svc_id: u32,
+    backend: Backend,
+    ifindex: u32,
+    now: u64,
+) -> Option<(u32, u16)> {
     let addr = match unsafe { SNAT_ADDRS.get(ifindex) } {
         Some(a) => *a,
         None => *unsafe { SNAT_ADDRS.get(0u32) }?,
@@ -350,7 +357,7 @@ fn claim_snat(t: &Tuple, svc_id: u32, backend: Backend, ifindex: u32) -> Option<
         nat_port: t.sport,
         svc_id,
         nat_addr: t.saddr,
-        seen_ns: now(),
+        seen_ns: now,
         flags: CT_F_UNREPLIED,
         _pad: 0,
     };

@@ -289,21 +289,20 @@ fn measure_selection(opts: &Opts) -> Result<Selection> {
     dp.apply(&diff(&DesiredState::default(), &st))?;
     let miss_pkt = Frame::tcp(CLIENT, 40000, Ipv4Addr::new(10, 200, 0, 1), 80).build();
     let miss = best_of(&dp, INGRESS_PROG, &miss_pkt, opts.repeat)?;
-    let mut cost = [0.0f64; 3];
-    for (k, c) in cost.iter_mut().enumerate() {
-        let mut total = 0.0;
-        let mut overhead = 0.0;
-        // The affinity frontend's first flow makes the binding; time the rest.
-        if k == 1 {
-            dp.test_run(INGRESS_PROG, &Frame::tcp(CLIENT, 1, vip(2), 80).build(), 1)?;
-        }
-        for i in 0..opts.single_runs {
-            let pkt = if k == 1 {
-                Frame::tcp(CLIENT, 2 + i as u16, vip(2), 80)
-            } else {
-                let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 0)) + i);
-                Frame::tcp(src, 30000, vip(k as u8 + 1), 80)
-            };
+    // The affinity frontend's first flow makes the binding; the rest find
+    // it. The three selectors and the single-run overhead are timed
+    // interleaved, flow by flow, and compared by their medians, so drift
+    // and interrupts do not land on one selector.
+    dp.test_run(INGRESS_PROG, &Frame::tcp(CLIENT, 1, vip(2), 80).build(), 1)?;
+    let mut runs: [Vec<f64>; 4] = Default::default();
+    for i in 0..opts.single_runs {
+        let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 0)) + i);
+        let pkts = [
+            Frame::tcp(src, 30000, vip(1), 80),
+            Frame::tcp(CLIENT, 2 + i as u16, vip(2), 80),
+            Frame::tcp(src, 30000, vip(3), 80),
+        ];
+        for (k, pkt) in pkts.iter().enumerate() {
             let r = dp.test_run(INGRESS_PROG, &pkt.build(), 1)?;
             if r.verdict != 0 {
                 bail!(
@@ -311,12 +310,16 @@ fn measure_selection(opts: &Opts) -> Result<Selection> {
                     r.verdict
                 );
             }
-            total += ns(r.duration);
-            overhead += ns(dp.test_run(INGRESS_PROG, &miss_pkt, 1)?.duration);
+            runs[k].push(ns(r.duration));
         }
-        let runs = f64::from(opts.single_runs);
-        *c = total / runs - (overhead / runs - miss).max(0.0);
+        runs[3].push(ns(dp.test_run(INGRESS_PROG, &miss_pkt, 1)?.duration));
     }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let overhead = (median(&mut runs[3]) - miss).max(0.0);
+    let cost: Vec<f64> = runs[..3].iter_mut().map(|v| median(v) - overhead).collect();
     Ok(Selection {
         round_robin: cost[0],
         affinity_hit: cost[1],
