@@ -284,7 +284,7 @@ pub struct AffinityKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AffinityValue {
     pub backend: Backend,
-    /// `bpf_ktime_get_ns` of the client's last new flow to the frontend.
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of the client's last new flow to the frontend.
     pub seen_ns: u64,
 }
 
@@ -331,7 +331,7 @@ pub struct RouteEntry {
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
     pub _pad: u32,
-    /// `bpf_ktime_get_ns` when the FIB was asked.
+    /// `bpf_ktime_get_coarse_ns` when the FIB was asked.
     pub stamp_ns: u64,
 }
 
@@ -384,7 +384,8 @@ pub struct CtValue {
     /// source-NATed to; reply entry: the client's address, restored as the
     /// reply's destination.
     pub nat_addr: u32,
-    /// `bpf_ktime_get_ns` of the last packet through this entry.
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of the last packet
+    /// through this entry.
     pub seen_ns: u64,
     /// `CT_F_*` bits.
     pub flags: u32,

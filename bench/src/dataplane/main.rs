@@ -213,10 +213,11 @@ fn main() -> Result<()> {
          miss path every IPv4 packet takes (parse, one hash lookup, the node-address check) and \
          {:.1} ns the floor of any packet (the program's entry, a non-IPv4 frame); the rest is \
          the conntrack lookup, its expiry check, the rewrite with two checksum helpers and the \
-         counters. The expiry check reads the clock on every packet (bpf_ktime_get_ns): with that \
-         read replaced by a constant, a separate run on 2026-12-07 measured 161 ns established \
-         and 126 ns reverse NAT, so the read costs about 34 ns on this VM (kvm-clock); \
-         `bpf_jiffies64`, which Cilium's conntrack uses, is the remedy to try.",
+         counters. The expiry check reads a clock on every packet; separate runs on 2026-12-07 at \
+         1 service measured 195 ns established with the precise clock (bpf_ktime_get_ns, \
+         kvm-clock on this VM), 179–184 ns with the coarse one (bpf_ktime_get_coarse_ns, used \
+         since) and 161 ns with no read at all (a constant, as an experiment). Runs differ by \
+         10–15 ns on this shared VM.",
         last.services,
         verdict(est <= 120.0),
         last.miss,

@@ -346,7 +346,7 @@ fn measure_gc(n: u32) -> Result<(Duration, Duration)> {
         tv_nsec: 0,
     };
     // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
     let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
     let fill = |dp: &mut Dataplane, expired_every: u32| -> Result<()> {
         for i in 0..n {

@@ -317,8 +317,8 @@ pub struct ConntrackRow {
     /// Source NAT. forward/original: the address and port the flow leaves
     /// with; reply: the client restored as the reply's destination.
     pub nat: Option<String>,
-    /// eBPF: time since the last packet (CLOCK_MONOTONIC, which
-    /// `bpf_ktime_get_ns` reads).
+    /// eBPF: time since the last packet (CLOCK_MONOTONIC_COARSE, which
+    /// `bpf_ktime_get_coarse_ns` reads).
     pub age_ms: Option<u64>,
     /// eBPF: a FIN or RST went through (the short timeout applies).
     pub closing: Option<bool>,

@@ -12,14 +12,15 @@ use std::os::fd::AsFd;
 use super::{Dataplane, batch};
 use crate::datapath::{ConntrackGc, GcReport};
 
-/// `bpf_ktime_get_ns` as user space reads it: CLOCK_MONOTONIC.
+/// The programs' clock (`bpf_ktime_get_coarse_ns`) as user space reads it:
+/// CLOCK_MONOTONIC_COARSE.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
