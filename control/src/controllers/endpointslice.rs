@@ -5,7 +5,11 @@
 //! resolved per pod (a named targetPort is looked up in the pod's container
 //! ports). Pods that resolve to the same ports share slices of at most 100
 //! endpoints. Slices carry `kubernetes.io/service-name` (what kproxy keys
-//! on) and `endpointslice.kubernetes.io/managed-by`.
+//! on) and `endpointslice.kubernetes.io/managed-by`. Each endpoint names
+//! its node's zone (`topology.kubernetes.io/zone`); for a Service with
+//! `trafficDistribution: PreferClose` (or `PreferSameZone`) every endpoint
+//! is hinted for its own zone, as upstream — when every endpoint has one
+//! (a hint set that misses an endpoint would steer traffic away from it).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +18,9 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{
     EndpointAddress, EndpointPort, EndpointSubset, Endpoints, ObjectReference, Pod, Service,
 };
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{
+    Endpoint, EndpointConditions, EndpointHints, EndpointSlice, ForZone,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, PostParams};
@@ -28,6 +34,18 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "endpointslice-controller.k8s.io";
 const MAX_ENDPOINTS: usize = 100;
+/// The Node label that names its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Whether the Service asks for zone hints.
+fn prefers_close(svc: &Service) -> bool {
+    matches!(
+        svc.spec
+            .as_ref()
+            .and_then(|s| s.traffic_distribution.as_deref()),
+        Some("PreferClose" | "PreferSameZone")
+    )
+}
 
 pub fn is_ours(s: &EndpointSlice) -> bool {
     s.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY)
@@ -215,7 +233,14 @@ pub(super) async fn reconcile(ctx: &Ctx, key: Key) -> Result<Next> {
         let ready = podutil::is_ready(p);
         let terminating = podutil::is_deleting(p);
         let node = podutil::node_name(p).map(str::to_string);
+        let zone = node.as_deref().and_then(|n| {
+            ctx.nodes
+                .state_filter(|o| o.metadata.name.as_deref() == Some(n))
+                .first()
+                .and_then(|o| o.labels().get(ZONE_LABEL).cloned())
+        });
         groups.entry(ports.clone()).or_default().push(Endpoint {
+            zone,
             addresses: vec![ip.clone()],
             conditions: Some(EndpointConditions {
                 ready: Some((ready || publish_not_ready) && !terminating),
@@ -240,6 +265,22 @@ pub(super) async fn reconcile(ctx: &Ctx, key: Key) -> Result<Next> {
             e.0.push(addr);
         } else {
             e.1.push(addr);
+        }
+    }
+    // Zone hints: each endpoint for its own zone, if every one has a zone.
+    if prefers_close(&svc)
+        && groups
+            .values()
+            .flatten()
+            .all(|e| e.zone.as_deref().is_some_and(|z| !z.is_empty()))
+    {
+        for e in groups.values_mut().flatten() {
+            e.hints = Some(EndpointHints {
+                for_zones: Some(vec![ForZone {
+                    name: e.zone.clone().unwrap_or_default(),
+                }]),
+                ..Default::default()
+            });
         }
     }
     // No pods: one empty placeholder slice, as upstream.

@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::reflector::{self, Store};
@@ -277,5 +277,108 @@ async fn endpointslice_lists_the_selected_pod_ips() {
     assert_eq!(
         (ports[0].name.as_deref(), ports[0].port),
         (Some("http"), Some(8080))
+    );
+}
+
+#[tokio::test]
+async fn endpointslice_names_zones_and_hints_them_for_prefer_close() {
+    let api = apiserver().await;
+    let svc: Service = create(
+        &api.client,
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": "web", "namespace": "default" },
+            "spec": {
+                "selector": { "app": "web" },
+                "trafficDistribution": "PreferClose",
+                "ports": [{ "name": "http", "port": 80, "targetPort": "http" }],
+            },
+        }),
+    )
+    .await;
+    let on = |name: &str, ip: &str, node: &str| {
+        let mut p = pod(name, "web", Some(ip), true);
+        p.spec.as_mut().expect("spec").node_name = Some(node.into());
+        p
+    };
+    let node = |name: &str, zone: &str| -> Node {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": { "name": name, "labels": { "topology.kubernetes.io/zone": zone } },
+        }))
+        .expect("node")
+    };
+    let list = |api: &Api0| {
+        let client = api.client.clone();
+        async move {
+            Api::<EndpointSlice>::namespaced(client, "default")
+                .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
+                .await
+                .expect("list slices")
+                .items
+        }
+    };
+    let zones = |s: &EndpointSlice| -> Vec<(String, Option<String>, Vec<String>)> {
+        s.endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.addresses[0].clone(),
+                    e.zone.clone(),
+                    e.hints
+                        .iter()
+                        .flat_map(|h| h.for_zones.iter().flatten())
+                        .map(|z| z.name.clone())
+                        .collect(),
+                )
+            })
+            .collect()
+    };
+    let mut c = ctx(
+        &api.client,
+        vec![
+            on("web-a", "10.244.0.2", "n1"),
+            on("web-b", "10.244.1.2", "n2"),
+        ],
+        vec![],
+        vec![svc.clone()],
+    );
+    c.nodes = cache([node("n1", "a"), node("n2", "b")]);
+    endpointslice::reconcile(&c, Key::of(&svc))
+        .await
+        .expect("reconcile");
+    let slices = list(&api).await;
+    assert_eq!(
+        zones(&slices[0]),
+        [
+            ("10.244.0.2".into(), Some("a".into()), vec!["a".to_owned()]),
+            ("10.244.1.2".into(), Some("b".into()), vec!["b".to_owned()]),
+        ]
+    );
+
+    // A pod on a node without a zone: zones where known, no hints at all.
+    let mut c = ctx(
+        &api.client,
+        vec![
+            on("web-a", "10.244.0.2", "n1"),
+            on("web-b", "10.244.1.2", "n2"),
+            on("web-c", "10.244.2.2", "n3"),
+        ],
+        vec![],
+        vec![svc.clone()],
+    );
+    c.nodes = cache([node("n1", "a"), node("n2", "b")]);
+    c.slices = cache(slices);
+    endpointslice::reconcile(&c, Key::of(&svc))
+        .await
+        .expect("reconcile");
+    let slices = list(&api).await;
+    assert_eq!(
+        zones(&slices[0]),
+        [
+            ("10.244.0.2".into(), Some("a".into()), vec![]),
+            ("10.244.1.2".into(), Some("b".into()), vec![]),
+            ("10.244.2.2".into(), None, vec![]),
+        ]
     );
 }
