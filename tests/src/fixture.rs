@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 
 use crate::client::{TcpSession, UdpSession};
 use crate::kproxy::Kproxy;
-use crate::manifest::{ManifestDir, endpointslice_yaml, service_yaml};
+use crate::manifest::{ManifestDir, endpointslice_yaml, service_yaml_with};
 use crate::mode::{Mode, mode};
 use crate::servers::Servers;
 use crate::topology::{Topology, backend_ip, backend_name};
@@ -41,13 +41,20 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The `web` Service manifest.
 pub fn web_service_yaml() -> String {
-    service_yaml(
+    web_service_yaml_with(serde_json::json!({}))
+}
+
+/// The `web` Service with more `spec` fields (session affinity, traffic
+/// policies, …).
+pub fn web_service_yaml_with(extra: serde_json::Value) -> String {
+    service_yaml_with(
         SERVICE,
         VIP_STR,
         &[
             ("http", HTTP_PORT, TARGET_PORT, "TCP"),
             ("dns", DNS_PORT, TARGET_PORT, "UDP"),
         ],
+        extra,
     )
 }
 

@@ -22,22 +22,37 @@ fn to_yaml(v: &Value) -> String {
 /// A `v1/Service` in namespace `default` with the given ClusterIP and ports
 /// and selector `app: <name>`.
 pub fn service_yaml(name: &str, cluster_ip: &str, ports: &[ServicePort]) -> String {
+    service_yaml_with(name, cluster_ip, ports, json!({}))
+}
+
+/// [`service_yaml`] with more `spec` fields (`extra` is an object: session
+/// affinity, traffic policies, …), which win over the defaults.
+pub fn service_yaml_with(
+    name: &str,
+    cluster_ip: &str,
+    ports: &[ServicePort],
+    extra: Value,
+) -> String {
     let ports: Vec<Value> = ports
         .iter()
         .map(|(pname, port, target, proto)| {
             json!({ "name": pname, "port": port, "targetPort": target, "protocol": proto })
         })
         .collect();
+    let mut spec = json!({
+        "type": "ClusterIP",
+        "clusterIP": cluster_ip,
+        "selector": { "app": name },
+        "ports": ports,
+    });
+    for (k, v) in extra.as_object().expect("extra spec fields are an object") {
+        spec[k] = v.clone();
+    }
     to_yaml(&json!({
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": { "name": name, "namespace": "default" },
-        "spec": {
-            "type": "ClusterIP",
-            "clusterIP": cluster_ip,
-            "selector": { "app": name },
-            "ports": ports,
-        },
+        "spec": spec,
     }))
 }
 

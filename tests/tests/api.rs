@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use kproxy_tests::apiserver::Apiserver;
 use kproxy_tests::fixture::{
     DNS_PORT, HTTP_PORT, IO_TIMEOUT, STOP_TIMEOUT, VIP, assert_spread, backend_index, spread_flows,
-    web_service_yaml, web_slice_yaml,
+    web_service_yaml, web_service_yaml_with, web_slice_yaml,
 };
 use kproxy_tests::kproxy::{Launch, Source, field_u64};
 use kproxy_tests::{Fixture, Kproxy, mode, multi_doc};
@@ -181,14 +181,7 @@ fn the_node_objects_zone_label_steers_prefer_close() -> Result<()> {
     let api = Apiserver::start(&f.topo.node, &data.0, "127.0.0.1:6443")?;
     let node = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node1\n  labels:\n    \
                 topology.kubernetes.io/zone: a\n";
-    let service = web_service_yaml().replace(
-        "  type: ClusterIP\n",
-        "  type: ClusterIP\n  trafficDistribution: PreferClose\n",
-    );
-    anyhow::ensure!(
-        service.contains("trafficDistribution"),
-        "the Service manifest changed shape: {service}"
-    );
+    let service = web_service_yaml_with(serde_json::json!({"trafficDistribution": "PreferClose"}));
     let zones = [(1, "a"), (2, "b"), (3, "a")];
     let endpoints: Vec<String> = zones
         .iter()

@@ -18,8 +18,8 @@ use std::process::{Command, Output};
 
 use anyhow::{Context, Result, ensure};
 use kproxy_tests::fixture::{
-    APPLY_TIMEOUT, DNS_PORT, HTTP_PORT, IO_TIMEOUT, SERVICE, SERVICE_FILE, STOP_TIMEOUT,
-    TARGET_PORT, VIP, VIP_STR, backend_index,
+    APPLY_TIMEOUT, HTTP_PORT, IO_TIMEOUT, SERVICE, SERVICE_FILE, STOP_TIMEOUT, TARGET_PORT, VIP,
+    VIP_STR, backend_index, web_service_yaml_with,
 };
 use kproxy_tests::kproxy::{Launch, kproxy_bin};
 use kproxy_tests::{Fixture, Kproxy, Mode, Netns, SuiteLock, TcpSession, backend_ip, mode};
@@ -265,28 +265,15 @@ fn services_backends_and_conntrack_show_what_the_datapath_holds() -> Result<()> 
     Ok(())
 }
 
-/// The `web` Service with `sessionAffinity: ClientIP` (3 hours).
-fn affinity_service() -> Result<String> {
-    Ok(serde_json::to_string_pretty(&json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": SERVICE, "namespace": "default"},
-        "spec": {
-            "clusterIP": VIP_STR,
-            "sessionAffinity": "ClientIP",
-            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 10_800}},
-            "ports": [
-                {"name": "http", "port": HTTP_PORT, "targetPort": TARGET_PORT, "protocol": "TCP"},
-                {"name": "dns", "port": DNS_PORT, "targetPort": TARGET_PORT, "protocol": "UDP"},
-            ],
-        },
-    }))?)
-}
-
 #[test]
 fn affinity_lists_the_clients_binding() -> Result<()> {
     let f = Fixture::new(3, &[1, 2, 3])?;
-    f.manifests.write(SERVICE_FILE, &affinity_service()?)?;
+    // `sessionAffinity: ClientIP` for 3 hours.
+    let affinity = web_service_yaml_with(json!({
+        "sessionAffinity": "ClientIP",
+        "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 10_800}},
+    }));
+    f.manifests.write(SERVICE_FILE, &affinity)?;
     let pin = PinDir::new("affinity");
     let _kp = start(&f, &pin, &[])?;
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use kproxy_tests::fixture::{
-    APPLY_TIMEOUT, DNS_PORT, HTTP_PORT, IO_TIMEOUT, SERVICE, SERVICE_FILE, TARGET_PORT, VIP,
-    VIP_STR, backend_index, tally,
+    APPLY_TIMEOUT, DNS_PORT, HTTP_PORT, IO_TIMEOUT, SERVICE_FILE, VIP, backend_index, tally,
+    web_service_yaml_with,
 };
 use kproxy_tests::topology::Client;
 use kproxy_tests::{Fixture, Mode, mode};
@@ -19,21 +19,11 @@ use serde_json::json;
 const CONNECTIONS: usize = 20;
 
 /// The `web` Service with `sessionAffinity: ClientIP` and `timeout`.
-fn affinity_service(timeout: u32) -> Result<String> {
-    Ok(serde_json::to_string_pretty(&json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": SERVICE, "namespace": "default"},
-        "spec": {
-            "clusterIP": VIP_STR,
-            "sessionAffinity": "ClientIP",
-            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": timeout}},
-            "ports": [
-                {"name": "http", "port": HTTP_PORT, "targetPort": TARGET_PORT, "protocol": "TCP"},
-                {"name": "dns", "port": DNS_PORT, "targetPort": TARGET_PORT, "protocol": "UDP"},
-            ],
-        },
-    }))?)
+fn affinity_service(timeout: u32) -> String {
+    web_service_yaml_with(json!({
+        "sessionAffinity": "ClientIP",
+        "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": timeout}},
+    }))
 }
 
 /// `n` TCP connections from `client`, one after the other (each closed
@@ -75,8 +65,7 @@ fn one_backend(got: &[usize], what: &str) -> usize {
 #[test]
 fn each_client_sticks_to_one_endpoint_until_that_endpoint_leaves() -> Result<()> {
     let mut f = Fixture::new(3, &[1, 2, 3])?;
-    f.manifests
-        .write(SERVICE_FILE, &affinity_service(10_800)?)?;
+    f.manifests.write(SERVICE_FILE, &affinity_service(10_800))?;
     for _ in 0..2 {
         f.topo.add_client()?;
     }
@@ -137,7 +126,7 @@ fn affinity_ends_when_the_timeout_passes_without_a_new_connection() -> Result<()
     let backends: Vec<usize> = (1..=8).collect();
     let mut f = Fixture::new(8, &backends)?;
     f.manifests
-        .write(SERVICE_FILE, &affinity_service(SHORT_TIMEOUT)?)?;
+        .write(SERVICE_FILE, &affinity_service(SHORT_TIMEOUT))?;
     f.start_kproxy()?;
     let client = f.topo.client();
     // Within the timeout: one endpoint (connections follow each other far

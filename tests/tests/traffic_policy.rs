@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Result;
 use kproxy_tests::fixture::{
     APPLY_TIMEOUT, DNS_PORT, HTTP_PORT, SERVICE, SERVICE_FILE, SLICE_FILE, SLICE_NAME, TARGET_PORT,
-    VIP, VIP_STR, assert_spread, spread_flows,
+    VIP, assert_spread, spread_flows, web_service_yaml_with,
 };
 use kproxy_tests::{Fixture, backend_ip};
 use serde_json::{Value, json};
@@ -22,26 +22,6 @@ use serde_json::{Value, json};
 /// How long a refusal may take, and how long a probe waits at most.
 const MAX_REFUSAL: Duration = Duration::from_millis(100);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The `web` Service with extra `spec` fields.
-fn service(extra: Value) -> Result<String> {
-    let mut spec = json!({
-        "clusterIP": VIP_STR,
-        "ports": [
-            {"name": "http", "port": HTTP_PORT, "targetPort": TARGET_PORT, "protocol": "TCP"},
-            {"name": "dns", "port": DNS_PORT, "targetPort": TARGET_PORT, "protocol": "UDP"},
-        ],
-    });
-    for (k, v) in extra.as_object().expect("an object") {
-        spec[k] = v.clone();
-    }
-    Ok(serde_json::to_string_pretty(&json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": SERVICE, "namespace": "default"},
-        "spec": spec,
-    }))?)
-}
 
 /// The `web` slice: `(backend, node, zone hint)`, all ready.
 fn slice(endpoints: &[(usize, &str, Option<&str>)]) -> Result<String> {
@@ -91,7 +71,7 @@ fn internal_traffic_policy_local_reaches_only_local_endpoints_and_refuses_withou
     let mut f = Fixture::new(3, &[1, 2, 3])?;
     f.manifests.write(
         SERVICE_FILE,
-        &service(json!({"internalTrafficPolicy": "Local"}))?,
+        &web_service_yaml_with(json!({"internalTrafficPolicy": "Local"})),
     )?;
     f.manifests.write(SLICE_FILE, &slice(&ZONED)?)?;
     f.start_kproxy_with(&NODE_ARGS)?;
@@ -131,7 +111,7 @@ fn prefer_close_keeps_traffic_in_the_zone_while_every_endpoint_is_hinted() -> Re
     let mut f = Fixture::new(3, &[1, 2, 3])?;
     f.manifests.write(
         SERVICE_FILE,
-        &service(json!({"trafficDistribution": "PreferClose"}))?,
+        &web_service_yaml_with(json!({"trafficDistribution": "PreferClose"})),
     )?;
     f.manifests.write(SLICE_FILE, &slice(&ZONED)?)?;
     f.start_kproxy_with(&NODE_ARGS)?;
