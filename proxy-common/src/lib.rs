@@ -24,6 +24,20 @@
 //! | `SOURCE_RANGES` | LPM trie | (prefix `32 + len`, [`SrcRangeKey`]) → `u32` (unused, `1`) | agent | ingress |
 //! | `MAGLEV` | hash, not preallocated | service id → [`MaglevTable`] | agent (frontends with [`SVC_F_MAGLEV`]) | ingress, XDP |
 //! | `AFFINITY` | LRU hash | [`AffinityKey`] → [`AffinityValue`] | ingress, XDP (new flows of a frontend with `affinity_secs`); agent deletes entries of removed backends and services | ingress, XDP, agent |
+//! | `SERVICES6` | hash, not preallocated | [`SvcKey6`] → [`SvcValue`] | agent | ingress |
+//! | `SLOTS6` | hash, not preallocated | [`SlotKey`] → [`Backend6`] | agent | ingress |
+//! | `CONNTRACK6` | LRU hash | [`CtKey6`] → [`CtValue6`] | ingress (new flows); agent | ingress, egress, agent |
+//! | `AFFINITY6` | LRU hash | [`AffinityKey6`] → [`AffinityValue6`] | ingress; agent | ingress, agent |
+//!
+//! IPv6: a ClusterIP of the IPv6 family is a `SERVICES6` entry whose
+//! [`SvcValue`] draws its id from the same space as IPv4 frontends, so
+//! `RR_CURSOR`, `SVC_COUNTERS` and `MAGLEV` serve both families; its
+//! backends live in `SLOTS6`. The IPv6 path translates ClusterIPs only
+//! (no nodePort, source NAT, fragments or XDP) and, like the IPv4 one,
+//! keeps its own conntrack (`CONNTRACK6`) and affinity (`AFFINITY6`). A
+//! Maglev table of an IPv6 frontend holds slot numbers in
+//! `Backend::addr` (the program then reads `SLOTS6`), because a
+//! [`Backend`] has no room for an IPv6 address.
 //!
 //! North-south: a NodePort frontend is stored with address `0`
 //! ([`NODEPORT_ADDR`]) and, with the same value (one id, one cursor, one set
@@ -81,7 +95,7 @@ pub mod lifecycle;
 /// Version of the map layout below. Bump it whenever a key or value type
 /// changes meaning (sizes are checked separately): the agent refuses to reuse
 /// pinned maps of another version and recreates them.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Default capacity of `SERVICES` (frontends) and of the per-service arrays.
 pub const MAX_SERVICES: u32 = 131_072;
@@ -94,6 +108,10 @@ pub const MAX_FRAGS: u32 = 8_192;
 /// Default capacity of the LRU `AFFINITY` map (one entry per client and
 /// frontend with session affinity).
 pub const MAX_AFFINITY: u32 = 131_072;
+/// Default capacity of the LRU `CONNTRACK6` map.
+pub const MAX_CONNTRACK6: u32 = 65_536;
+/// Default capacity of the LRU `AFFINITY6` map.
+pub const MAX_AFFINITY6: u32 = 32_768;
 /// Capacity of `NODE_IPS` and `SNAT_ADDRS`.
 pub const MAX_NODE_IPS: u32 = 256;
 
@@ -188,6 +206,12 @@ pub const IPPROTO_UDP: u8 = 17;
 /// program translates the reply back. kube-proxy masquerades such flows to
 /// the node's address instead.
 pub const HAIRPIN_SNAT_IP: [u8; 4] = [169, 254, 42, 1];
+/// [`HAIRPIN_SNAT_IP`] of IPv6 flows: a unique local address (fd00::/8
+/// is never routed on the internet), `fd00:6b70:7278::1` ("kpx").
+pub const HAIRPIN_SNAT_IP6: [u8; 16] = [
+    0xfd, 0x00, 0x6b, 0x70, 0x72, 0x78, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+];
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Conntrack timeouts, after the last packet of the direction an entry
 /// serves (netfilter's defaults): an expired entry is deleted when a packet
@@ -392,6 +416,87 @@ pub struct CtValue {
     pub _pad: u32,
 }
 
+/// An IPv6 frontend: ClusterIP, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SvcKey6 {
+    /// IPv6 address as on the wire.
+    pub addr: [u32; 4],
+    /// Port, network order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// An IPv6 backend slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend6 {
+    pub addr: [u32; 4],
+    /// Port, network order.
+    pub port: u16,
+    /// Always `0` (no source NAT for IPv6).
+    pub flags: u16,
+}
+
+/// [`CtKey`] of an IPv6 flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey6 {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: u16,
+}
+
+/// [`CtValue`] of an IPv6 flow (no source NAT).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtValue6 {
+    /// Forward entry: backend address; reply entry: frontend address.
+    pub addr: [u32; 4],
+    /// Forward entry: backend port; reply entry: frontend port.
+    pub port: u16,
+    pub _pad0: u16,
+    pub svc_id: u32,
+    /// As [`CtValue::seen_ns`].
+    pub seen_ns: u64,
+    /// `CT_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Key of an `AFFINITY6` entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey6 {
+    pub client: [u32; 4],
+    pub svc_id: u32,
+}
+
+/// Value of an `AFFINITY6` entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue6 {
+    pub backend: Backend6,
+    pub _pad: u32,
+    pub seen_ns: u64,
+}
+
+/// The flow hash of an IPv6 5-tuple: the addresses folded to 32 bits,
+/// then [`flow_hash`].
+#[inline(always)]
+pub fn flow_hash6(saddr: [u32; 4], daddr: [u32; 4], sport: u16, dport: u16, proto: u8) -> u32 {
+    let s =
+        saddr[0] ^ saddr[1].rotate_left(8) ^ saddr[2].rotate_left(16) ^ saddr[3].rotate_left(24);
+    let d =
+        daddr[0] ^ daddr[1].rotate_left(8) ^ daddr[2].rotate_left(16) ^ daddr[3].rotate_left(24);
+    flow_hash(s, d, sport, dport, proto)
+}
+
 /// Key of a fragmented datagram in `FRAGS`: only the first fragment carries
 /// ports, so later fragments are matched by (source, destination, IP id).
 #[repr(C)]
@@ -498,6 +603,12 @@ mod pod {
     unsafe impl aya::Pod for RouteKey {}
     unsafe impl aya::Pod for RouteEntry {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for SvcKey6 {}
+    unsafe impl aya::Pod for Backend6 {}
+    unsafe impl aya::Pod for CtKey6 {}
+    unsafe impl aya::Pod for CtValue6 {}
+    unsafe impl aya::Pod for AffinityKey6 {}
+    unsafe impl aya::Pod for AffinityValue6 {}
 }
 
 #[cfg(test)]
@@ -518,6 +629,12 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<MaglevTable>(), 8 << 14);
+        assert_eq!(size_of::<SvcKey6>(), 20);
+        assert_eq!(size_of::<Backend6>(), 20);
+        assert_eq!(size_of::<CtKey6>(), 40);
+        assert_eq!(size_of::<CtValue6>(), 40);
+        assert_eq!(size_of::<AffinityKey6>(), 20);
+        assert_eq!(size_of::<AffinityValue6>(), 32);
     }
 
     #[test]

@@ -42,6 +42,12 @@ const TCP_RST: u8 = 0x04;
 #[unsafe(no_mangle)]
 static KPROXY_CT_TCP_CLOSE_NS: u64 = CT_TCP_CLOSE_TIMEOUT_NS;
 
+/// The TCP close timeout, as the agent set it.
+#[inline(always)]
+pub fn tcp_close_ns() -> u64 {
+    unsafe { core::ptr::read_volatile(&KPROXY_CT_TCP_CLOSE_NS) }
+}
+
 /// The live conntrack entry under `key`: refreshed by this packet (and
 /// marked closing on a FIN or RST), or — past its timeout — deleted and
 /// `None`, so an expired flow never translates a packet again. The first
@@ -51,7 +57,7 @@ pub fn ct_live(key: &CtKey, tcp_flags: u8) -> Option<CtValue> {
     let p = CONNTRACK.get_ptr_mut(key)?;
     let e = unsafe { &mut *p };
     let now = now();
-    let close = unsafe { core::ptr::read_volatile(&KPROXY_CT_TCP_CLOSE_NS) };
+    let close = tcp_close_ns();
     if now.wrapping_sub(e.seen_ns) > ct_timeout_ns(key.proto, e.flags, close) {
         let _ = CONNTRACK.remove(key);
         return None;

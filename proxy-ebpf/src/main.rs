@@ -39,6 +39,10 @@
 //! A frontend with `SVC_F_DROP_EMPTY` (`externalTrafficPolicy: Local`
 //! without local endpoints) drops instead of rejecting.
 //!
+//! IPv6 (`v6.rs`): ClusterIPs of the IPv6 family, with conntrack, reverse
+//! NAT, affinity, Maglev, hairpin and ICMPv6 reject of their own; both
+//! programs hand every packet that is not IPv4 to it.
+//!
 //! Fragments: the first fragment carries the ports and is translated like any
 //! packet; its backend is remembered in `FRAGS` under (src, dst, IP id, proto)
 //! so later fragments of the same datagram get the same destination address.
@@ -54,6 +58,7 @@
 
 mod flow;
 mod packet;
+mod v6;
 mod xdp;
 
 use aya_ebpf::{
@@ -111,7 +116,7 @@ pub fn kproxy_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn kproxy_ingress(ctx: TcContext) -> i32 {
     let ip = match packet::parse_ipv4(&ctx) {
-        Parsed::NotIpv4 => return TC_ACT_UNSPEC,
+        Parsed::NotIpv4 => return v6::ingress(&ctx),
         Parsed::Malformed => {
             count_global(|c| c.malformed += 1);
             return TC_ACT_UNSPEC;
@@ -152,8 +157,9 @@ pub fn kproxy_ingress(ctx: TcContext) -> i32 {
 pub fn kproxy_egress(ctx: TcContext) -> i32 {
     let ip = match packet::parse_ipv4(&ctx) {
         Parsed::Ipv4(ip) => ip,
+        Parsed::NotIpv4 => return v6::egress(&ctx),
         // Malformed packets are counted once, on ingress.
-        _ => return TC_ACT_UNSPEC,
+        Parsed::Malformed => return TC_ACT_UNSPEC,
     };
     let L4Kind::Ports { sport, dport } = ip.l4 else {
         return TC_ACT_UNSPEC;

@@ -57,7 +57,7 @@ pub enum Parsed {
 /// Makes the first `len` bytes readable by direct access. `false` when the
 /// packet is shorter than that.
 #[inline(always)]
-fn linear(ctx: &TcContext, len: usize) -> bool {
+pub(crate) fn linear(ctx: &TcContext, len: usize) -> bool {
     if ctx.data() + len <= ctx.data_end() {
         return true;
     }
@@ -71,7 +71,7 @@ fn linear(ctx: &TcContext, len: usize) -> bool {
 /// verifier. Fields are then read at constant offsets from it, so each
 /// header costs one check (and no value is ever "maybe uninitialised").
 #[inline(always)]
-fn at(ctx: &TcContext, off: usize, len: usize) -> Option<usize> {
+pub(crate) fn at(ctx: &TcContext, off: usize, len: usize) -> Option<usize> {
     let p = ctx.data() + off;
     if p + len > ctx.data_end() {
         return None;
@@ -333,7 +333,7 @@ pub fn csum_replace2(check: u16, from: u16, to: u16) -> u16 {
 }
 
 #[inline(always)]
-fn fold(mut sum: u64) -> u16 {
+pub(crate) fn fold(mut sum: u64) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);

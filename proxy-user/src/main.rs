@@ -22,7 +22,7 @@ use proxy_user::datapath::ebpf::{NodeAddrs, XdpAttach};
 use proxy_user::datapath::iptables::Iptables;
 use proxy_user::inspect;
 use proxy_user::links;
-use proxy_user::model::{Cidr, LbAlgorithm, Node};
+use proxy_user::model::{Cidr, Family, LbAlgorithm, Node};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -76,6 +76,18 @@ struct Args {
     /// Service overrides it with the annotation `kproxy.io/lb-algorithm`.
     #[arg(long, value_name = "ALGORITHM", default_value = "round-robin")]
     lb_algorithm: LbAlgorithm,
+    /// The address families this node proxies (comma-separated `IPv4`,
+    /// `IPv6`). A Service's ClusterIPs of other families are left alone; a
+    /// Service with none of these families is rejected. IPv6 ClusterIPs are
+    /// translated like IPv4 ones (ip6tables in iptables mode); nodePorts,
+    /// externalIPs and LoadBalancer addresses are IPv4 only.
+    #[arg(
+        long,
+        value_name = "FAMILY[,FAMILY]",
+        value_delimiter = ',',
+        default_value = "IPv4,IPv6"
+    )]
+    ip_families: Vec<Family>,
     /// Interfaces where traffic from outside the node and from other nodes
     /// arrives (the uplinks; comma-separated): NodePort, externalIP and
     /// LoadBalancer traffic is translated there, and their IPv4 addresses
@@ -246,6 +258,7 @@ fn config(args: &Args) -> agent::Config {
             node_port_range: args.node_port_range,
             zone: args.zone.clone().filter(|z| !z.is_empty()),
             lb_algorithm: args.lb_algorithm,
+            families: args.ip_families.iter().copied().collect(),
         },
         poll_interval: Duration::from_millis(args.poll_interval_ms),
         gc_interval: Duration::from_secs(args.conntrack_gc_interval_seconds),

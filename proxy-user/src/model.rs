@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -41,12 +41,13 @@ impl fmt::Display for Proto {
     }
 }
 
-/// A service frontend: ClusterIP, externalIP or LoadBalancer address, port,
-/// protocol. A NodePort is the frontend with address `0.0.0.0`
-/// ([`Frontend::nodeport`]): every node address on that port.
+/// A service frontend: ClusterIP (IPv4 or IPv6), externalIP or
+/// LoadBalancer address, port, protocol. A NodePort is the frontend with
+/// address `0.0.0.0` ([`Frontend::nodeport`]): every node address on that
+/// port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub proto: Proto,
 }
@@ -55,14 +56,51 @@ impl Frontend {
     /// The NodePort frontend of `port`.
     pub fn nodeport(port: u16, proto: Proto) -> Frontend {
         Frontend {
-            ip: Ipv4Addr::UNSPECIFIED,
+            ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             port,
             proto,
         }
     }
 
     pub fn is_nodeport(&self) -> bool {
-        self.ip.is_unspecified()
+        self.ip == IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    }
+
+    pub fn family(&self) -> Family {
+        Family::of(self.ip)
+    }
+}
+
+/// An address family (`spec.ipFamilies`, an EndpointSlice's `addressType`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: IpAddr) -> Family {
+        if ip.is_ipv6() { Family::V6 } else { Family::V4 }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        })
+    }
+}
+
+impl std::str::FromStr for Family {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "IPv4" => Ok(Family::V4),
+            "IPv6" => Ok(Family::V6),
+            other => Err(format!("{other:?} is not one of IPv4, IPv6")),
+        }
     }
 }
 
@@ -71,15 +109,20 @@ impl fmt::Display for Frontend {
         if self.is_nodeport() {
             write!(f, "nodePort {}/{}", self.port, self.proto)
         } else {
-            write!(f, "{}:{}/{}", self.ip, self.port, self.proto)
+            write!(
+                f,
+                "{}/{}",
+                std::net::SocketAddr::new(self.ip, self.port),
+                self.proto
+            )
         }
     }
 }
 
-/// A backend endpoint: pod IP and target port.
+/// A backend endpoint: pod IP (of the frontend's family) and target port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendAddr {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     /// Flows to it are source-NATed to the node: external traffic under
     /// `externalTrafficPolicy: Cluster` to an endpoint on another node, so
@@ -89,9 +132,9 @@ pub struct BackendAddr {
 }
 
 impl BackendAddr {
-    pub fn new(ip: Ipv4Addr, port: u16) -> BackendAddr {
+    pub fn new(ip: impl Into<IpAddr>, port: u16) -> BackendAddr {
         BackendAddr {
-            ip,
+            ip: ip.into(),
             port,
             snat: false,
         }
@@ -164,6 +207,10 @@ pub struct Node {
     /// How new flows are placed unless a Service's
     /// [`LB_ALGORITHM_ANNOTATION`] says otherwise (`--lb-algorithm`).
     pub lb_algorithm: LbAlgorithm,
+    /// The address families this node proxies (`--ip-families`): a
+    /// Service's ClusterIPs of other families are left alone, and one with
+    /// none of these is an error.
+    pub families: BTreeSet<Family>,
 }
 
 /// How a frontend places new flows on its backends.
@@ -215,13 +262,14 @@ impl Default for Node {
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             zone: None,
             lb_algorithm: LbAlgorithm::RoundRobin,
+            families: [Family::V4, Family::V6].into(),
         }
     }
 }
 
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.ip, self.port)
+        write!(f, "{}", std::net::SocketAddr::new(self.ip, self.port))
     }
 }
 
@@ -348,14 +396,16 @@ pub struct SvcPort {
     pub node_port: Option<u16>,
 }
 
-/// Validated view of a Service: namespace, name, ClusterIP (None for
-/// headless or non-ClusterIP services we do not program), ports and the
-/// addresses it is reached by from outside.
+/// Validated view of a Service: namespace, name, ClusterIPs (none for
+/// headless or ExternalName services, which we do not program), ports and
+/// the addresses it is reached by from outside.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SvcView {
     pub ns: String,
     pub name: String,
-    pub cluster_ip: Option<Ipv4Addr>,
+    /// `spec.clusterIPs` (or `spec.clusterIP`) of the families this node
+    /// proxies, primary first: one per family.
+    pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<SvcPort>,
     /// `spec.externalIPs`.
     pub external_ips: Vec<Ipv4Addr>,
@@ -397,6 +447,95 @@ fn ipv4_list<'a>(
     Ok(out)
 }
 
+/// A Service's ClusterIPs, validated as the apiserver would
+/// (`spec.clusterIPs` starts with `spec.clusterIP`, one address per
+/// family, `spec.ipFamilies` naming their families in order,
+/// `ipFamilyPolicy: SingleStack` with one), then narrowed to the families
+/// `node` proxies. Headless (`None`) and unset: none. A Service none of
+/// whose families this node proxies is an error (a dual-stack one keeps
+/// the family it can serve, as kube-proxy's per-family proxiers do).
+fn cluster_ips(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    node: &Node,
+) -> Result<Vec<IpAddr>, String> {
+    let listed: Vec<&str> = match (&spec.cluster_ips, spec.cluster_ip.as_deref()) {
+        (Some(ips), first) if !ips.is_empty() => {
+            if let Some(first) = first.filter(|f| !f.is_empty())
+                && first != ips[0]
+            {
+                return Err(format!(
+                    "spec.clusterIPs[0] {:?} must equal spec.clusterIP {first:?}",
+                    ips[0]
+                ));
+            }
+            ips.iter().map(String::as_str).collect()
+        }
+        (_, None | Some("")) => return Ok(Vec::new()),
+        (_, Some(ip)) => vec![ip],
+    };
+    if listed[0] == "None" {
+        return Ok(Vec::new());
+    }
+    if listed.len() > 2 {
+        return Err(format!(
+            "spec.clusterIPs has {} addresses; at most 2 (one per family)",
+            listed.len()
+        ));
+    }
+    let mut ips = Vec::new();
+    for (i, a) in listed.iter().enumerate() {
+        let ip = a
+            .parse::<IpAddr>()
+            .map_err(|_| format!("spec.clusterIPs[{i}] {a:?} is not an IP address"))?;
+        if ips
+            .iter()
+            .any(|o: &IpAddr| Family::of(*o) == Family::of(ip))
+        {
+            return Err(format!(
+                "spec.clusterIPs[{i}] {a:?}: a second {} address (one per family)",
+                Family::of(ip)
+            ));
+        }
+        ips.push(ip);
+    }
+    for (i, f) in spec.ip_families.iter().flatten().enumerate() {
+        let f = f
+            .parse::<Family>()
+            .map_err(|m| format!("spec.ipFamilies[{i}]: {m}"))?;
+        if let Some(ip) = ips.get(i)
+            && Family::of(*ip) != f
+        {
+            return Err(format!(
+                "spec.ipFamilies[{i}] {f} does not match spec.clusterIPs[{i}] {ip}"
+            ));
+        }
+    }
+    match spec.ip_family_policy.as_deref() {
+        None | Some("PreferDualStack" | "RequireDualStack") => {}
+        Some("SingleStack") if ips.len() > 1 => {
+            return Err("spec.ipFamilyPolicy SingleStack with two spec.clusterIPs".into());
+        }
+        Some("SingleStack") => {}
+        Some(other) => {
+            return Err(format!(
+                "spec.ipFamilyPolicy {other:?} is not one of SingleStack, PreferDualStack, RequireDualStack"
+            ));
+        }
+    }
+    let served: Vec<IpAddr> = ips
+        .iter()
+        .copied()
+        .filter(|ip| node.families.contains(&Family::of(*ip)))
+        .collect();
+    if served.is_empty() {
+        let f = Family::of(ips[0]);
+        return Err(format!(
+            "spec.clusterIPs: {f} is not proxied on this node (--ip-families)"
+        ));
+    }
+    Ok(served)
+}
+
 pub fn view_service(svc: &Service, node: &Node) -> Result<SvcView, ObjectError> {
     let (ns, name) = ns_name(&svc.metadata);
     let err = |message: String| ObjectError {
@@ -415,7 +554,7 @@ pub fn view_service(svc: &Service, node: &Node) -> Result<SvcView, ObjectError> 
         return Ok(SvcView {
             ns,
             name,
-            cluster_ip: None,
+            cluster_ips: vec![],
             ports: vec![],
             external_ips: vec![],
             lb_ips: vec![],
@@ -468,13 +607,7 @@ pub fn view_service(svc: &Service, node: &Node) -> Result<SvcView, ObjectError> 
     } else {
         Vec::new()
     };
-    let cluster_ip = match spec.cluster_ip.as_deref() {
-        None | Some("") | Some("None") => None,
-        Some(ip) => Some(
-            ip.parse::<Ipv4Addr>()
-                .map_err(|_| err(format!("spec.clusterIP {ip:?} is not an IPv4 address")))?,
-        ),
-    };
+    let cluster_ips = cluster_ips(spec, node).map_err(err)?;
     let mut ports = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let port = port_u16(p.port, &format!("spec.ports[{i}].port")).map_err(err)?;
@@ -583,7 +716,7 @@ pub fn view_service(svc: &Service, node: &Node) -> Result<SvcView, ObjectError> 
     Ok(SvcView {
         ns,
         name,
-        cluster_ip,
+        cluster_ips,
         ports,
         external_ips,
         lb_ips,
@@ -610,9 +743,9 @@ pub struct SliceView {
     /// (port name, proto) → terminating endpoints still serving.
     pub draining: BTreeMap<(String, Proto), BTreeSet<BackendAddr>>,
     /// Endpoint address → `nodeName`, for those that name one.
-    pub nodes: BTreeMap<Ipv4Addr, String>,
+    pub nodes: BTreeMap<IpAddr, String>,
     /// Ready endpoint address → its `hints.forZones` (empty: no hints).
-    pub zones: BTreeMap<Ipv4Addr, BTreeSet<String>>,
+    pub zones: BTreeMap<IpAddr, BTreeSet<String>>,
 }
 
 pub fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectError> {
@@ -631,31 +764,37 @@ pub fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectErro
         .and_then(|l| l.get(SERVICE_NAME_LABEL))
         .cloned()
         .ok_or_else(|| err(format!("label {SERVICE_NAME_LABEL} is missing")))?;
-    match slice.address_type.as_str() {
-        "IPv4" => {}
-        // Valid, but this datapath is IPv4-only: skip, do not fail.
-        "IPv6" | "FQDN" => return Ok(None),
+    let family = match slice.address_type.as_str() {
+        "IPv4" => Family::V4,
+        "IPv6" => Family::V6,
+        // Valid, but no Service is translated to a name: skip, do not fail.
+        "FQDN" => return Ok(None),
         other => {
             return Err(err(format!(
                 "addressType {other:?} is not one of IPv4, IPv6, FQDN"
             )));
         }
-    }
+    };
     let mut ready = BTreeSet::new();
     let mut draining = BTreeSet::new();
     let mut nodes = BTreeMap::new();
-    let mut zones: BTreeMap<Ipv4Addr, BTreeSet<String>> = BTreeMap::new();
+    let mut zones: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
     for (i, ep) in slice.endpoints.iter().enumerate() {
         if ep.addresses.is_empty() {
             return Err(err(format!("endpoints[{i}].addresses is empty")));
         }
         let mut ips = Vec::new();
         for (j, a) in ep.addresses.iter().enumerate() {
-            ips.push(a.parse::<Ipv4Addr>().map_err(|_| {
-                err(format!(
-                    "endpoints[{i}].addresses[{j}] {a:?} is not an IPv4 address"
-                ))
-            })?);
+            ips.push(
+                a.parse::<IpAddr>()
+                    .ok()
+                    .filter(|ip| Family::of(*ip) == family)
+                    .ok_or_else(|| {
+                        err(format!(
+                            "endpoints[{i}].addresses[{j}] {a:?} is not an {family} address"
+                        ))
+                    })?,
+            );
         }
         // Kubernetes: a nil `ready` condition means ready; a nil `serving`
         // means the same as `ready`; a nil `terminating` means false.
@@ -722,7 +861,7 @@ pub fn view_slice(slice: &EndpointSlice) -> Result<Option<SliceView>, ObjectErro
 /// hinted slice or a zone without endpoints never loses traffic.
 fn zone_usable(
     backends: &BTreeSet<BackendAddr>,
-    hints: &dyn Fn(Ipv4Addr) -> BTreeSet<String>,
+    hints: &dyn Fn(IpAddr) -> BTreeSet<String>,
     zone: &str,
 ) -> bool {
     let mut any = false;
@@ -750,15 +889,15 @@ pub fn frontends<'a>(
     node: &Node,
     slices: impl Iterator<Item = &'a SliceView> + Clone,
 ) -> Vec<(Frontend, DesiredService)> {
-    let Some(ip) = svc.cluster_ip else {
+    if svc.cluster_ips.is_empty() {
         return Vec::new();
-    };
+    }
     let is_local = |b: &BackendAddr| {
         slices
             .clone()
             .any(|v| v.nodes.get(&b.ip).is_some_and(|n| *n == node.name))
     };
-    let hints = |ip: Ipv4Addr| -> BTreeSet<String> {
+    let hints = |ip: IpAddr| -> BTreeSet<String> {
         slices
             .clone()
             .filter_map(|v| v.zones.get(&ip))
@@ -772,114 +911,144 @@ pub fn frontends<'a>(
     let mut out = Vec::new();
     for p in &svc.ports {
         let key = (p.name.clone(), p.proto);
-        let backends: BTreeSet<BackendAddr> = slices
-            .clone()
-            .filter_map(|v| v.ports.get(&key))
-            .flatten()
-            .copied()
-            .collect();
-        let draining: BTreeSet<BackendAddr> = slices
-            .clone()
-            .filter_map(|v| v.draining.get(&key))
-            .flatten()
-            .filter(|b| !backends.contains(b))
-            .copied()
-            .collect();
         let name = if p.name.is_empty() {
             format!("{}/{}", svc.ns, svc.name)
         } else {
             format!("{}/{}:{}", svc.ns, svc.name, p.name)
         };
-        // Endpoints for a `Cluster` policy: those of the node's zone when
-        // the hints allow it, else all.
-        let cluster = match &node.zone {
-            Some(zone) if svc.prefer_close && zone_usable(&backends, &hints, zone) => backends
-                .iter()
-                .filter(|b| hints(b.ip).contains(zone))
+        // One family at a time: a frontend's endpoints are of its family.
+        for &ip in &svc.cluster_ips {
+            let family = Family::of(ip);
+            let backends: BTreeSet<BackendAddr> = slices
+                .clone()
+                .filter_map(|v| v.ports.get(&key))
+                .flatten()
+                .filter(|b| Family::of(b.ip) == family)
                 .copied()
-                .collect(),
-            _ => backends.clone(),
-        };
-        let external = |set: &BTreeSet<BackendAddr>| -> BTreeSet<BackendAddr> {
-            match svc.policy {
-                TrafficPolicy::Local => local_only(set),
-                TrafficPolicy::Cluster => set
+                .collect();
+            let draining: BTreeSet<BackendAddr> = slices
+                .clone()
+                .filter_map(|v| v.draining.get(&key))
+                .flatten()
+                .filter(|b| Family::of(b.ip) == family && !backends.contains(b))
+                .copied()
+                .collect();
+            // Endpoints for a `Cluster` policy: those of the node's zone
+            // when the hints allow it, else all.
+            let cluster: BTreeSet<BackendAddr> = match &node.zone {
+                Some(zone) if svc.prefer_close && zone_usable(&backends, &hints, zone) => backends
                     .iter()
-                    .map(|b| BackendAddr {
-                        snat: !is_local(b),
-                        ..*b
-                    })
+                    .filter(|b| hints(b.ip).contains(zone))
+                    .copied()
                     .collect(),
+                _ => backends.clone(),
+            };
+            // NodePorts, externalIPs and LoadBalancer addresses are IPv4
+            // here; they go with the IPv4 ClusterIP.
+            if family == Family::V4 {
+                external_frontends(
+                    svc, node, p, &name, &backends, &cluster, &draining, &is_local, &mut out,
+                );
             }
-        };
-        let outside = DesiredService {
-            name: name.clone(),
-            backends: match svc.policy {
-                TrafficPolicy::Local => external(&backends),
-                TrafficPolicy::Cluster => external(&cluster),
-            },
-            draining: external(&draining),
-            policy: Policy {
-                external: Some(svc.policy),
-                source_ranges: Vec::new(),
-                affinity: svc.affinity,
-                lb: svc.lb.unwrap_or(node.lb_algorithm),
-            },
-        };
-        // loadBalancerSourceRanges guard the LoadBalancer addresses only
-        // (as kube-proxy); nodePorts and externalIPs stay open.
-        let guarded = DesiredService {
-            policy: Policy {
-                source_ranges: svc.source_ranges.clone(),
-                ..outside.policy.clone()
-            },
-            ..outside.clone()
-        };
-        let on = |ip: Ipv4Addr| Frontend {
-            ip,
-            port: p.port,
-            proto: p.proto,
-        };
-        let addrs = p
-            .node_port
-            .map(|np| (Frontend::nodeport(np, p.proto), &outside))
-            .into_iter()
-            .chain(svc.lb_ips.iter().map(|&ip| (on(ip), &guarded)))
-            .chain(svc.external_ips.iter().map(|&ip| (on(ip), &outside)));
-        for (fe, desired) in addrs {
-            // The same address as externalIP and LoadBalancer ingress is one
-            // frontend (the LoadBalancer's).
-            if !out.iter().any(|(f, _)| *f == fe) {
-                out.push((fe, desired.clone()));
-            }
+            out.push((
+                Frontend {
+                    ip,
+                    port: p.port,
+                    proto: p.proto,
+                },
+                DesiredService {
+                    name: name.clone(),
+                    backends: if svc.internal_local {
+                        local_only(&backends)
+                    } else {
+                        cluster
+                    },
+                    draining: if svc.internal_local {
+                        local_only(&draining)
+                    } else {
+                        draining
+                    },
+                    policy: Policy {
+                        affinity: svc.affinity,
+                        lb: svc.lb.unwrap_or(node.lb_algorithm),
+                        ..Policy::default()
+                    },
+                },
+            ));
         }
-        out.push((
-            Frontend {
-                ip,
-                port: p.port,
-                proto: p.proto,
-            },
-            DesiredService {
-                name,
-                backends: if svc.internal_local {
-                    local_only(&backends)
-                } else {
-                    cluster
-                },
-                draining: if svc.internal_local {
-                    local_only(&draining)
-                } else {
-                    draining
-                },
-                policy: Policy {
-                    affinity: svc.affinity,
-                    lb: svc.lb.unwrap_or(node.lb_algorithm),
-                    ..Policy::default()
-                },
-            },
-        ));
     }
     out
+}
+
+/// The IPv4 external frontends of one service port — its nodePort, each
+/// LoadBalancer address and externalIP — under `externalTrafficPolicy`:
+/// `Local` keeps only the endpoints on `node`, `Cluster` (the zone's,
+/// `cluster`) marks those elsewhere for source NAT.
+#[allow(clippy::too_many_arguments)]
+fn external_frontends(
+    svc: &SvcView,
+    node: &Node,
+    p: &SvcPort,
+    name: &str,
+    backends: &BTreeSet<BackendAddr>,
+    cluster: &BTreeSet<BackendAddr>,
+    draining: &BTreeSet<BackendAddr>,
+    is_local: &dyn Fn(&BackendAddr) -> bool,
+    out: &mut Vec<(Frontend, DesiredService)>,
+) {
+    let external = |set: &BTreeSet<BackendAddr>| -> BTreeSet<BackendAddr> {
+        match svc.policy {
+            TrafficPolicy::Local => set.iter().filter(|b| is_local(b)).copied().collect(),
+            TrafficPolicy::Cluster => set
+                .iter()
+                .map(|b| BackendAddr {
+                    snat: !is_local(b),
+                    ..*b
+                })
+                .collect(),
+        }
+    };
+    let outside = DesiredService {
+        name: name.to_string(),
+        backends: match svc.policy {
+            TrafficPolicy::Local => external(backends),
+            TrafficPolicy::Cluster => external(cluster),
+        },
+        draining: external(draining),
+        policy: Policy {
+            external: Some(svc.policy),
+            source_ranges: Vec::new(),
+            affinity: svc.affinity,
+            lb: svc.lb.unwrap_or(node.lb_algorithm),
+        },
+    };
+    // loadBalancerSourceRanges guard the LoadBalancer addresses only
+    // (as kube-proxy); nodePorts and externalIPs stay open.
+    let guarded = DesiredService {
+        policy: Policy {
+            source_ranges: svc.source_ranges.clone(),
+            ..outside.policy.clone()
+        },
+        ..outside.clone()
+    };
+    let on = |ip: Ipv4Addr| Frontend {
+        ip: IpAddr::V4(ip),
+        port: p.port,
+        proto: p.proto,
+    };
+    let addrs = p
+        .node_port
+        .map(|np| (Frontend::nodeport(np, p.proto), &outside))
+        .into_iter()
+        .chain(svc.lb_ips.iter().map(|&ip| (on(ip), &guarded)))
+        .chain(svc.external_ips.iter().map(|&ip| (on(ip), &outside)));
+    for (fe, desired) in addrs {
+        // The same address as externalIP and LoadBalancer ingress is one
+        // frontend (the LoadBalancer's).
+        if !out.iter().any(|(f, _)| *f == fe) {
+            out.push((fe, desired.clone()));
+        }
+    }
 }
 
 /// The `healthCheckNodePort` of a service and what it answers: the number
@@ -890,7 +1059,7 @@ pub fn health_check<'a>(
     slices: impl Iterator<Item = &'a SliceView> + Clone,
 ) -> Option<(u16, HealthCheck)> {
     let port = svc.health_check_node_port?;
-    let local: BTreeSet<Ipv4Addr> = slices
+    let local: BTreeSet<IpAddr> = slices
         .clone()
         .flat_map(|v| {
             v.ports

@@ -171,7 +171,7 @@ mod tests {
         }
     }
     fn be(last: u8) -> BackendAddr {
-        BackendAddr::new([10, 0, 0, last].into(), 8080)
+        BackendAddr::new(std::net::Ipv4Addr::from([10, 0, 0, last]), 8080)
     }
     fn state(entries: &[(u16, &[u8])]) -> DesiredState {
         let mut s = DesiredState::default();

@@ -123,7 +123,7 @@ fn state(n: u32) -> DesiredState {
             .collect();
         st.services.insert(
             Frontend {
-                ip,
+                ip: ip.into(),
                 port: 80,
                 proto: Proto::Tcp,
             },
@@ -135,7 +135,7 @@ fn state(n: u32) -> DesiredState {
     for (port, target) in [(80, 8080), (8080, 80)] {
         st.services.insert(
             Frontend {
-                ip: MIRROR,
+                ip: MIRROR.into(),
                 port,
                 proto: Proto::Tcp,
             },
@@ -276,7 +276,7 @@ fn measure_selection(opts: &Opts) -> Result<Selection> {
             .collect();
         st.services.insert(
             Frontend {
-                ip: vip(k as u8 + 1),
+                ip: vip(k as u8 + 1).into(),
                 port: 80,
                 proto: Proto::Tcp,
             },

@@ -186,7 +186,7 @@ fn frontends(pins: &Pins) -> Result<Vec<Entry>> {
         .into_iter()
         .filter_map(|(k, value)| {
             let fe = Frontend {
-                ip: ip(k.addr),
+                ip: std::net::IpAddr::V4(ip(k.addr)),
                 port: u16::from_be(k.port),
                 proto: proto(k.proto)?,
             };

@@ -263,7 +263,11 @@ fn frontend_of(rule: &Rule, nodeport: bool) -> Option<Frontend> {
     }
     let d = rule.value("-d")?;
     let ip: Ipv4Addr = d.strip_suffix("/32").unwrap_or(d).parse().ok()?;
-    Some(Frontend { ip, port, proto })
+    Some(Frontend {
+        ip: std::net::IpAddr::V4(ip),
+        port,
+        proto,
+    })
 }
 
 /// The service port name of a dispatch rule's comment.
@@ -399,8 +403,13 @@ fn dnat_of(nat: &Tables, sep: &str) -> Option<BackendAddr> {
         .iter()
         .find(|r| r.target() == Some("DNAT"))?
         .value("--to-destination")?;
+    // `10.0.0.1:8080`, or `[fd00::1]:8080` in ip6tables.
     let (ip, port) = to.rsplit_once(':')?;
-    Some(BackendAddr::new(ip.parse().ok()?, port.parse().ok()?))
+    let ip = ip.trim_start_matches('[').trim_end_matches(']');
+    Some(BackendAddr::new(
+        ip.parse::<std::net::IpAddr>().ok()?,
+        port.parse().ok()?,
+    ))
 }
 
 fn service_row(s: &Svc) -> ServiceRow {

@@ -15,9 +15,10 @@ impl Dataplane {
         PerCpuValues::try_from(vec![Counters::default(); self.nr_cpus])
             .expect("nr_cpus matches the per-CPU map")
     }
-    /// Number of conntrack entries (two per flow).
+    /// Number of conntrack entries (two per flow), both families.
     pub fn conntrack_entries(&self) -> usize {
         self.conntrack.keys().filter(|k| k.is_ok()).count()
+            + self.conntrack6.keys().filter(|k| k.is_ok()).count()
     }
 
     /// Writes one conntrack entry as the programs would (for benchmarks of

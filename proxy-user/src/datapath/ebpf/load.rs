@@ -41,7 +41,7 @@ impl Default for LoadOptions {
 }
 
 /// Maps pinned in pinned mode. `AYA_LOGS` is per agent and not pinned.
-const PINNED_MAPS: [&str; 10] = [
+const PINNED_MAPS: [&str; 14] = [
     "SERVICES",
     "SLOTS",
     "RR_CURSOR",
@@ -52,6 +52,10 @@ const PINNED_MAPS: [&str; 10] = [
     "SOURCE_RANGES",
     "AFFINITY",
     "MAGLEV",
+    "SERVICES6",
+    "SLOTS6",
+    "CONNTRACK6",
+    "AFFINITY6",
 ];
 
 /// Names the pinned layout: the layout version, the size of every key and
@@ -85,6 +89,11 @@ pub fn layout_tag_prefix() -> String {
         size_of::<AffinityKey>(),
         size_of::<AffinityValue>(),
         size_of::<MaglevTable>(),
+        size_of::<SvcKey6>(),
+        size_of::<Backend6>(),
+        size_of::<CtKey6>(),
+        size_of::<CtValue6>(),
+        size_of::<AffinityValue6>(),
     ]
     .map(|s| s.to_string())
     // bpffs refuses '.' in the names of pinned objects.
@@ -217,6 +226,8 @@ impl Dataplane {
             .map_max_entries("RR_CURSOR", opts.max_services)
             .map_max_entries("SVC_COUNTERS", opts.max_services)
             .map_max_entries("SLOTS", opts.max_slots)
+            .map_max_entries("SERVICES6", opts.max_services)
+            .map_max_entries("SLOTS6", opts.max_slots)
             .map_max_entries("CONNTRACK", opts.conntrack_size);
         for (name, path) in &pin_paths {
             // Reuses the pinned map if it exists, else creates and pins it.
@@ -247,6 +258,11 @@ impl Dataplane {
             source_ranges: take(&mut bpf, "SOURCE_RANGES")?,
             affinity: take(&mut bpf, "AFFINITY")?,
             maglev: take(&mut bpf, "MAGLEV")?,
+            services6: take(&mut bpf, "SERVICES6")?,
+            slots6: take(&mut bpf, "SLOTS6")?,
+            conntrack6_fd: hash_map_fd(&bpf, "CONNTRACK6")?,
+            conntrack6: take(&mut bpf, "CONNTRACK6")?,
+            affinity6: take(&mut bpf, "AFFINITY6")?,
             xdp_counters: take(&mut bpf, "XDP_COUNTERS")?,
             node_addrs: Vec::new(),
             xdp_loaded: false,

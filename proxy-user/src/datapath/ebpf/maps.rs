@@ -2,7 +2,7 @@
 //! previous agent left pinned.
 
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, anyhow, bail};
 use proxy_common::*;
@@ -97,34 +97,83 @@ impl IdAllocator {
     }
 }
 
+/// The `SERVICES` key of an IPv4 frontend (an IPv6 one is never asked).
 pub fn svc_key(fe: &Frontend) -> SvcKey {
     SvcKey {
-        addr: ip_raw(fe.ip),
+        addr: match fe.ip {
+            IpAddr::V4(ip) => ip_raw(ip),
+            IpAddr::V6(_) => u32::MAX,
+        },
         port: fe.port.to_be(),
         proto: fe.proto.number(),
         _pad: 0,
     }
 }
 
+/// The `SERVICES6` key of an IPv6 frontend.
+pub fn svc_key6(ip: Ipv6Addr, fe: &Frontend) -> SvcKey6 {
+    SvcKey6 {
+        addr: ip6_raw(ip),
+        port: fe.port.to_be(),
+        proto: fe.proto.number(),
+        _pad: 0,
+    }
+}
+
+/// The `SLOTS` value of an IPv4 backend.
 pub fn backend_raw(b: &BackendAddr) -> Backend {
     Backend {
-        addr: ip_raw(b.ip),
+        addr: match b.ip {
+            IpAddr::V4(ip) => ip_raw(ip),
+            IpAddr::V6(_) => u32::MAX,
+        },
         port: b.port.to_be(),
         flags: if b.snat { BACKEND_F_SNAT } else { 0 },
     }
 }
 
-/// A backend as conntrack names it (address and port, no flags).
-fn flow_backend(b: &BackendAddr) -> Backend {
-    Backend {
+/// The `SLOTS6` value of an IPv6 backend.
+fn backend6_raw(ip: Ipv6Addr, b: &BackendAddr) -> Backend6 {
+    Backend6 {
+        addr: ip6_raw(ip),
+        port: b.port.to_be(),
         flags: 0,
-        ..backend_raw(b)
     }
+}
+
+/// A backend as conntrack and affinity name it (address and port).
+fn flow_backend(b: &BackendAddr) -> BackendAddr {
+    BackendAddr { snat: false, ..*b }
 }
 
 /// An address as the datapath stores it: network order in memory.
 pub fn ip_raw(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
+}
+
+/// An IPv6 address as the datapath stores it (as on the wire).
+pub fn ip6_raw(ip: Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+/// The address [`ip6_raw`] stored.
+pub fn ip6_from_raw(raw: [u32; 4]) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, w) in raw.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
+}
+
+fn v4_backend(addr: u32, port: u16) -> BackendAddr {
+    BackendAddr::new(Ipv4Addr::from(addr.to_ne_bytes()), u16::from_be(port))
+}
+
+fn v6_backend(addr: [u32; 4], port: u16) -> BackendAddr {
+    BackendAddr::new(ip6_from_raw(addr), u16::from_be(port))
 }
 
 impl Dataplane {
@@ -138,6 +187,52 @@ impl Dataplane {
             keys.extend(self.node_addrs.iter().map(|&addr| SvcKey { addr, ..key }));
         }
         keys
+    }
+
+    /// Writes a frontend's value under every key it has.
+    fn put_frontend(&mut self, fe: &Frontend, value: SvcValue) -> Result<()> {
+        if let IpAddr::V6(ip) = fe.ip {
+            self.services6.insert(svc_key6(ip, fe), value, 0)?;
+            return Ok(());
+        }
+        for key in self.frontend_keys(fe) {
+            self.services.insert(key, value, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a frontend's keys: from here its packets pass untouched.
+    fn remove_frontend(&mut self, fe: &Frontend) -> Result<()> {
+        if let IpAddr::V6(ip) = fe.ip {
+            self.services6
+                .remove(&svc_key6(ip, fe))
+                .or_else(ignore_missing)?;
+            return Ok(());
+        }
+        for key in self.frontend_keys(fe) {
+            self.services.remove(&key).or_else(ignore_missing)?;
+        }
+        Ok(())
+    }
+
+    /// Writes slot `slot` of frontend `id` (of `fe`'s family).
+    fn put_slot(&mut self, fe: &Frontend, id: u32, slot: u32, b: &BackendAddr) -> Result<()> {
+        let key = SlotKey { svc_id: id, slot };
+        match b.ip {
+            IpAddr::V6(ip) => self.slots6.insert(key, backend6_raw(ip, b), 0),
+            IpAddr::V4(_) => self.slots.insert(key, backend_raw(b), 0),
+        }
+        .with_context(|| slot_table_hint(fe))
+    }
+
+    fn remove_slot(&mut self, fe: &Frontend, id: u32, slot: u32) -> Result<()> {
+        let key = SlotKey { svc_id: id, slot };
+        if fe.ip.is_ipv6() {
+            self.slots6.remove(&key).or_else(ignore_missing)?;
+        } else {
+            self.slots.remove(&key).or_else(ignore_missing)?;
+        }
+        Ok(())
     }
 
     /// Rewrites the node-address entries of every nodePort after the node
@@ -208,7 +303,8 @@ impl Dataplane {
             });
             range_keys.push(k);
         }
-        let mut live: HashSet<(u32, u32)> = HashSet::new();
+        // (IPv6, service id, slot) of every slot in use.
+        let mut live: HashSet<(bool, u32, u32)> = HashSet::new();
         let mut used_ids = HashSet::new();
         let mut dropped = 0usize;
         // A nodePort's entries under each node address share its id: they
@@ -224,34 +320,58 @@ impl Dataplane {
                 k.addr == NODEPORT_ADDR || !nodeports.contains(&(k.port, k.proto, v.id))
             })
             .collect();
+        let proto_of = |p: u8| match p {
+            IPPROTO_TCP => Some(Proto::Tcp),
+            IPPROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        };
+        let mut candidates: Vec<(Frontend, SvcValue)> = Vec::new();
         for (key, val) in services {
-            let fe = Frontend {
-                ip: Ipv4Addr::from(key.addr.to_ne_bytes()),
-                port: u16::from_be(key.port),
-                proto: match key.proto {
-                    IPPROTO_TCP => Proto::Tcp,
-                    IPPROTO_UDP => Proto::Udp,
-                    _ => {
-                        self.services.remove(&key).or_else(ignore_missing)?;
-                        dropped += 1;
-                        continue;
-                    }
-                },
+            let Some(proto) = proto_of(key.proto) else {
+                self.services.remove(&key).or_else(ignore_missing)?;
+                dropped += 1;
+                continue;
             };
+            let ip = IpAddr::V4(Ipv4Addr::from(key.addr.to_ne_bytes()));
+            let port = u16::from_be(key.port);
+            candidates.push((Frontend { ip, port, proto }, val));
+        }
+        let mut services6 = Vec::new();
+        for entry in self.services6.iter() {
+            match entry {
+                Ok(kv) => services6.push(kv),
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for (key, val) in services6 {
+            let Some(proto) = proto_of(key.proto) else {
+                self.services6.remove(&key).or_else(ignore_missing)?;
+                dropped += 1;
+                continue;
+            };
+            let ip = IpAddr::V6(ip6_from_raw(key.addr));
+            let port = u16::from_be(key.port);
+            candidates.push((Frontend { ip, port, proto }, val));
+        }
+        for (fe, val) in candidates {
+            let v6 = fe.ip.is_ipv6();
             let mut slots = Vec::with_capacity(val.count as usize);
             for slot in 0..val.count {
-                match self.slots.get(
-                    &SlotKey {
-                        svc_id: val.id,
-                        slot,
-                    },
-                    0,
-                ) {
-                    Ok(b) => slots.push(BackendAddr {
-                        ip: Ipv4Addr::from(b.addr.to_ne_bytes()),
-                        port: u16::from_be(b.port),
+                let key = SlotKey {
+                    svc_id: val.id,
+                    slot,
+                };
+                let b = if v6 {
+                    self.slots6.get(&key, 0).map(|b| v6_backend(b.addr, b.port))
+                } else {
+                    self.slots.get(&key, 0).map(|b| BackendAddr {
                         snat: b.flags & BACKEND_F_SNAT != 0,
-                    }),
+                        ..v4_backend(b.addr, b.port)
+                    })
+                };
+                match b {
+                    Ok(b) => slots.push(b),
                     Err(_) => break,
                 }
             }
@@ -260,12 +380,12 @@ impl Dataplane {
                 || !used_ids.insert(val.id)
             {
                 // Half-written or clashing: remove; the reconcile re-adds it.
-                self.services.remove(&key).or_else(ignore_missing)?;
+                self.remove_frontend(&fe)?;
                 dropped += 1;
                 continue;
             }
             for slot in 0..val.count {
-                live.insert((val.id, slot));
+                live.insert((v6, val.id, slot));
             }
             self.programmed.insert(
                 fe,
@@ -309,10 +429,19 @@ impl Dataplane {
             .slots
             .keys()
             .filter_map(|k| k.ok())
-            .filter(|k| !live.contains(&(k.svc_id, k.slot)))
+            .filter(|k| !live.contains(&(false, k.svc_id, k.slot)))
             .collect();
         for k in &orphans {
             self.slots.remove(k).or_else(ignore_missing)?;
+        }
+        let orphans6: Vec<SlotKey> = self
+            .slots6
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !live.contains(&(true, k.svc_id, k.slot)))
+            .collect();
+        for k in &orphans6 {
+            self.slots6.remove(k).or_else(ignore_missing)?;
         }
         for k in &range_keys {
             let id = u32::from_be(k.data().svc_id);
@@ -330,14 +459,15 @@ impl Dataplane {
             .filter(|i| !used_ids.contains(i))
             .rev()
             .collect();
-        if !self.programmed.is_empty() || dropped > 0 || !orphans.is_empty() {
+        if !self.programmed.is_empty() || dropped > 0 || !orphans.is_empty() || !orphans6.is_empty()
+        {
             log::info!(
                 "adopted pinned datapath: {} frontends, {} backends, {} conntrack entries; \
                  dropped {dropped} inconsistent frontends and {} orphaned slots",
                 self.programmed.len(),
                 self.backend_count(),
                 self.conntrack_entries(),
-                orphans.len()
+                orphans.len() + orphans6.len()
             );
         }
         Ok(())
@@ -375,11 +505,11 @@ impl Dataplane {
     pub fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
         // (service id, backend) pairs whose flows must go.
-        let mut gone_backends: HashSet<(u32, Backend)> = HashSet::new();
+        let mut gone_backends: HashSet<(u32, BackendAddr)> = HashSet::new();
         // Ids of removed services: their flows go, then the ids are freed.
         let mut gone_ids: HashSet<u32> = HashSet::new();
         // (service id, backend) pairs whose clients lose their affinity.
-        let mut unbound: HashSet<(u32, Backend)> = HashSet::new();
+        let mut unbound: HashSet<(u32, BackendAddr)> = HashSet::new();
         for change in changes {
             match change {
                 Change::RemoveService { frontend } => {
@@ -387,13 +517,9 @@ impl Dataplane {
                         continue;
                     };
                     // Frontend first: from here packets pass untouched.
-                    for key in self.frontend_keys(frontend) {
-                        self.services.remove(&key).or_else(ignore_missing)?;
-                    }
+                    self.remove_frontend(frontend)?;
                     for slot in 0..p.slots.len() as u32 {
-                        self.slots
-                            .remove(&SlotKey { svc_id: p.id, slot })
-                            .or_else(ignore_missing)?;
+                        self.remove_slot(frontend, p.id, slot)?;
                     }
                     for r in &p.policy.source_ranges {
                         self.source_ranges
@@ -428,16 +554,7 @@ impl Dataplane {
                     self.svc_counters.set(id, zero, 0)?;
                     let slots: Vec<BackendAddr> = backends.iter().copied().collect();
                     for (i, b) in slots.iter().enumerate() {
-                        self.slots
-                            .insert(
-                                SlotKey {
-                                    svc_id: id,
-                                    slot: i as u32,
-                                },
-                                backend_raw(b),
-                                0,
-                            )
-                            .with_context(|| slot_table_hint(frontend))?;
+                        self.put_slot(frontend, id, i as u32, b)?;
                     }
                     // Ranges before the frontend: it never admits everyone.
                     for r in &policy.source_ranges {
@@ -451,10 +568,7 @@ impl Dataplane {
                         self.write_maglev(id, &slots)
                             .with_context(|| format!("writing the Maglev table of {frontend}"))?;
                     }
-                    let value = svc_value(id, slots.len(), policy);
-                    for key in self.frontend_keys(frontend) {
-                        self.services.insert(key, value, 0)?;
-                    }
+                    self.put_frontend(frontend, svc_value(id, slots.len(), policy))?;
                     stats.services_added += 1;
                     stats.backends_added += slots.len();
                     self.programmed.insert(
@@ -480,7 +594,6 @@ impl Dataplane {
                     removed,
                     flush,
                 } => {
-                    let keys = self.frontend_keys(frontend);
                     let Some(p) = self.programmed.get_mut(frontend) else {
                         bail!("service {frontend} is not programmed");
                     };
@@ -506,47 +619,31 @@ impl Dataplane {
                     new.extend(added.iter().copied());
                     // 1. Slots that change or appear (beyond the old count
                     //    they are invisible until step 2).
+                    let (id, policy) = (p.id, p.policy.clone());
                     for (i, b) in new.iter().enumerate() {
                         if old.get(i) != Some(b) {
-                            self.slots
-                                .insert(
-                                    SlotKey {
-                                        svc_id: p.id,
-                                        slot: i as u32,
-                                    },
-                                    backend_raw(b),
-                                    0,
-                                )
-                                .with_context(|| slot_table_hint(frontend))?;
+                            self.put_slot(frontend, id, i as u32, b)?;
                         }
                     }
                     // 2. The new count makes them live; a Maglev table is
-                    //    replaced whole just before (it names backends, not
-                    //    slots, so either table is valid with either count).
-                    let (id, policy) = (p.id, p.policy.clone());
+                    //    replaced whole just before (an IPv4 one names
+                    //    backends, so either table is valid with either
+                    //    count; an IPv6 one names slots, which may place a
+                    //    flow on the slot's new backend in between).
                     if policy.lb == LbAlgorithm::Maglev {
                         self.write_maglev(id, &new)
                             .with_context(|| format!("writing the Maglev table of {frontend}"))?;
                     }
-                    let Some(p) = self.programmed.get_mut(frontend) else {
-                        bail!("service {frontend} is not programmed");
-                    };
-                    let value = svc_value(p.id, new.len(), &p.policy);
-                    for key in keys {
-                        self.services.insert(key, value, 0)?;
-                    }
+                    self.put_frontend(frontend, svc_value(id, new.len(), &policy))?;
                     // 3. Slots past the new count are unreachable now.
                     for i in new.len()..old.len() {
-                        self.slots
-                            .remove(&SlotKey {
-                                svc_id: p.id,
-                                slot: i as u32,
-                            })
-                            .or_else(ignore_missing)?;
+                        self.remove_slot(frontend, id, i as u32)?;
                     }
                     stats.backends_added += added.len();
                     stats.backends_removed += removed.len();
-                    p.slots = new;
+                    if let Some(p) = self.programmed.get_mut(frontend) {
+                        p.slots = new;
+                    }
                 }
             }
         }
@@ -567,10 +664,12 @@ impl Dataplane {
     /// their next packet and TCP flows get a reset instead of hanging.
     fn flush_flows(
         &mut self,
-        backends: &HashSet<(u32, Backend)>,
+        backends: &HashSet<(u32, BackendAddr)>,
         ids: &HashSet<u32>,
     ) -> Result<usize> {
-        let mut doomed = Vec::new();
+        let doomed =
+            |svc_id: u32, b: BackendAddr| ids.contains(&svc_id) || backends.contains(&(svc_id, b));
+        let mut gone = Vec::new();
         for entry in self.conntrack.iter() {
             let (k, v) = match entry {
                 Ok(kv) => kv,
@@ -579,26 +678,37 @@ impl Dataplane {
                 Err(e) => return Err(e.into()),
             };
             let backend = if k.dir == CT_DIR_FORWARD {
-                Backend {
-                    addr: v.addr,
-                    port: v.port,
-                    flags: 0,
-                }
+                v4_backend(v.addr, v.port)
             } else {
-                Backend {
-                    addr: k.saddr,
-                    port: k.sport,
-                    flags: 0,
-                }
+                v4_backend(k.saddr, k.sport)
             };
-            if ids.contains(&v.svc_id) || backends.contains(&(v.svc_id, backend)) {
-                doomed.push(k);
+            if doomed(v.svc_id, backend) {
+                gone.push(k);
             }
         }
-        for k in &doomed {
+        let mut gone6 = Vec::new();
+        for entry in self.conntrack6.iter() {
+            let (k, v) = match entry {
+                Ok(kv) => kv,
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let backend = if k.dir == CT_DIR_FORWARD {
+                v6_backend(v.addr, v.port)
+            } else {
+                v6_backend(k.saddr, k.sport)
+            };
+            if doomed(v.svc_id, backend) {
+                gone6.push(k);
+            }
+        }
+        for k in &gone {
             self.conntrack.remove(k).or_else(ignore_missing)?;
         }
-        Ok(doomed.len())
+        for k in &gone6 {
+            self.conntrack6.remove(k).or_else(ignore_missing)?;
+        }
+        Ok(gone.len() + gone6.len())
     }
 }
 
@@ -611,7 +721,19 @@ impl Dataplane {
             self.maglev.remove(&id).or_else(ignore_missing)?;
             return Ok(());
         }
-        let raw: Vec<Backend> = sorted.iter().map(backend_raw).collect();
+        // An IPv6 frontend's table names slots (a `Backend` cannot hold
+        // an IPv6 address): the program reads `SLOTS6` at that number.
+        let raw: Vec<Backend> = sorted
+            .iter()
+            .map(|b| match b.ip {
+                IpAddr::V4(_) => backend_raw(b),
+                IpAddr::V6(_) => Backend {
+                    addr: backends.iter().position(|x| x == b).unwrap_or(0) as u32,
+                    port: 0,
+                    flags: 0,
+                },
+            })
+            .collect();
         let mut t = Box::new(MaglevTable {
             backends: [raw[0]; MAGLEV_M as usize],
             _slack: [raw[0]; MAGLEV_SLACK],
@@ -628,26 +750,38 @@ impl Dataplane {
     /// is balanced again and a reused id starts with no bindings.
     fn unbind_clients(
         &mut self,
-        backends: &HashSet<(u32, Backend)>,
+        backends: &HashSet<(u32, BackendAddr)>,
         ids: &HashSet<u32>,
     ) -> Result<()> {
-        let mut doomed = Vec::new();
+        let doomed =
+            |svc_id: u32, b: BackendAddr| ids.contains(&svc_id) || backends.contains(&(svc_id, b));
+        let mut gone = Vec::new();
         for entry in self.affinity.iter() {
             let (k, v) = match entry {
                 Ok(kv) => kv,
                 Err(aya::maps::MapError::KeyNotFound) => continue,
                 Err(e) => return Err(e.into()),
             };
-            let b = Backend {
-                flags: 0,
-                ..v.backend
-            };
-            if ids.contains(&k.svc_id) || backends.contains(&(k.svc_id, b)) {
-                doomed.push(k);
+            if doomed(k.svc_id, v4_backend(v.backend.addr, v.backend.port)) {
+                gone.push(k);
             }
         }
-        for k in &doomed {
+        let mut gone6 = Vec::new();
+        for entry in self.affinity6.iter() {
+            let (k, v) = match entry {
+                Ok(kv) => kv,
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if doomed(k.svc_id, v6_backend(v.backend.addr, v.backend.port)) {
+                gone6.push(k);
+            }
+        }
+        for k in &gone {
             self.affinity.remove(k).or_else(ignore_missing)?;
+        }
+        for k in &gone6 {
+            self.affinity6.remove(k).or_else(ignore_missing)?;
         }
         Ok(())
     }

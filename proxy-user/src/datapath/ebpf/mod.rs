@@ -37,7 +37,7 @@ pub mod xdp;
 pub use attach::AttachMode;
 pub use follow::Following;
 pub use load::{LoadOptions, layout_tag, layout_tag_prefix};
-pub use maps::{backend_raw, ip_raw, svc_key};
+pub use maps::{backend_raw, ip_raw, ip6_from_raw, ip6_raw, svc_key, svc_key6};
 pub use test_run::TestRunOutput;
 pub use xdp::XdpAttach;
 
@@ -67,6 +67,12 @@ pub struct Dataplane {
     source_ranges: LpmTrie<MapData, SrcRangeKey, u32>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     maglev: HashMap<MapData, u32, MaglevTable>,
+    /// The IPv6 family's frontends, slots, flows and bindings.
+    services6: HashMap<MapData, SvcKey6, SvcValue>,
+    slots6: HashMap<MapData, SlotKey, Backend6>,
+    conntrack6: HashMap<MapData, CtKey6, CtValue6>,
+    conntrack6_fd: std::os::fd::OwnedFd,
+    affinity6: HashMap<MapData, AffinityKey6, AffinityValue6>,
     xdp_counters: PerCpuArray<MapData, XdpCounters>,
     programmed: BTreeMap<Frontend, maps::Programmed>,
     ids: maps::IdAllocator,

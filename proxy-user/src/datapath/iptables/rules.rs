@@ -359,7 +359,7 @@ mod tests {
         let svc = Svc {
             name: "default/web:http".into(),
             backends: (1..=3)
-                .map(|i| BackendAddr::new([10, 0, 0, i].into(), 8080))
+                .map(|i| BackendAddr::new(std::net::Ipv4Addr::from([10, 0, 0, i]), 8080))
                 .collect(),
             policy: Policy::default(),
         };
@@ -389,7 +389,10 @@ mod tests {
         };
         let mk = |n: u8| Svc {
             name: format!("default/s{n}"),
-            backends: vec![BackendAddr::new([10, 0, 0, n].into(), 80)],
+            backends: vec![BackendAddr::new(
+                std::net::Ipv4Addr::from([10, 0, 0, n]),
+                80,
+            )],
             policy: Policy::default(),
         };
         let fe2 = Frontend { port: 81, ..fe() };
@@ -444,7 +447,10 @@ mod tests {
                 ..Policy::default()
             },
         };
-        let one = vec![BackendAddr::new([10, 0, 0, 1].into(), 8080)];
+        let one = vec![BackendAddr::new(
+            std::net::Ipv4Addr::from([10, 0, 0, 1]),
+            8080,
+        )];
         ipt.services
             .insert(np, svc(Some(TrafficPolicy::Cluster), one.clone()));
         ipt.services
