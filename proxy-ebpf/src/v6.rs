@@ -416,14 +416,23 @@ fn rewrite(ctx: &TcContext, ip: &Ipv6, side: Side, addr: [u32; 4], port: u16) ->
         .map_err(|_| ())
 }
 
-/// No ready endpoints: ICMPv6 destination unreachable, port unreachable
-/// (RFC 4443: code 4), from the ClusterIP back to the client, quoting the
-/// IPv6 header and the first 8 bytes of the L4 header; sent back out of the
-/// interface it came in on.
+/// No ready endpoints: refused at once, from the ClusterIP, sent back out
+/// of the interface the packet came in on. UDP gets ICMPv6 destination
+/// unreachable, port unreachable (RFC 4443: code 4). TCP gets a reset:
+/// Linux's IPv6 TCP drops an ICMPv6 error that arrives while `connect()`
+/// still holds the socket (`LockDroppedIcmps`), which it does when the
+/// answer comes back within the SYN's own transmission, as over a veth,
+/// so the client would see the refusal only with its retransmission a
+/// second later; a reset is queued for the socket's owner instead.
 #[inline(always)]
 fn reject(ctx: &TcContext, ip: &Ipv6, svc_id: u32) -> i32 {
     let len = u64::from(ctx.len());
-    if build_port_unreachable(ctx, ip).is_err() {
+    let built = if ip.proto == IPPROTO_TCP {
+        build_tcp_reset(ctx, ip)
+    } else {
+        build_port_unreachable(ctx, ip)
+    };
+    if built.is_err() {
         return crate::drop_packet(svc_id);
     }
     crate::count_service(svc_id, |c| {
@@ -437,6 +446,116 @@ fn reject(ctx: &TcContext, ip: &Ipv6, svc_id: u32) -> i32 {
         c.rejects += 1;
     });
     crate::back_where_it_came_from(ctx)
+}
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+const TCP_HLEN: usize = 20;
+
+/// Turns a TCP segment into the reset RFC 9293 answers it with in the
+/// CLOSED state: `<SEQ=SEG.ACK><CTL=RST>` if it carries an ACK, else
+/// `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>`; ports and addresses
+/// swapped, MAC addresses too.
+#[inline(always)]
+fn build_tcp_reset(ctx: &TcContext, ip: &Ipv6) -> Result<(), ()> {
+    let skb = ctx.skb.skb;
+    let ip6 = at(ctx, ETH_HLEN, IPV6_HLEN).ok_or(())?;
+    let th = at(ctx, L4, TCP_HLEN).ok_or(())?;
+    let eth = at(ctx, 0, ETH_HLEN).ok_or(())?;
+    let (payload, seq, ack, doff, flags, dmac, smac) = unsafe {
+        (
+            u32::from(u16::from_be(get(ip6 + 4))),
+            u32::from_be(get(th + 4)),
+            u32::from_be(get(th + 8)),
+            u32::from(get::<u8>(th + 12) >> 4) * 4,
+            get::<u8>(th + 13),
+            get::<[u8; 6]>(eth),
+            get::<[u8; 6]>(eth + 6),
+        )
+    };
+    let seg_len = payload.saturating_sub(doff)
+        + u32::from(flags & TCP_SYN != 0)
+        + u32::from(flags & TCP_FIN != 0);
+    let (rseq, rack, rflags) = if flags & TCP_ACK != 0 {
+        (ack, 0, TCP_RST)
+    } else {
+        (0, seq.wrapping_add(seg_len), TCP_RST | TCP_ACK)
+    };
+    let mut tcp = [0u8; TCP_HLEN];
+    tcp[0..2].copy_from_slice(&ip.dport.to_ne_bytes());
+    tcp[2..4].copy_from_slice(&ip.sport.to_ne_bytes());
+    tcp[4..8].copy_from_slice(&rseq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&rack.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = rflags;
+    let csum = l4_checksum(ip, IPPROTO_TCP, &mut tcp)?;
+    tcp[16..18].copy_from_slice(&csum.to_ne_bytes());
+    // Back to where it came from: the MAC addresses swapped.
+    let hdr = reply_header(ip, dmac, smac, IPPROTO_TCP, TCP_HLEN as u16);
+    unsafe {
+        if bpf_skb_change_tail(skb, (L4 + TCP_HLEN) as u32, 0) != 0
+            || bpf_skb_store_bytes(skb, 0, hdr.as_ptr().cast(), hdr.len() as u32, 0) != 0
+            || bpf_skb_store_bytes(skb, L4 as u32, tcp.as_ptr().cast(), TCP_HLEN as u32, 0) != 0
+        {
+            return Err(());
+        }
+    }
+    Ok(())
+}
+
+/// The checksum of an upper-layer message from the ClusterIP to the
+/// client (RFC 8200 pseudo-header), ready to store.
+#[inline(always)]
+fn l4_checksum<const N: usize>(ip: &Ipv6, proto: u8, msg: &mut [u8; N]) -> Result<u16, ()> {
+    let mut pseudo = [0u32; 10];
+    pseudo[..4].copy_from_slice(&ip.daddr);
+    pseudo[4..8].copy_from_slice(&ip.saddr);
+    pseudo[8] = (N as u32).to_be();
+    pseudo[9] = u32::from(proto).to_be();
+    let sum = unsafe {
+        let s = bpf_csum_diff(core::ptr::null_mut(), 0, pseudo.as_mut_ptr(), 40, 0);
+        if s < 0 {
+            return Err(());
+        }
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            msg.as_mut_ptr().cast(),
+            N as u32,
+            s as u32,
+        )
+    };
+    if sum < 0 {
+        return Err(());
+    }
+    Ok(!fold(sum as u64))
+}
+
+/// Ethernet (from `smac` to `dmac`) and IPv6 header of a reply from the
+/// ClusterIP to the client carrying `len` bytes of `proto`.
+#[inline(always)]
+fn reply_header(
+    ip: &Ipv6,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    proto: u8,
+    len: u16,
+) -> [u8; ETH_HLEN + IPV6_HLEN] {
+    let mut hdr = [0u8; ETH_HLEN + IPV6_HLEN];
+    hdr[0..6].copy_from_slice(&dmac);
+    hdr[6..12].copy_from_slice(&smac);
+    hdr[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+    hdr[14] = 0x60;
+    hdr[18..20].copy_from_slice(&len.to_be_bytes());
+    hdr[20] = proto;
+    hdr[21] = 64;
+    let mut i = 0;
+    while i < 4 {
+        hdr[22 + 4 * i..26 + 4 * i].copy_from_slice(&ip.daddr[i].to_ne_bytes());
+        hdr[38 + 4 * i..42 + 4 * i].copy_from_slice(&ip.saddr[i].to_ne_bytes());
+        i += 1;
+    }
+    hdr
 }
 
 /// ICMPv6 header (8) and the quoted IPv6 header and 8 L4 bytes.
@@ -461,47 +580,14 @@ fn build_port_unreachable(ctx: &TcContext, ip: &Ipv6) -> Result<(), ()> {
     }
     msg[0] = 1; // destination unreachable
     msg[1] = 4; // port unreachable
-    // Pseudo-header: source (the ClusterIP), destination (the client),
-    // upper-layer length, next header.
-    let mut pseudo = [0u32; 10];
-    pseudo[..4].copy_from_slice(&ip.daddr);
-    pseudo[4..8].copy_from_slice(&ip.saddr);
-    pseudo[8] = (ICMP_LEN as u32).to_be();
-    pseudo[9] = u32::from(IPPROTO_ICMPV6).to_be();
-    let sum = unsafe {
-        let s = bpf_csum_diff(core::ptr::null_mut(), 0, pseudo.as_mut_ptr(), 40, 0);
-        if s < 0 {
-            return Err(());
-        }
-        bpf_csum_diff(
-            core::ptr::null_mut(),
-            0,
-            msg.as_mut_ptr().cast(),
-            ICMP_LEN as u32,
-            s as u32,
-        )
-    };
-    if sum < 0 {
-        return Err(());
-    }
-    let csum = !fold(sum as u64);
+    let csum = l4_checksum(ip, IPPROTO_ICMPV6, &mut msg)?;
     msg[2..4].copy_from_slice(&csum.to_ne_bytes());
-
-    let mut hdr = [0u8; ETH_HLEN + IPV6_HLEN];
+    let mut smac = [0u8; 6];
+    let mut dmac = [0u8; 6];
+    dmac.copy_from_slice(&eth[0..6]);
+    smac.copy_from_slice(&eth[6..12]);
     // Back to where it came from: the MAC addresses swapped.
-    hdr[0..6].copy_from_slice(&eth[6..12]);
-    hdr[6..12].copy_from_slice(&eth[0..6]);
-    hdr[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
-    hdr[14] = 0x60;
-    hdr[18..20].copy_from_slice(&(ICMP_LEN as u16).to_be_bytes());
-    hdr[20] = IPPROTO_ICMPV6;
-    hdr[21] = 64;
-    let mut i = 0;
-    while i < 4 {
-        hdr[22 + 4 * i..26 + 4 * i].copy_from_slice(&ip.daddr[i].to_ne_bytes());
-        hdr[38 + 4 * i..42 + 4 * i].copy_from_slice(&ip.saddr[i].to_ne_bytes());
-        i += 1;
-    }
+    let hdr = reply_header(ip, dmac, smac, IPPROTO_ICMPV6, ICMP_LEN as u16);
     unsafe {
         if bpf_skb_change_tail(skb, (L4 + ICMP_LEN) as u32, 0) != 0
             || bpf_skb_store_bytes(skb, 0, hdr.as_ptr().cast(), hdr.len() as u32, 0) != 0

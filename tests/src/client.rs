@@ -2,7 +2,7 @@
 //! [`Netns::run`]) and can then be used from the test thread.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -11,6 +11,15 @@ use crate::netns::Netns;
 
 /// The request line/datagram the clients send.
 pub const REQUEST: &str = "who";
+
+/// Port 0 of the unspecified address of `target`'s family: where a client
+/// socket towards it binds.
+fn unspecified_like(target: SocketAddr) -> SocketAddr {
+    match target {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
+}
 
 /// A TCP connection that can ask "which backend are you" repeatedly.
 #[derive(Debug)]
@@ -24,8 +33,13 @@ pub struct TcpSession {
 impl TcpSession {
     /// Connects from inside `ns` to `ip:port` within `timeout`; reads and
     /// writes also time out after `timeout`.
-    pub fn connect(ns: &Netns, ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<TcpSession> {
-        let target = SocketAddr::from((ip, port));
+    pub fn connect(
+        ns: &Netns,
+        ip: impl Into<IpAddr>,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<TcpSession> {
+        let target = SocketAddr::new(ip.into(), port);
         let stream = ns
             .run(|| TcpStream::connect_timeout(&target, timeout))?
             .with_context(|| format!("tcp connect to {target} from {}", ns.name()))?;
@@ -81,7 +95,7 @@ impl TcpSession {
 /// reply and the socket's peer address.
 pub fn tcp_ask(
     ns: &Netns,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     port: u16,
     timeout: Duration,
 ) -> Result<(String, SocketAddr)> {
@@ -102,15 +116,21 @@ pub struct UdpSession {
 impl UdpSession {
     /// Binds an ephemeral port inside `ns`; asks go to `ip:port`, replies
     /// are awaited for at most `timeout`.
-    pub fn open(ns: &Netns, ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<UdpSession> {
+    pub fn open(
+        ns: &Netns,
+        ip: impl Into<IpAddr>,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<UdpSession> {
+        let target = SocketAddr::new(ip.into(), port);
         let sock = ns
-            .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?
+            .run(|| UdpSocket::bind(unspecified_like(target)))?
             .with_context(|| format!("udp bind in {}", ns.name()))?;
         sock.set_read_timeout(Some(timeout))?;
         let local = sock.local_addr()?;
         Ok(UdpSession {
             sock,
-            target: SocketAddr::from((ip, port)),
+            target,
             local,
         })
     }
@@ -142,7 +162,7 @@ impl UdpSession {
 /// the reply and the address it came from.
 pub fn udp_ask(
     ns: &Netns,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     port: u16,
     timeout: Duration,
 ) -> Result<(String, SocketAddr)> {
@@ -155,11 +175,11 @@ pub fn udp_ask(
 /// Fails if the connection was established.
 pub fn tcp_connect_error(
     ns: &Netns,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     port: u16,
     timeout: Duration,
 ) -> Result<(ErrorKind, Duration)> {
-    let target = SocketAddr::from((ip, port));
+    let target = SocketAddr::new(ip.into(), port);
     let (res, elapsed) = ns.run(|| {
         let t0 = Instant::now();
         let r = TcpStream::connect_timeout(&target, timeout);
@@ -181,13 +201,13 @@ pub fn tcp_connect_error(
 /// if a datagram came back.
 pub fn udp_connect_error(
     ns: &Netns,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     port: u16,
     timeout: Duration,
 ) -> Result<(ErrorKind, Duration)> {
-    let target = SocketAddr::from((ip, port));
+    let target = SocketAddr::new(ip.into(), port);
     let res: io::Result<(io::Result<usize>, Vec<u8>, Duration)> = ns.run(|| {
-        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        let sock = UdpSocket::bind(unspecified_like(target))?;
         sock.connect(target)?;
         sock.set_read_timeout(Some(timeout))?;
         let mut buf = vec![0u8; 2048];

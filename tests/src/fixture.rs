@@ -4,7 +4,7 @@
 //! kproxy attached to the client-facing veth of the node.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -274,6 +274,18 @@ impl Fixture {
     pub fn new(n_backends: usize, in_slice: &[usize]) -> Result<Fixture> {
         let lock = SuiteLock::acquire()?;
         let topo = Topology::new(n_backends).context("build topology")?;
+        Fixture::on(lock, topo, in_slice)
+    }
+
+    /// [`Fixture::new`] on a [`Topology::dual_stack`]: the backends'
+    /// servers answer on IPv6 too.
+    pub fn dual_stack(n_backends: usize, in_slice: &[usize]) -> Result<Fixture> {
+        let lock = SuiteLock::acquire()?;
+        let topo = Topology::dual_stack(n_backends).context("build topology")?;
+        Fixture::on(lock, topo, in_slice)
+    }
+
+    fn on(lock: SuiteLock, topo: Topology, in_slice: &[usize]) -> Result<Fixture> {
         let servers = topo.start_servers(TARGET_PORT)?;
         let manifests = ManifestDir::new()?;
         manifests.write(SERVICE_FILE, &web_service_yaml())?;
@@ -343,7 +355,8 @@ impl Fixture {
     /// Opens `n` TCP connections to `ip:port` (all kept open until the end,
     /// so every one has its own source port), asks each once and returns
     /// the reply names in order.
-    pub fn tcp_round(&self, ip: Ipv4Addr, port: u16, n: usize) -> Result<Vec<String>> {
+    pub fn tcp_round(&self, ip: impl Into<IpAddr>, port: u16, n: usize) -> Result<Vec<String>> {
+        let ip: IpAddr = ip.into();
         let mut sessions: Vec<TcpSession> = Vec::with_capacity(n);
         let mut names = Vec::with_capacity(n);
         for k in 0..n {
@@ -365,10 +378,11 @@ impl Fixture {
     /// `(reply, reply source)` in order.
     pub fn udp_round(
         &self,
-        ip: Ipv4Addr,
+        ip: impl Into<IpAddr>,
         port: u16,
         n: usize,
     ) -> Result<Vec<(String, SocketAddr)>> {
+        let ip: IpAddr = ip.into();
         let mut sessions: Vec<UdpSession> = Vec::with_capacity(n);
         let mut replies = Vec::with_capacity(n);
         for k in 0..n {

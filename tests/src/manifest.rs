@@ -57,7 +57,8 @@ pub fn service_yaml_with(
 }
 
 /// A `discovery.k8s.io/v1/EndpointSlice` named `slice_name` for
-/// `service_name` (label `kubernetes.io/service-name`), IPv4 addresses.
+/// `service_name` (label `kubernetes.io/service-name`): `addressType`
+/// IPv6 when the first endpoint's address is one, else IPv4.
 pub fn endpointslice_yaml(
     slice_name: &str,
     service_name: &str,
@@ -79,6 +80,10 @@ pub fn endpointslice_yaml_with_conditions(
     endpoints: &[(&str, Value)],
     ports: &[SlicePort],
 ) -> String {
+    let address_type = match endpoints.first() {
+        Some((ip, _)) if ip.contains(':') => "IPv6",
+        _ => "IPv4",
+    };
     let endpoints: Vec<Value> = endpoints
         .iter()
         .map(|(ip, conditions)| json!({ "addresses": [ip], "conditions": conditions }))
@@ -95,7 +100,7 @@ pub fn endpointslice_yaml_with_conditions(
             "namespace": "default",
             "labels": { "kubernetes.io/service-name": service_name },
         },
-        "addressType": "IPv4",
+        "addressType": address_type,
         "endpoints": endpoints,
         "ports": ports,
     }))

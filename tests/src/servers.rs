@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,38 +49,62 @@ impl BackendServer {
     /// Binds 0.0.0.0:`port` (TCP and UDP) inside `ns` and starts serving.
     /// The sockets are bound when this returns, so the server is ready.
     pub fn start(ns: &Netns, index: usize, ip: Ipv4Addr, port: u16) -> Result<BackendServer> {
-        let (listener, udp) = ns
+        BackendServer::start_families(ns, index, ip, port, false)
+    }
+
+    /// [`BackendServer::start`], and with `ipv6` also `[::]:port` (the
+    /// namespace has `net.ipv6.bindv6only` set, so those sockets take IPv6
+    /// only and both can be bound).
+    pub fn start_families(
+        ns: &Netns,
+        index: usize,
+        ip: Ipv4Addr,
+        port: u16,
+        ipv6: bool,
+    ) -> Result<BackendServer> {
+        let mut addrs = vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))];
+        if ipv6 {
+            addrs.push(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)));
+        }
+        let sockets = ns
             .try_run(|| {
-                let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
-                    .with_context(|| format!("bind tcp 0.0.0.0:{port}"))?;
-                let u = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
-                    .with_context(|| format!("bind udp 0.0.0.0:{port}"))?;
-                Ok((l, u))
+                addrs
+                    .iter()
+                    .map(|a| {
+                        let l = TcpListener::bind(a).with_context(|| format!("bind tcp {a}"))?;
+                        let u = UdpSocket::bind(a).with_context(|| format!("bind udp {a}"))?;
+                        Ok((l, u))
+                    })
+                    .collect::<Result<Vec<_>>>()
             })
             .with_context(|| format!("start servers in {}", ns.name()))?;
         let stats = Arc::new(ServerStats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let reply = backend_name(index);
-        let tcp = {
-            let (stats, stop, reply) = (stats.clone(), stop.clone(), reply.clone());
-            std::thread::Builder::new()
-                .name(format!("tcp-{reply}-{port}"))
-                .spawn(move || tcp_accept_loop(listener, stats, stop, reply))?
-        };
-        let udp = {
-            let (stats, stop) = (stats.clone(), stop.clone());
-            udp.set_read_timeout(Some(STOP_CHECK))?;
-            std::thread::Builder::new()
-                .name(format!("udp-{reply}-{port}"))
-                .spawn(move || udp_loop(udp, stats, stop, reply))?
-        };
+        let mut threads = Vec::new();
+        for (listener, udp) in sockets {
+            let tcp = {
+                let (stats, stop, reply) = (stats.clone(), stop.clone(), reply.clone());
+                std::thread::Builder::new()
+                    .name(format!("tcp-{reply}-{port}"))
+                    .spawn(move || tcp_accept_loop(listener, stats, stop, reply))?
+            };
+            let udp = {
+                let (stats, stop, reply) = (stats.clone(), stop.clone(), reply.clone());
+                udp.set_read_timeout(Some(STOP_CHECK))?;
+                std::thread::Builder::new()
+                    .name(format!("udp-{reply}-{port}"))
+                    .spawn(move || udp_loop(udp, stats, stop, reply))?
+            };
+            threads.extend([tcp, udp]);
+        }
         Ok(BackendServer {
             index,
             ip,
             port,
             stats,
             stop,
-            threads: vec![tcp, udp],
+            threads,
         })
     }
 

@@ -32,7 +32,7 @@
 //!   come only with the SYN retransmission a second later.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -53,6 +53,8 @@ pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 /// that kube-proxy's rules leave untranslated (refused or dropped) reaches
 /// the filter FORWARD chain, as on a node with a default route.
 pub const EXTERNAL_CIDR: &str = "203.0.113.0/24";
+/// The IPv6 service CIDR of dual-stack topologies ([`Topology::dual_stack`]).
+pub const SERVICE_CIDR6: &str = "fd00:10:96::/108";
 /// Node-side device the service CIDR is routed into in iptables mode.
 pub const SERVICE_CIDR_IFACE: &str = "svc0";
 
@@ -66,6 +68,8 @@ pub struct Client {
     pub ip: Ipv4Addr,
     /// Address of the node side, e.g. 10.0.1.1 (the client's default gateway).
     pub gateway: Ipv4Addr,
+    /// IPv6 address on `eth0` in a dual-stack topology, fd00:0:1+index::2.
+    pub ip6: Option<Ipv6Addr>,
     /// Name of the node-side veth, e.g. `c0`.
     pub node_iface: String,
 }
@@ -80,6 +84,8 @@ pub struct Backend {
     pub ip: Ipv4Addr,
     /// Node side address, 10.0.(10+index).1.
     pub gateway: Ipv4Addr,
+    /// IPv6 address in a dual-stack topology ([`backend_ip6`]).
+    pub ip6: Option<Ipv6Addr>,
     /// Name of the node-side veth, `b<index>`.
     pub node_iface: String,
 }
@@ -103,6 +109,21 @@ pub fn backend_ip(index: usize) -> Ipv4Addr {
         "backend index {index} out of range"
     );
     Ipv4Addr::new(10, 0, 10 + index as u8, 2)
+}
+
+/// IPv6 address of backend `index` in a dual-stack topology:
+/// fd00:0:(0x10+index)::2.
+pub fn backend_ip6(index: usize) -> Ipv6Addr {
+    assert!(
+        (1..=200).contains(&index),
+        "backend index {index} out of range"
+    );
+    Ipv6Addr::new(0xfd00, 0, 0x10 + index as u16, 0, 0, 0, 0, 2)
+}
+
+/// IPv6 address of client `index` in a dual-stack topology: fd00:0:(1+index)::2.
+pub fn client_ip6(index: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0, 1 + index as u16, 0, 0, 0, 0, 2)
 }
 
 /// Address of client `index` (0-based): 10.0.(1+index).2.
@@ -132,6 +153,8 @@ pub struct Topology {
     clients: Vec<Client>,
     backends: Vec<Backend>,
     remote: Option<RemoteNode>,
+    /// Every client and backend has an IPv6 address too.
+    ipv6: bool,
 }
 
 impl Topology {
@@ -147,23 +170,41 @@ impl Topology {
     /// so a program comparing both modes on one topology builds it for
     /// [`Mode::Iptables`].
     pub fn new_for(n_backends: usize, mode: Mode) -> Result<Topology> {
+        Topology::build(n_backends, mode, false)
+    }
+
+    /// [`Topology::new`] with IPv6 too: every client and backend also gets
+    /// an IPv6 address ([`client_ip6`], [`backend_ip6`]; the node side is
+    /// `…::1`, the default gateway), the node forwards IPv6, and in
+    /// iptables mode [`SERVICE_CIDR6`] is routed like [`SERVICE_CIDR`].
+    /// Addresses skip duplicate address detection, so they are usable at
+    /// once.
+    pub fn dual_stack(n_backends: usize) -> Result<Topology> {
+        Topology::build(n_backends, mode(), true)
+    }
+
+    fn build(n_backends: usize, mode: Mode, ipv6: bool) -> Result<Topology> {
         let node = Netns::new("node")?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
         node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        if ipv6 {
+            node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
         let mut topo = Topology {
             node,
             clients: Vec::new(),
             backends: Vec::new(),
             remote: None,
+            ipv6,
         };
         topo.add_client()?;
         for i in 1..=n_backends {
             topo.add_backend(i)?;
         }
         if mode == Mode::Iptables {
-            route_service_cidr(&topo.node)?;
-            unlimit_icmp_unreachable(&topo.node)?;
+            route_service_cidr(&topo.node, ipv6)?;
+            unlimit_icmp_unreachable(&topo.node, ipv6)?;
         }
         topo.wait_links_up()?;
         Ok(topo)
@@ -184,11 +225,16 @@ impl Topology {
         let gateway = Ipv4Addr::new(10, 0, 1 + index as u8, 1);
         let node_iface = format!("c{index}");
         wire(&ns, ip, &self.node, &node_iface, gateway, true)?;
+        let ip6 = self.ipv6.then(|| client_ip6(index));
+        if let Some(ip6) = ip6 {
+            wire6(&ns, ip6, &self.node, &node_iface)?;
+        }
         self.clients.push(Client {
             index,
             ns,
             ip,
             gateway,
+            ip6,
             node_iface,
         });
         if index > 0 {
@@ -203,11 +249,18 @@ impl Topology {
         let gateway = Ipv4Addr::new(10, 0, 10 + index as u8, 1);
         let node_iface = format!("b{index}");
         wire(&ns, ip, &self.node, &node_iface, gateway, true)?;
+        let ip6 = self.ipv6.then(|| backend_ip6(index));
+        if let Some(ip6) = ip6 {
+            wire6(&ns, ip6, &self.node, &node_iface)?;
+            // Servers bind 0.0.0.0 and [::] side by side.
+            ns.sysctl("net.ipv6.bindv6only", "1")?;
+        }
         self.backends.push(Backend {
             index,
             ns,
             ip,
             gateway,
+            ip6,
             node_iface,
         });
         Ok(())
@@ -339,7 +392,13 @@ impl Topology {
     pub fn start_servers(&self, port: u16) -> Result<Servers> {
         let mut list = Vec::new();
         for b in &self.backends {
-            list.push(BackendServer::start(&b.ns, b.index, b.ip, port)?);
+            list.push(BackendServer::start_families(
+                &b.ns,
+                b.index,
+                b.ip,
+                port,
+                b.ip6.is_some(),
+            )?);
         }
         Ok(Servers::new(list))
     }
@@ -348,33 +407,43 @@ impl Topology {
 
     pub fn tcp_ask(
         &self,
-        ip: Ipv4Addr,
+        ip: impl Into<IpAddr>,
         port: u16,
         timeout: Duration,
     ) -> Result<(String, SocketAddr)> {
         self.client().tcp_ask(ip, port, timeout)
     }
 
-    pub fn tcp_session(&self, ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<TcpSession> {
+    pub fn tcp_session(
+        &self,
+        ip: impl Into<IpAddr>,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<TcpSession> {
         self.client().tcp_session(ip, port, timeout)
     }
 
     pub fn udp_ask(
         &self,
-        ip: Ipv4Addr,
+        ip: impl Into<IpAddr>,
         port: u16,
         timeout: Duration,
     ) -> Result<(String, SocketAddr)> {
         self.client().udp_ask(ip, port, timeout)
     }
 
-    pub fn udp_session(&self, ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<UdpSession> {
+    pub fn udp_session(
+        &self,
+        ip: impl Into<IpAddr>,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<UdpSession> {
         self.client().udp_session(ip, port, timeout)
     }
 
     pub fn tcp_connect_error(
         &self,
-        ip: Ipv4Addr,
+        ip: impl Into<IpAddr>,
         port: u16,
         timeout: Duration,
     ) -> Result<(io::ErrorKind, Duration)> {
@@ -383,7 +452,7 @@ impl Topology {
 
     pub fn udp_connect_error(
         &self,
-        ip: Ipv4Addr,
+        ip: impl Into<IpAddr>,
         port: u16,
         timeout: Duration,
     ) -> Result<(io::ErrorKind, Duration)> {
@@ -396,7 +465,7 @@ impl Client {
     /// socket's peer address.
     pub fn tcp_ask(
         &self,
-        ip: Ipv4Addr,
+        ip: impl Into<IpAddr>,
         port: u16,
         timeout: Duration,
     ) -> Result<(String, SocketAddr)> {
@@ -404,14 +473,19 @@ impl Client {
     }
 
     /// A TCP connection that can [`TcpSession::ask`] repeatedly.
-    pub fn tcp_session(&self, ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<TcpSession> {
+    pub fn tcp_session(
+        &self,
+        ip: impl Into<IpAddr>,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<TcpSession> {
         TcpSession::connect(&self.ns, ip, port, timeout)
     }
 
     /// Fresh unconnected UDP socket: send_to, then recv_from (reply, source).
     pub fn udp_ask(
         &self,
-        ip: Ipv4Addr,
+        ip: impl Into<IpAddr>,
         port: u16,
         timeout: Duration,
     ) -> Result<(String, SocketAddr)> {
@@ -419,14 +493,19 @@ impl Client {
     }
 
     /// A UDP socket with a fixed local port (same 5-tuple on every ask).
-    pub fn udp_session(&self, ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<UdpSession> {
+    pub fn udp_session(
+        &self,
+        ip: impl Into<IpAddr>,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<UdpSession> {
         UdpSession::open(&self.ns, ip, port, timeout)
     }
 
     /// Connect that is expected to fail: its error kind and how long it took.
     pub fn tcp_connect_error(
         &self,
-        ip: Ipv4Addr,
+        ip: impl Into<IpAddr>,
         port: u16,
         timeout: Duration,
     ) -> Result<(io::ErrorKind, Duration)> {
@@ -436,7 +515,7 @@ impl Client {
     /// Connected UDP send + recv that is expected to fail (ICMP error).
     pub fn udp_connect_error(
         &self,
-        ip: Ipv4Addr,
+        ip: impl Into<IpAddr>,
         port: u16,
         timeout: Duration,
     ) -> Result<(io::ErrorKind, Duration)> {
@@ -448,7 +527,7 @@ impl Client {
 /// without ARP that drops what it is given: a `dummy` device, or an `ifb`
 /// one (which drops every packet not redirected to it by tc) on kernels
 /// built without the dummy driver.
-fn route_service_cidr(node: &Netns) -> Result<()> {
+fn route_service_cidr(node: &Netns, ipv6: bool) -> Result<()> {
     let mut errors = Vec::new();
     let mut created = false;
     for kind in ["dummy", "ifb"] {
@@ -470,6 +549,16 @@ fn route_service_cidr(node: &Netns) -> Result<()> {
     node.ip(&["link", "set", SERVICE_CIDR_IFACE, "up"])?;
     node.ip(&["route", "add", SERVICE_CIDR, "dev", SERVICE_CIDR_IFACE])?;
     node.ip(&["route", "add", EXTERNAL_CIDR, "dev", SERVICE_CIDR_IFACE])?;
+    if ipv6 {
+        node.ip(&[
+            "-6",
+            "route",
+            "add",
+            SERVICE_CIDR6,
+            "dev",
+            SERVICE_CIDR_IFACE,
+        ])?;
+    }
     Ok(())
 }
 
@@ -478,13 +567,47 @@ pub const ICMP_RATEMASK_DEST_UNREACH: u32 = 1 << 3;
 
 /// Clears the destination-unreachable bit of `net.ipv4.icmp_ratemask` in
 /// `node`, so that REJECT's ICMP errors are not rate-limited per client.
-fn unlimit_icmp_unreachable(node: &Netns) -> Result<()> {
+fn unlimit_icmp_unreachable(node: &Netns, ipv6: bool) -> Result<()> {
     let key = "net.ipv4.icmp_ratemask";
     let mask: u32 = node
         .sysctl_get(key)?
         .parse()
         .with_context(|| format!("{key} in {}", node.name()))?;
-    node.sysctl(key, &(mask & !ICMP_RATEMASK_DEST_UNREACH).to_string())
+    node.sysctl(key, &(mask & !ICMP_RATEMASK_DEST_UNREACH).to_string())?;
+    if ipv6 {
+        // ICMPv6 has no per-type mask worth editing here: no rate limit.
+        node.sysctl("net.ipv6.icmp.ratelimit", "0")?;
+    }
+    Ok(())
+}
+
+/// Adds `ip`/64 on `eth0` in `ns` and `…::1`/64 on `node_iface` in `node`,
+/// without duplicate address detection, and the default route via the
+/// node.
+fn wire6(ns: &Netns, ip: Ipv6Addr, node: &Netns, node_iface: &str) -> Result<()> {
+    let mut gw = ip.segments();
+    gw[7] = 1;
+    let gateway = Ipv6Addr::from(gw);
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{ip}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
+    node.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{gateway}/64"),
+        "dev",
+        node_iface,
+        "nodad",
+    ])?;
+    ns.ip(&["-6", "route", "add", "default", "via", &gateway.to_string()])?;
+    Ok(())
 }
 
 /// Creates the veth pair `eth0` (in `ns`) ↔ `node_iface` (in `node`), with

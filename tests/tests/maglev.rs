@@ -9,9 +9,9 @@
 //! - round-robin, for contrast, moves most flows (printed, not asserted).
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use kproxy_tests::{Mode, mode};
 use proxy_user::datapath::ebpf::{Dataplane, INGRESS_PROG, LoadOptions};
 use proxy_user::model::{
@@ -45,7 +45,7 @@ fn datapath(backends: &[u8], lb: LbAlgorithm) -> Result<Dataplane> {
     let mut state = DesiredState::default();
     state.services.insert(
         Frontend {
-            ip: VIP,
+            ip: VIP.into(),
             port: 80,
             proto: Proto::Tcp,
         },
@@ -131,7 +131,9 @@ fn maglev_places_flows_alike_everywhere_and_moves_few_when_a_backend_goes() -> R
         );
     }
 
-    let gone = backend(4).ip;
+    let IpAddr::V4(gone) = backend(4).ip else {
+        bail!("backend 4 is IPv4");
+    };
     let rest: Vec<u8> = all.iter().copied().filter(|i| *i != 4).collect();
     let after = placements(&datapath(&rest, LbAlgorithm::Maglev)?)?;
     assert!(

@@ -61,7 +61,11 @@ fn dataplane() -> Dataplane {
         (SELF_VIP, 53, Proto::Udp, own(5353)),
     ] {
         state.services.insert(
-            Frontend { ip, port, proto },
+            Frontend {
+                ip: ip.into(),
+                port,
+                proto,
+            },
             DesiredService::new(format!("{ip}:{port}"), backends),
         );
     }

@@ -85,7 +85,7 @@ fn state() -> DesiredState {
     );
     st.services.insert(
         Frontend {
-            ip: CLUSTER_IP,
+            ip: CLUSTER_IP.into(),
             port: 80,
             proto: Proto::Tcp,
         },
