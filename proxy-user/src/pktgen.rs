@@ -1,7 +1,7 @@
-//! Hand-built Ethernet/IPv4/TCP/UDP frames for BPF_PROG_TEST_RUN: the
-//! packet-class tests and the dataplane micro-benchmark share them.
+//! Hand-built Ethernet/IPv4/IPv6/TCP/UDP frames for BPF_PROG_TEST_RUN:
+//! the packet-class tests and the dataplane micro-benchmark share them.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub const ETH_HLEN: usize = 14;
 
@@ -192,6 +192,160 @@ pub fn parse(p: &[u8]) -> Option<Parsed> {
     })
 }
 
+/// An Ethernet/IPv6 frame carrying TCP (a SYN), UDP or raw bytes.
+#[derive(Clone, Debug)]
+pub struct Frame6 {
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub sport: u16,
+    pub dport: u16,
+    /// 6 = TCP, 17 = UDP, anything else = raw payload after the header.
+    pub proto: u8,
+    /// TCP flags (SYN by default).
+    pub tcp_flags: u8,
+    /// An 8-byte hop-by-hop options header before the L4 header.
+    pub hop_by_hop: bool,
+    pub payload: Vec<u8>,
+}
+
+impl Frame6 {
+    pub fn tcp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Self {
+        Self {
+            src,
+            dst,
+            sport,
+            dport,
+            proto: 6,
+            tcp_flags: 0x02,
+            hop_by_hop: false,
+            payload: b"hello".to_vec(),
+        }
+    }
+
+    pub fn udp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Self {
+        Self {
+            proto: 17,
+            ..Self::tcp(src, sport, dst, dport)
+        }
+    }
+
+    /// Serialises the frame with valid checksums.
+    pub fn build(&self) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        match self.proto {
+            6 => {
+                l4.extend_from_slice(&self.sport.to_be_bytes());
+                l4.extend_from_slice(&self.dport.to_be_bytes());
+                l4.extend_from_slice(&1u32.to_be_bytes()); // seq
+                l4.extend_from_slice(&0u32.to_be_bytes()); // ack
+                l4.push(5 << 4);
+                l4.push(self.tcp_flags);
+                l4.extend_from_slice(&64240u16.to_be_bytes());
+                l4.extend_from_slice(&[0, 0, 0, 0]);
+                l4.extend_from_slice(&self.payload);
+                let c = l4_checksum6(self.src, self.dst, 6, &l4);
+                l4[16..18].copy_from_slice(&c.to_be_bytes());
+            }
+            17 => {
+                l4.extend_from_slice(&self.sport.to_be_bytes());
+                l4.extend_from_slice(&self.dport.to_be_bytes());
+                l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+                l4.extend_from_slice(&[0, 0]);
+                l4.extend_from_slice(&self.payload);
+                let mut c = l4_checksum6(self.src, self.dst, 17, &l4);
+                if c == 0 {
+                    c = 0xffff;
+                }
+                l4[6..8].copy_from_slice(&c.to_be_bytes());
+            }
+            _ => l4.extend_from_slice(&self.payload),
+        }
+        let mut ext = Vec::new();
+        if self.hop_by_hop {
+            // Next header, length 0 (8 bytes), PadN filling the rest.
+            ext.extend_from_slice(&[self.proto, 0, 1, 4, 0, 0, 0, 0]);
+        }
+        let mut p = Vec::with_capacity(ETH_HLEN + 40 + ext.len() + l4.len());
+        p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+        p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+        p.extend_from_slice(&0x86ddu16.to_be_bytes());
+        p.extend_from_slice(&[0x60, 0, 0, 0]);
+        p.extend_from_slice(&((ext.len() + l4.len()) as u16).to_be_bytes());
+        p.push(if self.hop_by_hop { 0 } else { self.proto });
+        p.push(64);
+        p.extend_from_slice(&self.src.octets());
+        p.extend_from_slice(&self.dst.octets());
+        p.extend_from_slice(&ext);
+        p.extend_from_slice(&l4);
+        p
+    }
+}
+
+/// TCP/UDP/ICMPv6 checksum with the IPv6 pseudo-header.
+pub fn l4_checksum6(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, l4: &[u8]) -> u16 {
+    let mut pseudo = Vec::with_capacity(40);
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, proto]);
+    let pre = pseudo
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum::<u32>();
+    checksum(l4, pre)
+}
+
+/// The fields of an IPv6 frame the tests look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed6 {
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    /// Next header of the fixed header.
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub l4_csum_ok: bool,
+    /// TCP flags, sequence and acknowledgement numbers.
+    pub tcp: Option<(u8, u32, u32)>,
+    /// ICMPv6 type and code.
+    pub icmp: Option<(u8, u8)>,
+    /// The L4 bytes (the payload length's worth).
+    pub l4: Vec<u8>,
+}
+
+/// Parses an IPv6 frame without extension headers.
+pub fn parse6(p: &[u8]) -> Option<Parsed6> {
+    let ip = p.get(ETH_HLEN..ETH_HLEN + 40)?;
+    let len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    let l4 = p.get(ETH_HLEN + 40..ETH_HLEN + 40 + len)?;
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).ok()?);
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).ok()?);
+    let proto = ip[6];
+    let port =
+        |i: usize| -> Option<u16> { Some(u16::from_be_bytes([*l4.get(i)?, *l4.get(i + 1)?])) };
+    let word =
+        |i: usize| -> Option<u32> { Some(u32::from_be_bytes(l4.get(i..i + 4)?.try_into().ok()?)) };
+    let (sport, dport) = match proto {
+        6 | 17 => (port(0)?, port(2)?),
+        _ => (0, 0),
+    };
+    Some(Parsed6 {
+        src,
+        dst,
+        proto,
+        sport,
+        dport,
+        l4_csum_ok: l4_checksum6(src, dst, proto, l4) == 0,
+        tcp: if proto == 6 {
+            Some((*l4.get(13)?, word(4)?, word(8)?))
+        } else {
+            None
+        },
+        icmp: (proto == 58).then(|| (l4[0], l4[1])),
+        l4: l4.to_vec(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,6 +359,17 @@ mod tests {
             let p = parse(&f.build()).unwrap();
             assert!(p.ip_csum_ok);
             assert_eq!(p.l4_csum_ok, Some(true));
+            assert_eq!((p.src, p.dst, p.sport, p.dport), (a, b, 40000, f.dport));
+        }
+    }
+
+    #[test]
+    fn built_ipv6_frames_have_valid_checksums() {
+        let a: Ipv6Addr = "fd00:0:1::2".parse().unwrap();
+        let b: Ipv6Addr = "fd00:10:96::10".parse().unwrap();
+        for f in [Frame6::tcp(a, 40000, b, 80), Frame6::udp(a, 40000, b, 53)] {
+            let p = parse6(&f.build()).unwrap();
+            assert!(p.l4_csum_ok);
             assert_eq!((p.src, p.dst, p.sport, p.dport), (a, b, 40000, f.dport));
         }
     }

@@ -31,6 +31,7 @@ const TESTS_DIR: &str = "tests/tests";
 /// `KPROXY_MODE=iptables`.
 const EBPF_ONLY_TESTS: &[&str] = &[
     "packet_classes",
+    "packet_classes_v6",
     "north_south_tc",
     "xdp",
     "conntrack_gc",
