@@ -391,8 +391,8 @@ fn rewrite(ctx: &TcContext, ip: &Ipv6, side: Side, addr: [u32; 4], port: u16) ->
         Side::Source => (ip6 + 8, ports),
         Side::Destination => (ip6 + 24, ports + 2),
     };
-    let mut old: [u32; 4];
-    let mut new = addr;
+    let old: [u32; 4];
+    let new = addr;
     let old_port: u16;
     unsafe {
         old = get(addr_p);
@@ -400,18 +400,19 @@ fn rewrite(ctx: &TcContext, ip: &Ipv6, side: Side, addr: [u32; 4], port: u16) ->
         put(addr_p, addr);
         put(port_p, port);
     }
-    let diff = unsafe { bpf_csum_diff(old.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0) };
-    if diff < 0 {
-        return Err(());
+    // The checksum difference of the address, summed here: cheaper than
+    // the bpf_csum_diff helper (one call less per packet).
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i < 4 {
+        sum += u64::from(!old[i]) + u64::from(new[i]);
+        i += 1;
     }
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
     // The helpers below invalidate packet pointers; nothing reads after them.
-    ctx.l4_csum_replace(
-        csum_off,
-        0,
-        diff as u64,
-        u64::from(BPF_F_PSEUDO_HDR) | flags,
-    )
-    .map_err(|_| ())?;
+    ctx.l4_csum_replace(csum_off, 0, sum, u64::from(BPF_F_PSEUDO_HDR) | flags)
+        .map_err(|_| ())?;
     ctx.l4_csum_replace(csum_off, u64::from(old_port), u64::from(port), flags | 2)
         .map_err(|_| ())
 }

@@ -12,12 +12,14 @@
 //! the kernel's per-run timing overhead, measured the same way on the miss
 //! path, is subtracted.
 //!
-//! Then the cost of choosing a backend for a new flow, by selector (exact
+//! Then IPv6 against IPv4 in one datapath (the same paths, mirror
+//! frontends of each family, timed interleaved), the cost of choosing a
+//! backend for a new flow, by selector (exact
 //! round-robin, a session-affinity hit, Maglev), and of one conntrack sweep
 //! over `--gc-entries` entries (default 1,000,000), all live and with half
 //! of them expired.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
@@ -25,11 +27,13 @@ use proxy_user::datapath::ebpf::{Dataplane, EGRESS_PROG, INGRESS_PROG, LoadOptio
 use proxy_user::model::{
     BackendAddr, DesiredService, DesiredState, Frontend, LbAlgorithm, Policy, Proto,
 };
-use proxy_user::pktgen::Frame;
+use proxy_user::pktgen::{Frame, Frame6};
 use proxy_user::reconcile::diff;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
 const MIRROR: Ipv4Addr = Ipv4Addr::new(10, 95, 0, 1);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 1, 0, 0, 0, 0, 2);
+const MIRROR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x95, 0, 0, 0, 0, 1);
 
 struct Opts {
     scales: Vec<u32>,
@@ -327,6 +331,143 @@ fn measure_selection(opts: &Opts) -> Result<Selection> {
     })
 }
 
+/// Per-packet cost of one family's paths, ns.
+#[derive(Clone, Copy, Default)]
+struct Paths {
+    miss: f64,
+    new_flow: f64,
+    established: f64,
+    reverse: f64,
+}
+
+/// IPv4 and IPv6 through the same loaded datapath: mirror frontends and a
+/// three-backend service in each family. Hit paths alternate family round
+/// by round (fastest round each); new flows alternate flow by flow
+/// (medians, the single-run overhead of each family's miss subtracted).
+fn measure_families(opts: &Opts) -> Result<(Paths, Paths)> {
+    let mut dp = Dataplane::load(&LoadOptions {
+        max_services: 64,
+        max_slots: 256,
+        conntrack_size: 4 * opts.single_runs + 1024,
+        bpf_log_level: 0,
+        pin_dir: None,
+        ..LoadOptions::default()
+    })?;
+    let svc4 = Ipv4Addr::new(10, 96, 2, 1);
+    let svc6 = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 2, 1);
+    let mut st = DesiredState::default();
+    let mut add = |ip: IpAddr, port: u16, backends: Vec<BackendAddr>| {
+        st.services.insert(
+            Frontend {
+                ip,
+                port,
+                proto: Proto::Tcp,
+            },
+            DesiredService::new(format!("{ip}:{port}"), backends.into_iter().collect()),
+        );
+    };
+    for ip in [IpAddr::V4(MIRROR), IpAddr::V6(MIRROR6)] {
+        add(ip, 80, vec![BackendAddr::new(ip, 8080)]);
+        add(ip, 8080, vec![BackendAddr::new(ip, 80)]);
+    }
+    add(
+        svc4.into(),
+        80,
+        (1..=3)
+            .map(|b| BackendAddr::new(Ipv4Addr::new(10, 128, 2, b), 8080))
+            .collect(),
+    );
+    add(
+        svc6.into(),
+        80,
+        (1..=3)
+            .map(|b| BackendAddr::new(Ipv6Addr::new(0xfd00, 0x128, 2, 0, 0, 0, 0, b), 8080))
+            .collect(),
+    );
+    dp.apply(&diff(&DesiredState::default(), &st))?;
+    let miss = [
+        Frame::tcp(CLIENT, 40000, Ipv4Addr::new(10, 200, 0, 1), 80).build(),
+        Frame6::tcp(
+            CLIENT6,
+            40000,
+            Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1),
+            80,
+        )
+        .build(),
+    ];
+    let est = [
+        Frame::tcp(CLIENT, 40000, MIRROR, 80).build(),
+        Frame6::tcp(CLIENT6, 40000, MIRROR6, 80).build(),
+    ];
+    let reply = [
+        Frame::tcp(MIRROR, 8080, CLIENT, 40000).build(),
+        Frame6::tcp(MIRROR6, 8080, CLIENT6, 40000).build(),
+    ];
+    for (f, pkt) in est.iter().enumerate() {
+        let r = dp.test_run(INGRESS_PROG, pkt, 2)?;
+        if r.verdict != 0 {
+            bail!(
+                "family {f}: mirror frontends not translated (verdict {})",
+                r.verdict
+            );
+        }
+        let r = dp.test_run(EGRESS_PROG, &reply[f], 1)?;
+        if r.verdict != 0 {
+            bail!(
+                "family {f}: mirror reply not translated (verdict {})",
+                r.verdict
+            );
+        }
+    }
+    let mut out = [Paths::default(); 2];
+    for o in &mut out {
+        o.miss = f64::MAX;
+        o.established = f64::MAX;
+        o.reverse = f64::MAX;
+    }
+    let per = (opts.repeat / 5).max(1);
+    for _ in 0..5 {
+        for f in 0..2 {
+            let run =
+                |prog, pkt: &[u8]| -> Result<f64> { Ok(ns(dp.test_run(prog, pkt, per)?.duration)) };
+            out[f].miss = out[f].miss.min(run(INGRESS_PROG, &miss[f])?);
+            out[f].established = out[f].established.min(run(INGRESS_PROG, &est[f])?);
+            out[f].reverse = out[f].reverse.min(run(EGRESS_PROG, &reply[f])?);
+        }
+    }
+    let mut runs: [Vec<f64>; 4] = Default::default();
+    for i in 0..opts.single_runs {
+        let src4 = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 0)) + i);
+        let mut src6 = CLIENT6.segments();
+        src6[6] = (i >> 16) as u16;
+        src6[7] = i as u16;
+        let pkts = [
+            Frame::tcp(src4, 30000, svc4, 80).build(),
+            Frame6::tcp(Ipv6Addr::from(src6), 30000, svc6, 80).build(),
+        ];
+        for (f, pkt) in pkts.iter().enumerate() {
+            let r = dp.test_run(INGRESS_PROG, pkt, 1)?;
+            if r.verdict != 0 {
+                bail!(
+                    "family {f}: new flow {i} not translated (verdict {})",
+                    r.verdict
+                );
+            }
+            runs[f].push(ns(r.duration));
+            runs[2 + f].push(ns(dp.test_run(INGRESS_PROG, &miss[f], 1)?.duration));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for f in 0..2 {
+        let overhead = (median(&mut runs[2 + f]) - out[f].miss).max(0.0);
+        out[f].new_flow = median(&mut runs[f]) - overhead;
+    }
+    Ok((out[0], out[1]))
+}
+
 /// One sweep's wall time over `n` conntrack entries, all live, and with
 /// every second one expired (which it then deletes).
 fn measure_gc(n: u32) -> Result<(Duration, Duration)> {
@@ -450,6 +591,26 @@ fn main() -> Result<()> {
         );
     }
 
+    eprintln!("[bench] IPv6 against IPv4…");
+    let (v4, v6) = measure_families(&opts)?;
+    println!();
+    println!("| family | miss | new flow | established | reverse NAT |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, p) in [("IPv4", v4), ("IPv6", v6)] {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            p.miss, p.new_flow, p.established, p.reverse
+        );
+    }
+    let ratio = v6.established / v4.established;
+    println!();
+    println!(
+        "targets: IPv6 established ≤ 1.2× IPv4: {} ({ratio:.2}); reverse NAT {:.2}, new flow {:.2}",
+        if ratio <= 1.2 { "met" } else { "MISSED" },
+        v6.reverse / v4.reverse,
+        v6.new_flow / v4.new_flow
+    );
+
     eprintln!("[bench] new-flow cost by selector…");
     let sel = measure_selection(&opts)?;
     println!();
@@ -480,6 +641,18 @@ fn main() -> Result<()> {
         live.as_secs_f64() * 1e9 / f64::from(opts.gc_entries)
     );
     if let Some(path) = &opts.json {
+        let families: Vec<serde_json::Value> = [("IPv4", v4), ("IPv6", v6)]
+            .iter()
+            .map(|(name, p)| {
+                serde_json::json!({
+                    "family": name,
+                    "miss": p.miss,
+                    "new_flow": p.new_flow,
+                    "established": p.established,
+                    "reverse": p.reverse,
+                })
+            })
+            .collect();
         let doc = serde_json::json!({
             "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .unwrap_or_default()
@@ -495,6 +668,7 @@ fn main() -> Result<()> {
                 "established": r.established,
                 "reverse": r.reverse,
             })).collect::<Vec<_>>(),
+            "families": families,
             "selection": {
                 "round_robin": sel.round_robin,
                 "affinity_hit": sel.affinity_hit,
