@@ -295,9 +295,12 @@ fn allocate(
             .iter()
             .find(|r| r.family == family)
             .expect("resolve refuses families the cluster does not serve");
-        let Some(ip) = f.ips.get(i) else {
-            let start = super::random_u64();
-            match range.pick(start, |a| taken.ip(&a.to_string())) {
+        let had = |ip: &str| {
+            old.and_then(|o| o.ips.get(i))
+                .is_some_and(|o| same_ip(o, ip))
+        };
+        match f.ips.get(i) {
+            None => match pick(range, taken) {
                 Some(a) => f.ips.push(a.to_string()),
                 None => {
                     errs.push(FieldError::invalid(
@@ -310,35 +313,40 @@ fn allocate(
                     ));
                     return;
                 }
-            }
-            continue;
-        };
-        let had = old
-            .and_then(|o| o.ips.get(i))
-            .is_some_and(|o| same_ip(o, ip));
-        let Ok(addr) = ip.parse::<IpAddr>() else {
-            continue; // reported by validation
-        };
-        if had {
-            continue;
-        }
-        if !range.contains(addr) {
-            errs.push(FieldError::invalid(
-                "spec.clusterIPs",
-                json!(f.ips),
-                format!(
-                    "failed to allocate IP {ip}: the provided IP ({ip}) is not in the valid range. The range of valid IPs is {}",
-                    range.cidr
-                ),
-            ));
-        } else if taken.ip(&addr.to_string()) {
-            errs.push(FieldError::invalid(
-                "spec.clusterIPs",
-                json!(f.ips),
-                format!("failed to allocate IP {ip}: provided IP is already allocated"),
-            ));
+            },
+            Some(ip) if !had(ip) => errs.extend(check_requested(range, ip, &f.ips, taken)),
+            Some(_) => {}
         }
     }
+}
+
+/// A free address of `range`, searched from a random one so that picks
+/// spread over the range.
+fn pick(range: &ServiceRange, taken: &dyn Taken) -> Option<IpAddr> {
+    range.pick(super::random_u64(), |a| taken.ip(&a.to_string()))
+}
+
+/// A requested address must be a usable one of its family's range and
+/// not held by another Service.
+fn check_requested(
+    range: &ServiceRange,
+    ip: &str,
+    all: &[String],
+    taken: &dyn Taken,
+) -> Option<FieldError> {
+    // A malformed address was reported by validation.
+    let addr = ip.parse::<IpAddr>().ok()?;
+    let detail = if !range.contains(addr) {
+        format!(
+            "failed to allocate IP {ip}: the provided IP ({ip}) is not in the valid range. The range of valid IPs is {}",
+            range.cidr
+        )
+    } else if taken.ip(&addr.to_string()) {
+        format!("failed to allocate IP {ip}: provided IP is already allocated")
+    } else {
+        return None;
+    };
+    Some(FieldError::invalid("spec.clusterIPs", json!(all), detail))
 }
 
 /// Fills in `spec.ipFamilyPolicy`, `spec.ipFamilies`, `spec.clusterIP`

@@ -46,7 +46,8 @@ mod cluster_ips;
 mod range;
 mod store_claims;
 
-pub use range::{Family, ServiceRange, parse_cidr};
+use range::ServiceRange;
+pub use range::{Family, parse_cidr};
 pub use store_claims::{
     CLAIM_GRACE_SECS, CLAIM_PREFIX, ClaimError, claim, claim_keys, release, release_dropped,
 };
@@ -469,11 +470,6 @@ impl Allocator {
             .lock()
             .expect("claims lock")
             .record(key, rev, Addrs::default());
-    }
-
-    /// The IP families the cluster serves, the primary first.
-    pub fn families(&self) -> Vec<Family> {
-        self.ranges.iter().map(|r| r.family).collect()
     }
 
     /// Fills in `spec.clusterIP(s)` and node ports of a normalized Service,

@@ -143,8 +143,8 @@ impl ServiceRange {
         Family::of(ip) == self.family && v > self.base && v <= self.base + self.usable()
     }
 
-    /// A free address (`taken` says which are not), starting the search
-    /// at a random one so that picks spread over the range.
+    /// A free address (`taken` says which are not), the search starting
+    /// at the `start`-th usable one (modulo their number) and wrapping.
     pub fn pick(&self, start: u64, taken: impl Fn(IpAddr) -> bool) -> Option<IpAddr> {
         let usable = self.usable();
         let start = u128::from(start) % usable;
