@@ -35,7 +35,9 @@ enum Command {
         /// and the "listening on" line name the real one).
         #[arg(long, default_value = "127.0.0.1:6443")]
         listen: SocketAddr,
-        /// ClusterIPs are allocated from this IPv4 range.
+        /// ClusterIPs are allocated from this range: one CIDR, or an IPv4
+        /// and an IPv6 one separated by a comma for dual-stack Services
+        /// (the first is the primary family; IPv6: /108 to /126).
         #[arg(long, default_value = "10.96.0.0/12")]
         service_cidr: String,
         /// NodePorts are allocated from this range.
@@ -128,6 +130,9 @@ enum Command {
         store: Option<String>,
         #[arg(long, default_value = "127.0.0.1:6443")]
         listen: SocketAddr,
+        /// ClusterIPs are allocated from this range (as `apiserver
+        /// --service-cidr`: an IPv4 and an IPv6 CIDR, comma-separated,
+        /// for dual-stack; the kubelet's pods are IPv4 only).
         #[arg(long, default_value = "10.96.0.0/12")]
         service_cidr: String,
         /// Name of this node (default: the host name).

@@ -680,3 +680,70 @@ fn kubectl_1_33_newest() {
 fn kubectl_default() {
     core_workflow(Path::new("kubectl"), "kubectldefault");
 }
+
+/// kubectl against a dual-stack apiserver: `apply` of a PreferDualStack
+/// Service gets an IPv4 and an IPv6 ClusterIP (the table shows the
+/// primary), `patch` to SingleStack drops the IPv6 one, and a Service
+/// asking for an address another holds is refused with the field named.
+#[test]
+fn kubectl_dual_stack_service() {
+    let dir = TempDir::new("kubectl-dualstack");
+    let server = Server::start(&dir.0, &["--service-cidr", "10.96.0.0/24,fd00:10:96::/112"]);
+    let k = Kubectl::new(&server, &dir.0.join("kube-cache"), Path::new("kubectl"));
+    let web = "apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  ipFamilyPolicy: PreferDualStack
+  selector:
+    app: web
+  ports:
+  - port: 80
+";
+    let out =
+        k.0.run_stdin(&["apply", "-f", "-"], Some(web))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(out.contains("service/web created"), "{out}");
+    let get = |path: &str| k.ok(&["get", "svc", "web", "-o", &format!("jsonpath={path}")]);
+    let ips: Vec<String> = serde_json::from_str(&get("{.spec.clusterIPs}")).unwrap();
+    assert_eq!(ips.len(), 2, "{ips:?}");
+    let v4: std::net::Ipv4Addr = ips[0].parse().expect("primary is IPv4");
+    let v6: std::net::Ipv6Addr = ips[1].parse().expect("secondary is IPv6");
+    assert!(v4.octets()[..3] == [10, 96, 0], "{v4}");
+    assert_eq!(v6.segments()[..3], [0xfd00, 0x10, 0x96], "{v6}");
+    assert_eq!(get("{.spec.ipFamilies}"), r#"["IPv4","IPv6"]"#);
+    let table = k.ok(&["get", "svc", "web"]);
+    assert_eq!(column(&table, "CLUSTER-IP", "web"), ips[0], "{table}");
+
+    let taken = web.replace("name: web", "name: copy").replace(
+        "ipFamilyPolicy: PreferDualStack",
+        &format!("clusterIP: {}", ips[1]),
+    );
+    let refused =
+        k.0.output(&["apply", "-f", "-"], Some(&taken))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains("spec.clusterIPs") && err.contains("provided IP is already allocated"),
+        "{err}"
+    );
+
+    k.ok(&[
+        "patch",
+        "svc",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"ipFamilyPolicy":"SingleStack"}}"#,
+    ]);
+    assert_eq!(get("{.spec.clusterIPs}"), format!(r#"["{}"]"#, ips[0]));
+    let out =
+        k.0.run_stdin(&["apply", "-f", "-"], Some(&taken))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        out.contains("service/copy created"),
+        "the released IPv6 address is free: {out}"
+    );
+}

@@ -7,36 +7,110 @@ use std::time::Duration;
 use ::http::{Method, Request, StatusCode};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use kcontrol_store::Store;
 use serde_json::{Value, json};
+use testbed::etcd::EtcdCluster;
 
 use super::allocate::Allocator;
 use super::http::Body;
 use super::{State, router, start};
 
+mod dual_stack;
+
 const TOKEN: &str = "unit-test-token";
 
-/// An apiserver on its own store; the directory goes with it.
+/// An apiserver on its own store; the directory (and etcd) go with it.
 struct Server {
     state: Arc<State>,
-    _dir: tempfile::TempDir,
+    backend: Backend,
+    service_cidr: String,
+    dir: tempfile::TempDir,
+    etcd: Option<EtcdCluster>,
+}
+
+/// The store a test apiserver runs on: the embedded one, or a one-member
+/// etcd (as shared by several apiservers: addresses are claimed in it).
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Sqlite,
+    Etcd,
 }
 
 async fn server() -> Server {
+    server_on(Backend::Sqlite, "10.96.0.0/24").await
+}
+
+async fn server_on(backend: Backend, service_cidr: &str) -> Server {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = kcontrol_store::SqliteStore::open(dir.path().join("store.db")).unwrap();
-    let state = start(State {
-        store: Arc::new(store),
-        alloc: Allocator::new("10.96.0.0/24", "30000-30099").unwrap(),
+    let etcd = match backend {
+        Backend::Sqlite => None,
+        Backend::Etcd => Some(
+            tokio::task::spawn_blocking(|| EtcdCluster::start(1))
+                .await
+                .unwrap()
+                .expect("etcd"),
+        ),
+    };
+    let state = open(backend, service_cidr, dir.path(), etcd.as_ref()).await;
+    Server {
+        state,
+        backend,
+        service_cidr: service_cidr.into(),
+        dir,
+        etcd,
+    }
+}
+
+/// A started apiserver on the store in `dir` (or in `etcd`).
+async fn open(
+    backend: Backend,
+    service_cidr: &str,
+    dir: &std::path::Path,
+    etcd: Option<&EtcdCluster>,
+) -> Arc<State> {
+    let store: Arc<dyn Store> = match etcd {
+        None => Arc::new(kcontrol_store::SqliteStore::open(dir.join("store.db")).unwrap()),
+        Some(c) => Arc::new(
+            kcontrol_store::EtcdStore::connect_url(&c.url(), Default::default())
+                .await
+                .expect("connecting to etcd"),
+        ),
+    };
+    start(State {
+        store,
+        alloc: Allocator::new(service_cidr, "30000-30099")
+            .unwrap()
+            .shared_store(matches!(backend, Backend::Etcd)),
         token: TOKEN.into(),
         server_address: "127.0.0.1:6443".into(),
         bookmark_interval: Duration::from_secs(60),
     })
     .await
-    .unwrap();
-    Server { state, _dir: dir }
+    .unwrap()
 }
 
 impl Server {
+    /// The apiserver stopped and started again on the same store: what it
+    /// knows of addresses comes from the store alone.
+    async fn restart(self) -> Server {
+        let Server {
+            state,
+            backend,
+            service_cidr,
+            dir,
+            etcd,
+        } = self;
+        drop(Arc::into_inner(state).expect("no request holds the state"));
+        let state = open(backend, &service_cidr, dir.path(), etcd.as_ref()).await;
+        Server {
+            state,
+            backend,
+            service_cidr,
+            dir,
+            etcd,
+        }
+    }
+
     async fn send(&self, method: Method, path: &str, body: Option<Value>) -> Response {
         self.send_as(method, path, "application/json", body).await
     }

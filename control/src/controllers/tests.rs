@@ -38,7 +38,8 @@ async fn apiserver() -> Api0 {
         store: apiserver::open_store(dir.path(), None)
             .await
             .expect("store"),
-        alloc: apiserver::allocate::Allocator::new("10.96.0.0/16", "30000-32767")
+        // Dual-stack, so that Services can be; SingleStack IPv4 by default.
+        alloc: apiserver::allocate::Allocator::new("10.96.0.0/16,fd00:10:96::/108", "30000-32767")
             .expect("allocator"),
         token: TOKEN.into(),
         server_address: "127.0.0.1:6443".into(),
@@ -381,4 +382,50 @@ async fn endpointslice_names_zones_and_hints_them_for_prefer_close() {
             ("10.244.2.2".into(), None, vec![]),
         ]
     );
+}
+
+/// A dual-stack Service still gets its IPv4 slice from the pods' IPv4
+/// addresses; no IPv6 slice is written, since no pod has an IPv6 address
+/// (the kubelet's pod network is IPv4).
+#[tokio::test]
+async fn endpointslice_of_a_dual_stack_service_is_ipv4() {
+    let api = apiserver().await;
+    let svc: Service = create(
+        &api.client,
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": "web", "namespace": "default" },
+            "spec": {
+                "ipFamilyPolicy": "RequireDualStack",
+                "selector": { "app": "web" },
+                "ports": [{ "name": "http", "port": 80, "targetPort": "http" }],
+            },
+        }),
+    )
+    .await;
+    let families = svc.spec.as_ref().and_then(|s| s.ip_families.clone());
+    assert_eq!(families, Some(vec!["IPv4".into(), "IPv6".into()]));
+    let pods = vec![pod("web-a", "web", Some("10.244.0.2"), true)];
+    let c = ctx(&api.client, pods, vec![], vec![svc.clone()]);
+    endpointslice::reconcile(&c, Key::of(&svc))
+        .await
+        .expect("reconcile");
+    let slices = Api::<EndpointSlice>::namespaced(api.client.clone(), "default")
+        .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
+        .await
+        .expect("list slices")
+        .items;
+    let shapes: Vec<(&str, Vec<&str>)> = slices
+        .iter()
+        .map(|s| {
+            (
+                s.address_type.as_str(),
+                s.endpoints
+                    .iter()
+                    .map(|e| e.addresses[0].as_str())
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(shapes, [("IPv4", vec!["10.244.0.2"])]);
 }

@@ -312,3 +312,35 @@ async fn invalid_objects_get_422_naming_each_field() {
         201
     );
 }
+
+/// A `--service-cidr` the cluster cannot use stops the apiserver at start,
+/// saying why, before it listens or touches the store.
+#[test]
+fn bad_service_cidr_stops_the_apiserver() {
+    let dir = TempDir::new("badcidr");
+    for (flag, says) in [
+        ("10.96.0.0/12,10.100.0.0/16", "two IPv4 CIDRs"),
+        ("fd00::/108,fd01::/108", "two IPv6 CIDRs"),
+        ("fd00::/64", "prefix length between 108 and 126"),
+        ("10.96.0.0/12,fd00::/108,10.1.0.0/16", "at most two CIDRs"),
+        ("10.96.0.0/12,nope", "\"nope\" is not a CIDR"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kcontrol"))
+            .arg("apiserver")
+            .arg("--data-dir")
+            .arg(&dir.0)
+            .args(["--listen", "127.0.0.1:0", "--service-cidr", flag])
+            .output()
+            .expect("running kcontrol");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag}: started");
+        assert!(
+            err.contains("--service-cidr") && err.contains(says),
+            "{flag}: {err}"
+        );
+    }
+    assert!(
+        !dir.0.join("store.db").exists(),
+        "the store was opened before the flags were checked"
+    );
+}

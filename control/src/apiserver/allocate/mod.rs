@@ -1,5 +1,11 @@
 //! ClusterIP and NodePort allocation for Services.
 //!
+//! ClusterIPs come from one range per IP family (`range.rs`; two for a
+//! dual-stack cluster); which families a Service gets, and which of its
+//! addresses are requested or still to pick, is `cluster_ips.rs`. Below,
+//! an address is its canonical text (`fd00::a`, however it was written),
+//! in memory and in claim keys alike.
+//!
 //! What is taken is kept in memory: the addresses of every stored Service
 //! (loaded from the store at start, then updated after each committed
 //! Service write or delete, in revision order per key) plus the addresses
@@ -27,7 +33,7 @@
 //! part.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
@@ -36,26 +42,20 @@ use serde_json::{Value, json};
 
 use super::status::FieldError;
 
+mod cluster_ips;
+mod range;
 mod store_claims;
 
+use range::ServiceRange;
+pub use range::{Family, parse_cidr};
 pub use store_claims::{
     CLAIM_GRACE_SECS, CLAIM_PREFIX, ClaimError, claim, claim_keys, release, release_dropped,
 };
 use store_claims::{ClaimTarget, claim_target, uid_of, unix_now};
 
-/// `a.b.c.d/n` (or an IPv6 CIDR) → (address, prefix length).
-pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
-    let (ip, len) = s.split_once('/')?;
-    let ip: IpAddr = ip.parse().ok()?;
-    let len: u8 = len.parse().ok()?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    (len <= max).then_some((ip, len))
-}
-
 pub struct Allocator {
-    cidr: String,
-    base: u32,
-    size: u64,
+    /// One range per IP family the cluster serves, the primary first.
+    ranges: Vec<ServiceRange>,
     node_ports: (i32, i32),
     claims: Arc<Mutex<Claims>>,
     /// Notified whenever a ticket is settled or dropped.
@@ -71,6 +71,12 @@ pub struct Addrs {
     ports: Vec<i32>,
 }
 
+/// An address as the allocator keys it: its canonical text, so that
+/// `fd00:0::A` and `fd00::a` are one address (and one claim key).
+fn canonical_ip(ip: &str) -> Option<String> {
+    ip.parse::<IpAddr>().ok().map(|a| a.to_string())
+}
+
 impl Addrs {
     pub fn of(svc: &Value) -> Addrs {
         let mut a = Addrs::default();
@@ -81,9 +87,7 @@ impl Addrs {
             .flatten()
             .filter_map(Value::as_str)
         {
-            if ip != "None" && !ip.is_empty() {
-                a.ips.push(ip.to_string());
-            }
+            a.ips.extend(canonical_ip(ip));
         }
         for p in svc
             .pointer("/spec/ports")
@@ -95,12 +99,13 @@ impl Addrs {
                 a.ports.push(n as i32);
             }
         }
-        if let Some(ip) = svc.pointer("/spec/clusterIP").and_then(Value::as_str)
-            && ip != "None"
-            && !ip.is_empty()
-            && !a.ips.iter().any(|i| i == ip)
+        if let Some(ip) = svc
+            .pointer("/spec/clusterIP")
+            .and_then(Value::as_str)
+            .and_then(canonical_ip)
+            && !a.ips.contains(&ip)
         {
-            a.ips.push(ip.to_string());
+            a.ips.push(ip);
         }
         if let Some(n) = svc
             .pointer("/spec/healthCheckNodePort")
@@ -297,15 +302,10 @@ fn random_u64() -> u64 {
 }
 
 impl Allocator {
+    /// `service_cidr`: one CIDR, or an IPv4 and an IPv6 one separated by a
+    /// comma (dual-stack; the first is the primary family).
     pub fn new(service_cidr: &str, node_port_range: &str) -> anyhow::Result<Self> {
-        let Some((IpAddr::V4(ip), len)) = parse_cidr(service_cidr) else {
-            bail!("--service-cidr {service_cidr:?}: expected an IPv4 CIDR like 10.96.0.0/12");
-        };
-        if !(8..=30).contains(&len) {
-            bail!("--service-cidr {service_cidr:?}: prefix length must be between 8 and 30");
-        }
-        let size = 1u64 << (32 - len);
-        let base = u32::from(ip) & !((size - 1) as u32);
+        let ranges = range::parse_service_cidrs(service_cidr)?;
         let (lo, hi) = node_port_range
             .split_once('-')
             .context("--node-port-range: expected LOW-HIGH")?;
@@ -321,9 +321,7 @@ impl Allocator {
             bail!("--node-port-range {node_port_range:?}: must be within 1-65535, low ≤ high");
         }
         Ok(Allocator {
-            cidr: format!("{}/{len}", Ipv4Addr::from(base)),
-            base,
-            size,
+            ranges,
             node_ports: (lo, hi),
             claims: Arc::default(),
             settled_signal: Arc::default(),
@@ -474,13 +472,6 @@ impl Allocator {
             .record(key, rev, Addrs::default());
     }
 
-    /// Usable addresses exclude the network and broadcast addresses.
-    fn in_range(&self, ip: Ipv4Addr) -> bool {
-        let v = u32::from(ip) as u64;
-        let base = self.base as u64;
-        v > base && v < base + self.size - 1
-    }
-
     /// Fills in `spec.clusterIP(s)` and node ports of a normalized Service,
     /// keeping what `old` had (a PUT or patch that leaves them out must not
     /// move them), and checks requested ones against `taken`.
@@ -501,7 +492,7 @@ impl Allocator {
         let old_spec = old.and_then(|o| o.get("spec"));
         let mut errs = Vec::new();
 
-        // Cluster IP.
+        // Cluster IPs.
         if ty == "ExternalName" {
             spec.remove("clusterIP");
             spec.remove("clusterIPs");
@@ -509,59 +500,7 @@ impl Allocator {
             spec.remove("ipFamilyPolicy");
             spec.remove("internalTrafficPolicy");
         } else {
-            let mut ip = spec
-                .get("clusterIP")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
-            if ip.is_empty()
-                && let Some(prev) = old_spec
-                    .and_then(|s| s.get("clusterIP"))
-                    .and_then(Value::as_str)
-            {
-                ip = prev.to_string();
-            }
-            let unchanged = old_spec
-                .and_then(|s| s.get("clusterIP"))
-                .and_then(Value::as_str)
-                == Some(ip.as_str());
-            if ip.is_empty() {
-                match self.pick_ip(taken) {
-                    Some(a) => ip = a.to_string(),
-                    None => errs.push(FieldError::invalid(
-                        "spec.clusterIPs",
-                        json!([]),
-                        format!(
-                            "failed to allocate a serviceIP: range {} is full",
-                            self.cidr
-                        ),
-                    )),
-                }
-            } else if ip != "None" && !unchanged {
-                match ip.parse::<IpAddr>() {
-                    Ok(IpAddr::V4(a)) if self.in_range(a) => {
-                        if taken.ip(&ip) {
-                            errs.push(FieldError::invalid(
-                                "spec.clusterIPs",
-                                json!([ip]),
-                                format!("failed to allocate IP {ip}: provided IP is already allocated"),
-                            ));
-                        }
-                    }
-                    Ok(_) => errs.push(FieldError::invalid(
-                        "spec.clusterIPs",
-                        json!([ip]),
-                        format!(
-                            "failed to allocate IP {ip}: the provided IP ({ip}) is not in the valid range. The range of valid IPs is {}",
-                            self.cidr
-                        ),
-                    )),
-                    // Already reported by validation.
-                    Err(_) => {}
-                }
-            }
-            spec.insert("clusterIP".into(), json!(ip));
-            spec.insert("clusterIPs".into(), json!([ip]));
+            cluster_ips::assign(&self.ranges, spec, old_spec, taken, &mut errs);
         }
 
         // Node ports.
@@ -632,15 +571,6 @@ impl Allocator {
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }
 
-    fn pick_ip(&self, taken: &dyn Taken) -> Option<Ipv4Addr> {
-        let usable = self.size - 2;
-        let start = random_u64() % usable;
-        (0..usable).find_map(|i| {
-            let a = Ipv4Addr::from(self.base + 1 + ((start + i) % usable) as u32);
-            (!taken.ip(&a.to_string())).then_some(a)
-        })
-    }
-
     fn pick_port(&self, taken: impl Fn(i32) -> bool) -> Option<i32> {
         let (lo, hi) = self.node_ports;
         let n = (hi - lo + 1) as u64;
@@ -677,8 +607,8 @@ mod tests {
         let a = Allocator::new("10.96.0.0/28", "30000-30001").unwrap();
         let mut s1 = svc("NodePort", None, None);
         a.assign(&mut s1, None, &none()).unwrap();
-        let ip: Ipv4Addr = s1["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
-        assert!(a.in_range(ip));
+        let ip: IpAddr = s1["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
+        assert!(a.ranges[0].contains(ip));
         let np = s1["spec"]["ports"][0]["nodePort"].as_i64().unwrap() as i32;
         assert!((30000..=30001).contains(&np));
 

@@ -3,16 +3,17 @@
 //! when the Service lets them go.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kcontrol_store::Revision;
 use serde_json::{Map, Value, json};
 
 use super::{BoxFuture, Held, Strategy, Write};
-use crate::apiserver::allocate::{self, ClaimError};
+use crate::apiserver::allocate::{self, ClaimError, Family};
 use crate::apiserver::object::{internal, uid_of};
 use crate::apiserver::resources::{ResourceType, lookup};
 use crate::apiserver::state::State;
@@ -305,12 +306,11 @@ fn default_service(svc: &mut Service) {
             p.target_port = Some(IntOrString::Int(p.port));
         }
     }
+    // ipFamilyPolicy and ipFamilies depend on the families the cluster
+    // serves: the allocator defaults them (`allocate/cluster_ips.rs`).
     if ty != "ExternalName" {
         spec.internal_traffic_policy
             .get_or_insert_with(|| "Cluster".into());
-        spec.ip_families.get_or_insert_with(|| vec!["IPv4".into()]);
-        spec.ip_family_policy
-            .get_or_insert_with(|| "SingleStack".into());
     }
     if ty == "NodePort" || ty == "LoadBalancer" {
         spec.external_traffic_policy
@@ -319,11 +319,14 @@ fn default_service(svc: &mut Service) {
     if ty == "LoadBalancer" {
         spec.allocate_load_balancer_node_ports.get_or_insert(true);
     }
-    // `clusterIPs[0]` and `clusterIP` are the same field.
-    match (&spec.cluster_ip, &spec.cluster_ips) {
-        (Some(ip), None) if !ip.is_empty() => spec.cluster_ips = Some(vec![ip.clone()]),
-        (None, Some(ips)) if !ips.is_empty() => spec.cluster_ip = Some(ips[0].clone()),
-        _ => {}
+    // `clusterIPs[0]` and `clusterIP` are the same field. The plural one
+    // is filled in from the singular by the allocator, which knows what
+    // an update's Service had (an old client sending only `clusterIP`
+    // keeps both addresses of a dual-stack Service).
+    if let (None, Some(ips)) = (&spec.cluster_ip, &spec.cluster_ips)
+        && !ips.is_empty()
+    {
+        spec.cluster_ip = Some(ips[0].clone());
     }
     svc.status
         .get_or_insert_with(|| k8s_openapi::api::core::v1::ServiceStatus {
@@ -349,6 +352,9 @@ fn validate_service(svc: &Service, old: Option<&Service>) -> Vec<FieldError> {
     let headless = cluster_ip == "None";
     if !cluster_ip.is_empty() && !headless {
         check_ip(&cluster_ip, "spec.clusterIPs[0]", &mut errs);
+    }
+    if ty != "ExternalName" {
+        check_ip_families(&spec, &mut errs);
     }
     if let (Some(a), Some(b)) = (
         &spec.cluster_ip,
@@ -473,6 +479,72 @@ fn validate_service(svc: &Service, old: Option<&Service>) -> Vec<FieldError> {
         }
     }
     errs
+}
+
+const IP_FAMILY_POLICIES: &[&str] = &["PreferDualStack", "RequireDualStack", "SingleStack"];
+
+/// What dual-stack fields must be whatever the cluster serves: known
+/// values, at most one address and one entry per family, `None` alone.
+fn check_ip_families(spec: &ServiceSpec, errs: &mut Vec<FieldError>) {
+    check_enum(
+        spec.ip_family_policy.as_deref(),
+        "spec.ipFamilyPolicy",
+        IP_FAMILY_POLICIES,
+        errs,
+    );
+    let families = spec.ip_families.clone().unwrap_or_default();
+    if families.len() > 2 {
+        errs.push(FieldError::invalid(
+            "spec.ipFamilies",
+            json!(families),
+            "may specify no more than two IP families (one IPv4, one IPv6)",
+        ));
+    }
+    for (i, f) in families.iter().enumerate() {
+        let field = format!("spec.ipFamilies[{i}]");
+        if Family::parse(f).is_none() {
+            errs.push(FieldError::not_supported(
+                field,
+                f.as_str(),
+                &["IPv4", "IPv6"],
+            ));
+        } else if families[..i].contains(f) {
+            errs.push(FieldError::duplicate(field, f.as_str()));
+        }
+    }
+    let ips = spec.cluster_ips.clone().unwrap_or_default();
+    if ips.len() > 2 {
+        errs.push(FieldError::invalid(
+            "spec.clusterIPs",
+            json!(ips),
+            "may only hold up to 2 values (one per IP family)",
+        ));
+    }
+    let primary = ips
+        .first()
+        .and_then(|ip| ip.parse::<IpAddr>().ok())
+        .map(Family::of);
+    for (i, ip) in ips.iter().enumerate().skip(1) {
+        let field = format!("spec.clusterIPs[{i}]");
+        if ip == "None" || ips[0] == "None" {
+            errs.push(FieldError::invalid(
+                field,
+                ip.as_str(),
+                "must be empty when the first value is 'None', and may only be 'None' at index 0",
+            ));
+            continue;
+        }
+        let Some(addr) = check_ip(ip, &field, errs) else {
+            continue;
+        };
+        if primary == Some(Family::of(addr)) {
+            errs.push(FieldError::invalid(
+                field,
+                ip.as_str(),
+                "may specify no more than one IP for each IP family",
+            ));
+        }
+    }
 }
 
 #[cfg(test)]
