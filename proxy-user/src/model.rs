@@ -1587,4 +1587,122 @@ ports:
             "{e}"
         );
     }
+
+    const WEB_DUAL: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:10:96::a"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: PreferDualStack
+  type: NodePort
+  ports:
+  - {name: http, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30080}
+"#;
+
+    const WEB_SLICE6: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-6, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+endpoints:
+- addresses: ["fd00::1"]
+ports:
+- {name: http, port: 8080, protocol: TCP}
+"#;
+
+    #[test]
+    fn a_dual_stack_service_has_a_frontend_per_family_with_its_familys_endpoints() {
+        let st = build(
+            &Node::default(),
+            &[svc(WEB_DUAL)],
+            &[slice(WEB_SLICE), slice(WEB_SLICE6)],
+        )
+        .unwrap();
+        let v4 = Frontend {
+            ip: "10.96.0.10".parse().unwrap(),
+            port: 80,
+            proto: Proto::Tcp,
+        };
+        let v6 = Frontend {
+            ip: "fd00:10:96::a".parse().unwrap(),
+            ..v4
+        };
+        let ips = |fe: &Frontend| -> Vec<String> {
+            st.services[fe]
+                .backends
+                .iter()
+                .map(|b| b.ip.to_string())
+                .collect()
+        };
+        assert_eq!(ips(&v4), ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(ips(&v6), ["fd00::1"]);
+        // The nodePort is IPv4 and has the IPv4 endpoints only.
+        let np = Frontend::nodeport(30080, Proto::Tcp);
+        assert_eq!(ips(&np), ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(st.services.len(), 3, "{:?}", st.services.keys());
+        // A node proxying IPv4 only keeps the IPv4 half.
+        let v4_only = Node {
+            families: [Family::V4].into(),
+            ..Node::default()
+        };
+        let st = build(&v4_only, &[svc(WEB_DUAL)], &[slice(WEB_SLICE6)]).unwrap();
+        assert!(!st.services.contains_key(&v6));
+        assert!(st.services.contains_key(&v4));
+    }
+
+    #[test]
+    fn bad_families_are_rejected_naming_the_field() {
+        let cases = [
+            (
+                WEB_DUAL.replace("ipFamilies: [IPv4, IPv6]", "ipFamilies: [IPv6, IPv4]"),
+                "spec.ipFamilies[0] IPv6 does not match",
+            ),
+            (
+                WEB_DUAL.replace("clusterIPs: [10.96.0.10,", "clusterIPs: [10.96.0.11,"),
+                "must equal spec.clusterIP",
+            ),
+            (
+                WEB_DUAL.replace("\"fd00:10:96::a\"", "10.96.0.12"),
+                "a second IPv4 address",
+            ),
+            (
+                WEB_DUAL.replace("PreferDualStack", "SingleStack"),
+                "SingleStack with two",
+            ),
+            (
+                WEB_DUAL.replace("PreferDualStack", "Maybe"),
+                "spec.ipFamilyPolicy \"Maybe\"",
+            ),
+            (
+                WEB_DUAL.replace("ipFamilies: [IPv4, IPv6]", "ipFamilies: [IPv4, IPv7]"),
+                "spec.ipFamilies[1]",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let e = build(&Node::default(), &[svc(&yaml)], &[]).unwrap_err();
+            assert!(e.message.contains(want), "{want:?} not in {e}");
+        }
+        // IPv6 only, on a node that proxies IPv4 only.
+        let v6_only = WEB.replace("clusterIP: 10.96.0.10", "clusterIP: \"fd00:10:96::a\"");
+        let v4_node = Node {
+            families: [Family::V4].into(),
+            ..Node::default()
+        };
+        let e = build(&v4_node, &[svc(&v6_only)], &[]).unwrap_err();
+        assert!(
+            e.message.contains("IPv6 is not proxied on this node"),
+            "{e}"
+        );
+        // An address of the other family in a slice.
+        let e = build(
+            &Node::default(),
+            &[svc(WEB)],
+            &[slice(&WEB_SLICE6.replace("fd00::1", "10.0.0.9"))],
+        )
+        .unwrap_err();
+        assert!(e.message.contains("is not an IPv6 address"), "{e}");
+    }
 }

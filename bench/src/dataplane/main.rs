@@ -101,11 +101,12 @@ fn plot(path: &Path, f: &Figures) -> Result<()> {
         .chain(f.families.iter().flat_map(fam))
         .fold(1.0, f64::max)
         .max(
-        f.selection
-            .round_robin
-            .max(f.selection.affinity_hit)
-            .max(f.selection.maglev),
-    ) * 1.15;
+            f.selection
+                .round_robin
+                .max(f.selection.affinity_hit)
+                .max(f.selection.maglev),
+        )
+        * 1.15;
     let label = |names: Vec<String>| {
         move |x: &f64| {
             let i = x.floor() as usize;

@@ -33,6 +33,8 @@ const QUICK_TESTS: &[&str] = &[
     "restart",
     "maglev",
     "session_affinity",
+    "packet_classes_v6",
+    "ipv6",
 ];
 
 /// Programs the tests start, each named by an environment variable:
