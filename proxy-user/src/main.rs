@@ -19,7 +19,7 @@ use proxy_user::agent::{self, Started};
 use proxy_user::datapath::Datapath;
 use proxy_user::datapath::ebpf::{AttachMode, Dataplane, Following, LoadOptions};
 use proxy_user::datapath::ebpf::{NodeAddrs, XdpAttach};
-use proxy_user::datapath::iptables::Iptables;
+use proxy_user::datapath::iptables::IptablesDatapath;
 use proxy_user::inspect;
 use proxy_user::links;
 use proxy_user::model::{Cidr, Family, LbAlgorithm, Node};
@@ -126,9 +126,9 @@ struct Args {
     /// e.g. the kubelet's pod veths (`kcv`). Vanished ones are released.
     #[arg(long, value_name = "PREFIX[,PREFIX…]", value_delimiter = ',')]
     iface_prefix: Vec<String>,
-    /// iptables mode: masquerade service traffic from outside this pod CIDR
-    /// (kube-proxy's --cluster-cidr). Without it only hairpin traffic is
-    /// masqueraded.
+    /// iptables mode: masquerade service traffic from outside this IPv4 pod
+    /// CIDR (kube-proxy's --cluster-cidr). Without it, and for IPv6
+    /// ClusterIPs, only hairpin traffic is masqueraded.
     #[arg(long, value_name = "CIDR")]
     cluster_cidr: Option<Cidr>,
     /// How to attach the TC programs: tcx links (kernel ≥ 6.6), netlink
@@ -304,7 +304,8 @@ fn start(args: &Args) -> Result<Started> {
                     "iptables mode: --iface and --external-iface are ignored (rules cover the namespace)"
                 );
             }
-            Box::new(Iptables::new(args.cluster_cidr)?)
+            let families = args.ip_families.iter().copied().collect();
+            Box::new(IptablesDatapath::new(args.cluster_cidr, &families)?)
         }
     };
     Ok(Started { datapath, links })

@@ -3,9 +3,12 @@
 //! the open connections in conntrack (eBPF: the `CONNTRACK` map's forward
 //! and reply entries; iptables: netfilter's entry), a ClientIP binding
 //! (eBPF: `AFFINITY`; iptables: the endpoint's `recent` list), and what an
-//! agent that exited with `--keep-datapath-on-exit` left (eBPF). Without a
-//! datapath, with another layout, or asked for an unknown subject it fails
-//! with one error line and exit code 1.
+//! agent that exited with `--keep-datapath-on-exit` left (eBPF); an IPv6
+//! ClusterIP's frontends and backends next to the IPv4 ones (eBPF:
+//! `SERVICES6`, `SLOTS6`; iptables: the ip6tables rules; no IPv6 traffic,
+//! which tests/tests/ipv6.rs sends). Without a datapath, with another
+//! layout, or asked for an unknown subject it fails with one error line and
+//! exit code 1.
 //!
 //! kproxy runs with `nsenter --net` (not `ip netns exec`, whose private
 //! /sys would hide its pins) and, in eBPF mode, a pin directory of its own
@@ -314,6 +317,102 @@ fn affinity_lists_the_clients_binding() -> Result<()> {
             assert_eq!(b["chain"], sep, "{doc:#}");
         }
     }
+    Ok(())
+}
+
+/// Service `web6` on `fd00:10:96::10` only (80/TCP, 53/UDP) and its IPv6
+/// slice: what an IPv6 ClusterIP looks like to inspect. The endpoints need
+/// not exist, nothing is sent to them.
+const WEB6: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web6, namespace: default}
+spec:
+  clusterIP: "fd00:10:96::10"
+  clusterIPs: ["fd00:10:96::10"]
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
+  ports:
+  - {name: http, port: 80, targetPort: 8080, protocol: TCP}
+  - {name: dns, port: 53, targetPort: 8080, protocol: UDP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web6-v6, namespace: default, labels: {kubernetes.io/service-name: web6}}
+addressType: IPv6
+endpoints:
+- addresses: ["fd00:10:244::11"]
+  conditions: {ready: true}
+- addresses: ["fd00:10:244::12"]
+  conditions: {ready: true}
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: dns, port: 8080, protocol: UDP}
+"#;
+
+#[test]
+fn ipv6_clusterips_are_listed_next_to_ipv4_ones() -> Result<()> {
+    let f = Fixture::new(3, &[1, 2])?;
+    f.manifests.write("web6.yaml", WEB6)?;
+    let pin = PinDir::new("ipv6");
+    let _kp = start(&f, &pin, &[])?;
+    let (http6, dns6) = ("[fd00:10:96::10]:80/TCP", "[fd00:10:96::10]:53/UDP");
+
+    let services = inspect(&f, &pin, "services")?;
+    assert_eq!(
+        services["total"], 4,
+        "web's and web6's frontends: {services:#}"
+    );
+    let http = row(&services, "services", "frontend", http6);
+    assert_eq!(http["address"], "fd00:10:96::10", "no brackets: {http:#}");
+    assert_eq!(http["port"], HTTP_PORT);
+    assert_eq!(http["backends"], 2, "{http:#}");
+    assert_eq!(row(&services, "services", "frontend", dns6)["backends"], 2);
+    assert_eq!(
+        row(&services, "services", "frontend", WEB_HTTP)["backends"],
+        2
+    );
+    match mode() {
+        // One id space for both families.
+        Mode::Ebpf => assert_ne!(
+            http["service_id"],
+            row(&services, "services", "frontend", WEB_HTTP)["service_id"]
+        ),
+        Mode::Iptables => assert_eq!(http["name"], "default/web6:http"),
+    }
+
+    let backends = inspect(&f, &pin, "backends")?;
+    let listed: BTreeSet<String> = listed_backends(&backends, http6).into_iter().collect();
+    assert_eq!(
+        listed,
+        BTreeSet::from([
+            "[fd00:10:244::11]:8080".to_owned(),
+            "[fd00:10:244::12]:8080".to_owned()
+        ]),
+        "{backends:#}"
+    );
+    let first = &row(&backends, "frontends", "frontend", http6)["backends"][0];
+    assert!(
+        first["address"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("fd00:10:244::")),
+        "{first:#}"
+    );
+    if mode() == Mode::Iptables {
+        assert!(
+            first["chain"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("KUBE-SEP-")),
+            "{first:#}"
+        );
+    }
+    // The IPv4 frontends are unchanged by the IPv6 ones.
+    assert_eq!(
+        listed_backends(&backends, WEB_HTTP)
+            .into_iter()
+            .collect::<BTreeSet<_>>(),
+        endpoints(&[1, 2])
+    );
     Ok(())
 }
 

@@ -1,9 +1,11 @@
 //! eBPF mode: the maps a running (or exited, `--keep-datapath-on-exit`)
 //! agent pinned under `<pin-dir>/<layout tag>/`, opened from their pins and
-//! only read. No program is loaded.
+//! only read. No program is loaded. IPv6 ClusterIPs have maps of their own
+//! (`SERVICES6`, `SLOTS6`, `CONNTRACK6`, `AFFINITY6`) but share the service
+//! ids, so their rows mix with the IPv4 ones.
 
 use std::collections::{BTreeMap, HashMap as StdHashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -16,8 +18,8 @@ use super::{
     SlotRow, Subject,
 };
 use crate::datapath::ebpf::gc::monotonic_ns;
-use crate::datapath::ebpf::layout_tag_prefix;
-use crate::model::{BackendAddr, Frontend, Proto};
+use crate::datapath::ebpf::{ip6_from_raw, layout_tag_prefix};
+use crate::model::{BackendAddr, Family, Frontend, Proto};
 
 /// Reads `subject` from the datapath pinned under `pin_dir`.
 pub fn read(subject: Subject, pin_dir: &Path) -> Result<Report> {
@@ -156,6 +158,11 @@ fn endpoint(addr: u32, port: u16) -> String {
     format!("{}:{}", ip(addr), u16::from_be(port))
 }
 
+/// An IPv6 address and network-order port as `[addr]:port`.
+fn endpoint6(addr: [u32; 4], port: u16) -> String {
+    SocketAddr::new(IpAddr::V6(ip6_from_raw(addr)), u16::from_be(port)).to_string()
+}
+
 /// A `SERVICES` frontend with the node addresses a nodePort is also keyed
 /// under.
 struct Entry {
@@ -166,7 +173,7 @@ struct Entry {
 
 /// The frontends of `SERVICES`, nodePort aliases folded into their
 /// address-0 entry (the rule `Dataplane::adopt` uses: same port, protocol
-/// and id), sorted.
+/// and id), and of `SERVICES6`, sorted.
 fn frontends(pins: &Pins) -> Result<Vec<Entry>> {
     let services: HashMap<MapData, SvcKey, SvcValue> = pins.open("SERVICES")?;
     let all = entries(&services, "SERVICES")?;
@@ -199,6 +206,23 @@ fn frontends(pins: &Pins) -> Result<Vec<Entry>> {
             Some(Entry { fe, value, aliases })
         })
         .collect();
+    let services6: HashMap<MapData, SvcKey6, SvcValue> = pins.open("SERVICES6")?;
+    out.extend(
+        entries(&services6, "SERVICES6")?
+            .into_iter()
+            .filter_map(|(k, value)| {
+                let fe = Frontend {
+                    ip: IpAddr::V6(ip6_from_raw(k.addr)),
+                    port: u16::from_be(k.port),
+                    proto: proto(k.proto)?,
+                };
+                Some(Entry {
+                    fe,
+                    value,
+                    aliases: Vec::new(),
+                })
+            }),
+    );
     out.sort_by_key(|e| e.fe);
     Ok(out)
 }
@@ -255,22 +279,41 @@ fn services(pins: &Pins) -> Result<Vec<ServiceRow>> {
 fn backends(pins: &Pins) -> Result<Vec<BackendsRow>> {
     let fes = frontends(pins)?;
     let slots: HashMap<MapData, SlotKey, Backend> = pins.open("SLOTS")?;
+    let slots6: HashMap<MapData, SlotKey, Backend6> = pins.open("SLOTS6")?;
     let cursors: Array<MapData, u64> = pins.open("RR_CURSOR")?;
     let mut out = Vec::with_capacity(fes.len());
     for e in fes {
         let id = e.value.id;
         let mut rows = Vec::with_capacity(e.value.count as usize);
         for slot in 0..e.value.count {
+            let key = SlotKey { svc_id: id, slot };
             // A slot the agent has not written yet (or a torn table) is
             // left out; `count` and the rows then differ.
-            let b = match slots.get(&SlotKey { svc_id: id, slot }, 0) {
+            let b = match e.fe.family() {
+                Family::V4 => slots
+                    .get(&key, 0)
+                    .map(|b| (BackendAddr::new(ip(b.addr), u16::from_be(b.port)), b.flags)),
+                Family::V6 => slots6.get(&key, 0).map(|b| {
+                    (
+                        BackendAddr::new(ip6_from_raw(b.addr), u16::from_be(b.port)),
+                        b.flags,
+                    )
+                }),
+            };
+            let (addr, flags) = match b {
                 Ok(b) => b,
                 Err(MapError::KeyNotFound) => continue,
-                Err(e) => return Err(e).context("reading SLOTS"),
+                Err(err) => {
+                    let map = if e.fe.family() == Family::V6 {
+                        "SLOTS6"
+                    } else {
+                        "SLOTS"
+                    };
+                    return Err(err).with_context(|| format!("reading {map}"));
+                }
             };
-            let addr = BackendAddr::new(ip(b.addr), u16::from_be(b.port));
             rows.push(SlotRow {
-                snat: Some(b.flags & BACKEND_F_SNAT != 0),
+                snat: Some(flags & BACKEND_F_SNAT != 0),
                 ..SlotRow::new(slot, &addr)
             });
         }
@@ -293,12 +336,25 @@ fn frontend_names(pins: &Pins) -> Result<StdHashMap<u32, (String, u32)>> {
         .collect())
 }
 
+fn direction(dir: u8) -> &'static str {
+    if dir == CT_DIR_REPLY {
+        "reply"
+    } else {
+        "forward"
+    }
+}
+
+/// How conntrack rows are ordered: by service, then by client, a flow's
+/// forward entry before its reply.
+type CtOrder = (u32, u8, IpAddr, u16, u8, IpAddr, u16);
+
 fn conntrack(pins: &Pins) -> Result<Vec<ConntrackRow>> {
     let names = frontend_names(pins)?;
+    let now = monotonic_ns();
+    let age_ms = |seen_ns: u64| Some(now.saturating_sub(seen_ns) / 1_000_000);
+    let mut rows: Vec<(CtOrder, ConntrackRow)> = Vec::new();
     let ct: HashMap<MapData, CtKey, CtValue> = pins.open("CONNTRACK")?;
-    let mut all = entries(&ct, "CONNTRACK")?;
-    // By service, then by client, a flow's forward entry before its reply.
-    all.sort_by_key(|(k, v)| {
+    for (k, v) in entries(&ct, "CONNTRACK")? {
         let client = if k.dir != CT_DIR_REPLY {
             (k.saddr, k.sport)
         } else if v.nat_addr != 0 {
@@ -306,25 +362,17 @@ fn conntrack(pins: &Pins) -> Result<Vec<ConntrackRow>> {
         } else {
             (k.daddr, k.dport)
         };
-        (
+        let order = (
             v.svc_id,
             k.proto,
-            ip(client.0),
+            IpAddr::V4(ip(client.0)),
             u16::from_be(client.1),
             k.dir,
-            ip(k.saddr),
+            IpAddr::V4(ip(k.saddr)),
             u16::from_be(k.sport),
-        )
-    });
-    let now = monotonic_ns();
-    Ok(all
-        .into_iter()
-        .map(|(k, v)| ConntrackRow {
-            direction: if k.dir == CT_DIR_REPLY {
-                "reply"
-            } else {
-                "forward"
-            },
+        );
+        let row = ConntrackRow {
+            direction: direction(k.dir),
             protocol: proto_name(k.proto),
             source: endpoint(k.saddr, k.sport),
             destination: endpoint(k.daddr, k.dport),
@@ -332,37 +380,92 @@ fn conntrack(pins: &Pins) -> Result<Vec<ConntrackRow>> {
             frontend: names.get(&v.svc_id).map(|(n, _)| n.clone()),
             service_id: Some(v.svc_id),
             nat: (v.nat_addr != 0).then(|| endpoint(v.nat_addr, v.nat_port)),
-            age_ms: Some(now.saturating_sub(v.seen_ns) / 1_000_000),
+            age_ms: age_ms(v.seen_ns),
             closing: Some(v.flags & CT_F_CLOSING != 0),
             state: (v.flags & CT_F_UNREPLIED != 0).then(|| "unreplied".to_owned()),
             timeout_seconds: None,
-        })
-        .collect())
+        };
+        rows.push((order, row));
+    }
+    // IPv6 flows are never source-NATed: the client is the forward entry's
+    // source, the reply entry's destination.
+    let ct6: HashMap<MapData, CtKey6, CtValue6> = pins.open("CONNTRACK6")?;
+    for (k, v) in entries(&ct6, "CONNTRACK6")? {
+        let client = if k.dir != CT_DIR_REPLY {
+            (k.saddr, k.sport)
+        } else {
+            (k.daddr, k.dport)
+        };
+        let order = (
+            v.svc_id,
+            k.proto,
+            IpAddr::V6(ip6_from_raw(client.0)),
+            u16::from_be(client.1),
+            k.dir,
+            IpAddr::V6(ip6_from_raw(k.saddr)),
+            u16::from_be(k.sport),
+        );
+        let row = ConntrackRow {
+            direction: direction(k.dir),
+            protocol: proto_name(k.proto),
+            source: endpoint6(k.saddr, k.sport),
+            destination: endpoint6(k.daddr, k.dport),
+            translated: endpoint6(v.addr, v.port),
+            frontend: names.get(&v.svc_id).map(|(n, _)| n.clone()),
+            service_id: Some(v.svc_id),
+            nat: None,
+            age_ms: age_ms(v.seen_ns),
+            closing: Some(v.flags & CT_F_CLOSING != 0),
+            state: (v.flags & CT_F_UNREPLIED != 0).then(|| "unreplied".to_owned()),
+            timeout_seconds: None,
+        };
+        rows.push((order, row));
+    }
+    rows.sort_by_key(|(order, _)| *order);
+    Ok(rows.into_iter().map(|(_, r)| r).collect())
 }
 
 fn affinity(pins: &Pins) -> Result<Vec<AffinityRow>> {
     let names = frontend_names(pins)?;
-    let map: HashMap<MapData, AffinityKey, AffinityValue> = pins.open("AFFINITY")?;
     let now = monotonic_ns();
+    // One binding of `client` to `backend` (`ip:port`) of service `id`.
+    let row = |client: IpAddr, id: u32, backend: String, seen_ns: u64| {
+        let fe = names.get(&id);
+        let timeout = fe.map(|(_, secs)| *secs).filter(|s| *s != 0);
+        let age_ms = Some(now.saturating_sub(seen_ns) / 1_000_000);
+        AffinityRow {
+            client: client.to_string(),
+            service_id: Some(id),
+            frontend: fe.map(|(n, _)| n.clone()),
+            name: None,
+            backend,
+            age_ms,
+            timeout_seconds: timeout,
+            expired: super::expired(age_ms, timeout),
+            chain: None,
+        }
+    };
+    let map: HashMap<MapData, AffinityKey, AffinityValue> = pins.open("AFFINITY")?;
     let mut rows: Vec<AffinityRow> = entries(&map, "AFFINITY")?
         .into_iter()
         .map(|(k, v)| {
-            let fe = names.get(&k.svc_id);
-            let timeout = fe.map(|(_, secs)| *secs).filter(|s| *s != 0);
-            let age_ms = Some(now.saturating_sub(v.seen_ns) / 1_000_000);
-            AffinityRow {
-                client: ip(k.client).to_string(),
-                service_id: Some(k.svc_id),
-                frontend: fe.map(|(n, _)| n.clone()),
-                name: None,
-                backend: endpoint(v.backend.addr, v.backend.port),
-                age_ms,
-                timeout_seconds: timeout,
-                expired: super::expired(age_ms, timeout),
-                chain: None,
-            }
+            row(
+                IpAddr::V4(ip(k.client)),
+                k.svc_id,
+                endpoint(v.backend.addr, v.backend.port),
+                v.seen_ns,
+            )
         })
         .collect();
-    rows.sort_by_key(|r| (r.service_id, r.client.parse::<Ipv4Addr>().ok()));
+    let map6: HashMap<MapData, AffinityKey6, AffinityValue6> = pins.open("AFFINITY6")?;
+    rows.extend(entries(&map6, "AFFINITY6")?.into_iter().map(|(k, v)| {
+        row(
+            IpAddr::V6(ip6_from_raw(k.client)),
+            k.svc_id,
+            endpoint6(v.backend.addr, v.backend.port),
+            v.seen_ns,
+        )
+    }));
+    rows.sort_by_key(|r| (r.service_id, r.client.parse::<IpAddr>().ok()));
     Ok(rows)
 }

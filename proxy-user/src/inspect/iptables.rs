@@ -13,9 +13,14 @@
 //! masquerade, else `Local`) or `KUBE-SVC-`, whose `KUBE-SEP-` jumps (in
 //! order, with their `statistic` probabilities; the `recent --rcheck` ones
 //! carry the affinity timeout) end in a `DNAT --to-destination`.
+//!
+//! Both families: the agent writes IPv6 ClusterIPs into the ip6tables
+//! tables with the same structure, so both rulesets are read the same way
+//! (`ip6tables-save`, `conntrack -L -f ipv6`; the `recent` lists of both
+//! families share `/proc/net/xt_recent`, one list per endpoint chain).
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -24,23 +29,35 @@ use super::{
     AffinityRow, BackendsRow, ConntrackRow, FrontendId, InspectMode, Report, Rows, ServiceRow,
     SlotRow, Subject,
 };
-use crate::model::{BackendAddr, Frontend, Proto};
+use crate::model::{BackendAddr, Family, Frontend, Proto};
 
 /// Where the `recent` match keeps its lists (per network namespace).
 const XT_RECENT: &str = "/proc/net/xt_recent";
 
 /// Reads `subject` from this network namespace.
 pub fn read(subject: Subject) -> Result<Report> {
-    let nat = Tables::parse(&save("nat")?);
-    let filter = Tables::parse(&save("filter")?);
-    if !nat.chains.contains_key("KUBE-SERVICES") && !filter.chains.contains_key("KUBE-SERVICES") {
+    let mut svcs = Vec::new();
+    let mut found = false;
+    let mut read = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let (Some(nat), Some(filter)) = (save(family, "nat")?, save(family, "filter")?) else {
+            continue;
+        };
+        let (nat, filter) = (Tables::parse(&nat), Tables::parse(&filter));
+        found |=
+            nat.chains.contains_key("KUBE-SERVICES") || filter.chains.contains_key("KUBE-SERVICES");
+        svcs.extend(services(&nat, &filter));
+        let bin = save_bin(family);
+        read.push(format!("{bin} -t nat, {bin} -t filter"));
+    }
+    if !found {
         bail!(
-            "no KUBE-SERVICES chain in this network namespace's iptables rules \
+            "no KUBE-SERVICES chain in this network namespace's iptables or ip6tables rules \
              (is the agent running here with --mode iptables?)"
         );
     }
-    let svcs = services(&nat, &filter);
-    let rules = "iptables-save -t nat, iptables-save -t filter".to_owned();
+    svcs.sort_by_key(|s| s.fe);
+    let rules = read.join(", ");
     let (source, rows) = match subject {
         Subject::Services => (
             rules,
@@ -50,12 +67,16 @@ pub fn read(subject: Subject) -> Result<Report> {
             rules,
             Rows::Frontends(svcs.iter().map(backends_row).collect()),
         ),
-        Subject::Conntrack => (
-            "conntrack -L (netfilter's table: the entries of flows to the frontends of \
-             iptables-save)"
-                .to_owned(),
-            Rows::Entries(conntrack_rows(&svcs, &parse_conntrack(&list_conntrack()?))),
-        ),
+        Subject::Conntrack => {
+            let mut entries = parse_conntrack(&list_conntrack(Family::V4)?);
+            entries.extend(parse_conntrack(&list_conntrack(Family::V6)?));
+            (
+                "conntrack -L -f ipv4, conntrack -L -f ipv6 (netfilter's table: the entries of \
+                 flows to the frontends of iptables-save and ip6tables-save)"
+                    .to_owned(),
+                Rows::Entries(conntrack_rows(&svcs, &entries)),
+            )
+        }
         Subject::Affinity => {
             let clock = JiffiesClock::read();
             let mut rows = Vec::new();
@@ -71,28 +92,48 @@ pub fn read(subject: Subject) -> Result<Report> {
     Ok(Report::new(subject, InspectMode::Iptables, source, rows))
 }
 
-fn save(table: &str) -> Result<String> {
-    let out = Command::new("iptables-save")
-        .args(["-t", table])
-        .output()
-        .context("running iptables-save (is iptables installed?)")?;
+fn save_bin(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "iptables-save",
+        Family::V6 => "ip6tables-save",
+    }
+}
+
+/// One table of the family's rules; `None` for IPv6 when ip6tables is not
+/// installed (a node that proxies IPv4 only need not have it).
+fn save(family: Family, table: &str) -> Result<Option<String>> {
+    let bin = save_bin(family);
+    let out = match Command::new(bin).args(["-t", table]).output() {
+        Ok(out) => out,
+        Err(e) if family == Family::V6 && e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("running {bin} (is iptables installed?)"));
+        }
+    };
     if !out.status.success() {
         bail!(
-            "iptables-save -t {table}: {}",
+            "{bin} -t {table}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
-fn list_conntrack() -> Result<String> {
+/// `conntrack -L` of one family (it lists IPv4 unless told otherwise).
+fn list_conntrack(family: Family) -> Result<String> {
+    let f = match family {
+        Family::V4 => "ipv4",
+        Family::V6 => "ipv6",
+    };
     let out = Command::new("conntrack")
-        .args(["-L", "-f", "ipv4"])
+        .args(["-L", "-f", f])
         .output()
         .context("running conntrack -L (is conntrack-tools installed?)")?;
     if !out.status.success() {
         bail!(
-            "conntrack -L: {}",
+            "conntrack -L -f {f}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -261,13 +302,16 @@ fn frontend_of(rule: &Rule, nodeport: bool) -> Option<Frontend> {
     if nodeport || rule.value("--dst-type") == Some("LOCAL") {
         return Some(Frontend::nodeport(port, proto));
     }
+    // `10.96.0.10/32`, `fd00:10:96::10/128`: one address.
     let d = rule.value("-d")?;
-    let ip: Ipv4Addr = d.strip_suffix("/32").unwrap_or(d).parse().ok()?;
-    Some(Frontend {
-        ip: std::net::IpAddr::V4(ip),
-        port,
-        proto,
-    })
+    let ip: IpAddr = match d.split_once('/') {
+        Some((ip, "32" | "128")) => ip,
+        Some(_) => return None,
+        None => d,
+    }
+    .parse()
+    .ok()?;
+    Some(Frontend { ip, port, proto })
 }
 
 /// The service port name of a dispatch rule's comment.
@@ -453,13 +497,23 @@ fn backends_row(s: &Svc) -> BackendsRow {
 /// One direction of a netfilter conntrack entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuple {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub sport: u16,
     pub dport: u16,
 }
 
-/// One line of `conntrack -L` (TCP and UDP over IPv4).
+impl Tuple {
+    fn source(&self) -> SocketAddr {
+        SocketAddr::new(self.src, self.sport)
+    }
+
+    fn destination(&self) -> SocketAddr {
+        SocketAddr::new(self.dst, self.dport)
+    }
+}
+
+/// One line of `conntrack -L` (TCP and UDP over IPv4 or IPv6).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NfEntry {
     pub proto: Proto,
@@ -530,13 +584,14 @@ fn parse_conntrack_line(line: &str) -> Option<NfEntry> {
 }
 
 /// The frontend a netfilter entry was translated for: its original
-/// destination is a frontend (a nodePort: any address on its port, and
-/// translated).
+/// destination is a frontend (a nodePort: any address of its family on its
+/// port, and translated).
 fn frontend_of_flow<'a>(svcs: &'a [Svc], e: &NfEntry) -> Option<&'a Svc> {
     let o = &e.original;
     let translated = e.reply.src != o.dst || e.reply.sport != o.dport;
     svcs.iter()
         .filter(|s| s.fe.proto == e.proto && s.fe.port == o.dport)
+        .filter(|s| s.fe.family() == Family::of(o.dst))
         .find(|s| s.fe.ip == o.dst || (s.fe.is_nodeport() && translated))
 }
 
@@ -550,14 +605,13 @@ pub fn conntrack_rows(svcs: &[Svc], entries: &[NfEntry]) -> Vec<ConntrackRow> {
             let row = ConntrackRow {
                 direction: "original",
                 protocol: e.proto.to_string(),
-                source: format!("{}:{}", o.src, o.sport),
-                destination: format!("{}:{}", o.dst, o.dport),
-                translated: format!("{}:{}", r.src, r.sport),
+                source: o.source().to_string(),
+                destination: o.destination().to_string(),
+                translated: r.source().to_string(),
                 frontend: Some(svc.fe.to_string()),
                 service_id: None,
                 // Masqueraded: the reply goes to the address the flow left with.
-                nat: (r.dst != o.src || r.dport != o.sport)
-                    .then(|| format!("{}:{}", r.dst, r.dport)),
+                nat: (r.dst != o.src || r.dport != o.sport).then(|| r.destination().to_string()),
                 age_ms: None,
                 closing: None,
                 state: (!e.state.is_empty()).then(|| e.state.join(",")),
@@ -617,10 +671,11 @@ pub fn hz_of(jiffies: u64, uptime_secs: f64) -> u64 {
 }
 
 /// One entry of a `recent` list: `src=10.0.1.2 ttl: 64 last_seen:
-/// 4309372427 oldest_pkt: 1 4309372427`.
+/// 4309372427 oldest_pkt: 1 4309372427` (IPv6: `src=` in full,
+/// `fd00:0010:0001:0000:…`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecentEntry {
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     /// Jiffies of the last packet that (re)set the entry.
     pub last_seen: u64,
 }
@@ -677,7 +732,7 @@ pub fn affinity_rows(
             }
         })
         .collect();
-    rows.sort_by_key(|r| r.client.parse::<Ipv4Addr>().ok());
+    rows.sort_by_key(|r| r.client.parse::<IpAddr>().ok());
     rows
 }
 
@@ -918,5 +973,87 @@ mod tests {
         let rows = affinity_rows(&svcs, "KUBE-SEP-GONE", RECENT, None);
         assert_eq!(rows[0].frontend, None);
         assert_eq!((rows[0].age_ms, rows[0].expired), (None, None));
+    }
+
+    // Captured from the same agent with IPv6 Services in a scratch
+    // namespace: web (dual-stack, fd00:10:96::10, 80/TCP + 53/UDP, two IPv6
+    // endpoints), sticky6 (fd00:10:96::20, ClientIP affinity, 600 s) and
+    // empty6 (fd00:10:96::30, no endpoints), with flows from fd00:10:1::1.
+    const NAT6: &str = include_str!("testdata/ip6tables-save-nat.txt");
+    const FILTER6: &str = include_str!("testdata/ip6tables-save-filter.txt");
+    const CONNTRACK6: &str = include_str!("testdata/conntrack-L-ipv6.txt");
+    const RECENT6: &str = include_str!("testdata/xt_recent-KUBE-SEP-LCYQX5MHQUIP7GOF.txt");
+
+    fn captured6() -> Vec<Svc> {
+        services(&Tables::parse(NAT6), &Tables::parse(FILTER6))
+    }
+
+    #[test]
+    fn captured_ip6tables_rules_give_ipv6_frontends_and_endpoints() {
+        let svcs = captured6();
+        let names: Vec<String> = svcs.iter().map(|s| s.fe.to_string()).collect();
+        assert_eq!(
+            names,
+            [
+                "[fd00:10:96::10]:53/UDP",
+                "[fd00:10:96::10]:80/TCP",
+                "[fd00:10:96::20]:80/TCP",
+                "[fd00:10:96::30]:80/TCP",
+            ]
+        );
+        let web = find(&svcs, "[fd00:10:96::10]:80/TCP");
+        assert_eq!(web.name.as_deref(), Some("default/web:http"));
+        assert_eq!(
+            endpoints(web),
+            ["[fd00:10:244::2]:8080", "[fd00:10:244::3]:8080"]
+        );
+        let sticky = find(&svcs, "[fd00:10:96::20]:80/TCP");
+        assert_eq!(sticky.affinity, 600);
+        assert_eq!(endpoints(sticky), ["[fd00:10:244::2]:8080"]);
+        let empty = find(&svcs, "[fd00:10:96::30]:80/TCP");
+        assert!(empty.endpoints.is_empty() && !empty.external);
+        // Address columns without brackets, endpoints with.
+        let row = backends_row(web);
+        assert_eq!(row.id.address, "fd00:10:96::10");
+        assert_eq!(row.backends[0].address, "fd00:10:244::2");
+        assert_eq!(row.backends[0].endpoint, "[fd00:10:244::2]:8080");
+    }
+
+    #[test]
+    fn captured_ipv6_conntrack_and_recent_list_are_matched() {
+        // Both families' frontends, as `read` merges them.
+        let mut svcs = captured();
+        svcs.extend(captured6());
+        let entries = parse_conntrack(CONNTRACK6);
+        assert_eq!(entries.len(), 4, "{entries:#?}");
+        let rows = conntrack_rows(&svcs, &entries);
+        assert_eq!(rows.len(), 4, "every captured flow is to a frontend");
+        let udp = rows.iter().find(|r| r.protocol == "UDP").unwrap();
+        assert_eq!(udp.source, "[fd00:10:1::1]:53764");
+        assert_eq!(udp.destination, "[fd00:10:96::10]:53");
+        assert_eq!(udp.translated, "[fd00:10:244::2]:8080");
+        assert_eq!(udp.frontend.as_deref(), Some("[fd00:10:96::10]:53/UDP"));
+        assert_eq!(udp.nat, None);
+        assert_eq!(udp.state.as_deref(), Some("UNREPLIED"));
+        let sticky: Vec<_> = rows
+            .iter()
+            .filter(|r| r.frontend.as_deref() == Some("[fd00:10:96::20]:80/TCP"))
+            .collect();
+        assert_eq!(sticky.len(), 2);
+
+        let clock = JiffiesClock {
+            now: 4_312_448_700 + 5 * 250,
+            hz: 250,
+        };
+        let rows = affinity_rows(&svcs, "KUBE-SEP-LCYQX5MHQUIP7GOF", RECENT6, Some(clock));
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        // The kernel writes the address in full; shown as std prints it.
+        assert_eq!(r.client, "fd00:10:1::1");
+        assert_eq!(r.frontend.as_deref(), Some("[fd00:10:96::20]:80/TCP"));
+        assert_eq!(r.name.as_deref(), Some("default/sticky6:http"));
+        assert_eq!(r.backend, "[fd00:10:244::2]:8080");
+        assert_eq!(r.age_ms, Some(5_000));
+        assert_eq!((r.timeout_seconds, r.expired), (Some(600), Some(false)));
     }
 }

@@ -5,10 +5,14 @@
 //! - eBPF ([`ebpf`]): the maps the agent pinned under `<pin-dir>/<layout
 //!   tag>/`, opened from their pins (no program is loaded), refused when the
 //!   tag's layout is not this binary's.
-//! - iptables ([`iptables`]): the live ruleset (`iptables-save`) turned back
-//!   into frontends and endpoints, netfilter's conntrack table
-//!   (`conntrack -L`) and the `recent` lists of session affinity
-//!   (`/proc/net/xt_recent/KUBE-SEP-*`).
+//! - iptables ([`iptables`]): the live rulesets (`iptables-save`,
+//!   `ip6tables-save`) turned back into frontends and endpoints, netfilter's
+//!   conntrack table (`conntrack -L`, both families) and the `recent` lists
+//!   of session affinity (`/proc/net/xt_recent/KUBE-SEP-*`).
+//!
+//! IPv6 frontends, backends, flows and bindings are rows like IPv4 ones:
+//! address columns as std prints addresses, `ip:port` columns as it prints
+//! socket addresses (`[fd00::1]:8080`).
 //!
 //! Both produce the same [`Report`]s, printed as an aligned table
 //! ([`table`]) or as JSON with stable field names.
@@ -34,9 +38,9 @@ pub struct InspectArgs {
     #[arg(value_name = "SUBJECT")]
     pub subject: String,
     /// The datapath to read: `ebpf` reads the maps pinned under --pin-dir;
-    /// `iptables` reads this network namespace's rules (`iptables-save`),
-    /// netfilter's conntrack table (`conntrack -L`) and the `recent` lists
-    /// (/proc/net/xt_recent).
+    /// `iptables` reads this network namespace's rules (`iptables-save`,
+    /// `ip6tables-save`), netfilter's conntrack table (`conntrack -L`) and
+    /// the `recent` lists (/proc/net/xt_recent).
     #[arg(long, value_enum, default_value = "ebpf")]
     pub mode: InspectMode,
     /// eBPF mode: the agent's --pin-dir; the maps are read from

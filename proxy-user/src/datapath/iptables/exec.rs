@@ -1,11 +1,35 @@
-//! Running iptables, iptables-restore and conntrack.
+//! Running iptables, iptables-restore and conntrack, or their IPv6
+//! counterparts (ip6tables, ip6tables-restore, `conntrack -f ipv6`): each
+//! function takes the family whose tables it works on.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use crate::model::{BackendAddr, Frontend};
+use crate::model::{BackendAddr, Family, Frontend};
+
+/// `iptables` or `ip6tables`.
+pub(super) fn iptables_bin(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    }
+}
+
+fn restore_bin(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "iptables-restore",
+        Family::V6 => "ip6tables-restore",
+    }
+}
+
+fn save_bin(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "iptables-save",
+        Family::V6 => "ip6tables-save",
+    }
+}
 
 /// Runs a command, with its stderr in the error.
 pub(super) fn run(cmd: &mut Command) -> Result<std::process::Output> {
@@ -14,6 +38,7 @@ pub(super) fn run(cmd: &mut Command) -> Result<std::process::Output> {
 }
 
 pub(super) fn ensure_jump(
+    family: Family,
     table: &str,
     chain: &str,
     comment: &str,
@@ -23,31 +48,39 @@ pub(super) fn ensure_jump(
     let mut rule: Vec<&str> = vec!["-m", "comment", "--comment", comment];
     rule.extend_from_slice(extra);
     rule.extend_from_slice(&["-j", target]);
-    let check = run(Command::new("iptables")
+    let bin = iptables_bin(family);
+    let check = run(Command::new(bin)
         .args(["-w", "-t", table, "-C", chain])
         .args(&rule))?;
     if check.status.success() {
         return Ok(());
     }
-    let out = run(Command::new("iptables")
+    let out = run(Command::new(bin)
         .args(["-w", "-t", table, "-I", chain])
         .args(&rule))?;
     if !out.status.success() {
         bail!(
-            "iptables -t {table} -I {chain} … -j {target}: {}",
+            "{bin} -t {table} -I {chain} … -j {target}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(())
 }
 
-pub(super) fn delete_jump(table: &str, chain: &str, comment: &str, target: &str, extra: &[&str]) {
+pub(super) fn delete_jump(
+    family: Family,
+    table: &str,
+    chain: &str,
+    comment: &str,
+    target: &str,
+    extra: &[&str],
+) {
     let mut rule: Vec<&str> = vec!["-m", "comment", "--comment", comment];
     rule.extend_from_slice(extra);
     rule.extend_from_slice(&["-j", target]);
     // Delete every copy; stops when none is left.
     for _ in 0..8 {
-        match run(Command::new("iptables")
+        match run(Command::new(iptables_bin(family))
             .args(["-w", "-t", table, "-D", chain])
             .args(&rule))
         {
@@ -57,15 +90,17 @@ pub(super) fn delete_jump(table: &str, chain: &str, comment: &str, target: &str,
     }
 }
 
-/// Feeds `input` to `iptables-restore --noflush`: one transaction.
-pub(super) fn restore(input: &str) -> Result<()> {
-    let mut child = Command::new("iptables-restore")
+/// Feeds `input` to `iptables-restore --noflush` (`ip6tables-restore` for
+/// IPv6): one transaction.
+pub(super) fn restore(family: Family, input: &str) -> Result<()> {
+    let bin = restore_bin(family);
+    let mut child = Command::new(bin)
         .args(["-w", "--noflush"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .context("running iptables-restore")?;
+        .with_context(|| format!("running {bin}"))?;
     child
         .stdin
         .take()
@@ -74,16 +109,17 @@ pub(super) fn restore(input: &str) -> Result<()> {
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
-            "iptables-restore failed: {}",
+            "{bin} failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(())
 }
 
-/// KUBE-SVC-/KUBE-SEP-/KUBE-EXT-/KUBE-FW- chains present in the nat table.
-pub(super) fn existing_service_chains() -> Vec<String> {
-    let Ok(out) = Command::new("iptables-save").args(["-t", "nat"]).output() else {
+/// KUBE-SVC-/KUBE-SEP-/KUBE-EXT-/KUBE-FW- chains present in the family's
+/// nat table.
+pub(super) fn existing_service_chains(family: Family) -> Vec<String> {
+    let Ok(out) = Command::new(save_bin(family)).args(["-t", "nat"]).output() else {
         return Vec::new();
     };
     String::from_utf8_lossy(&out.stdout)
@@ -103,7 +139,12 @@ pub(super) fn existing_service_chains() -> Vec<String> {
 /// the frontend). Returns how many entries were deleted.
 pub(super) fn delete_udp_flows(fe: &Frontend, backend: Option<&BackendAddr>) -> usize {
     let mut cmd = Command::new("conntrack");
-    cmd.args(["-D", "-p", "udp"]);
+    cmd.arg("-D");
+    // conntrack-tools works on IPv4 entries unless told otherwise.
+    if fe.family() == Family::V6 {
+        cmd.args(["-f", "ipv6"]);
+    }
+    cmd.args(["-p", "udp"]);
     // A NodePort's flows are to any node address on its port.
     if !fe.is_nodeport() {
         cmd.args(["--orig-dst", &fe.ip.to_string()]);

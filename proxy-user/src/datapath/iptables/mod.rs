@@ -34,6 +34,14 @@
 //! endpoint. On endpoint removal the matching UDP conntrack entries are
 //! deleted with `conntrack -D`, as kube-proxy does.
 //!
+//! Dual-stack as kube-proxy: one proxier ([`Iptables`]) per family the
+//! node proxies (`--ip-families`), each with the whole structure above in
+//! its own tables — IPv4 frontends through `iptables-restore`, IPv6 ones
+//! (ClusterIPs only: the model has no IPv6 external frontends) through
+//! `ip6tables-restore` — with its own hooks, its own record of the chains
+//! it wrote and its own `conntrack -D -f ipv6`. [`IptablesDatapath`] routes
+//! each change to its family's proxier.
+//!
 //! [`rules`] renders the chains and the restore input; [`exec`] runs
 //! iptables, iptables-restore and conntrack.
 
@@ -43,15 +51,135 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use super::Datapath;
-use crate::model::{BackendAddr, Cidr, DesiredService, DesiredState, Frontend, Policy, Proto};
+use crate::model::{
+    BackendAddr, Cidr, DesiredService, DesiredState, Family, Frontend, Policy, Proto,
+};
 use crate::reconcile::{ApplyStats, Change};
 
 mod exec;
 mod rules;
 
-use exec::{delete_jump, delete_udp_flows, ensure_jump, existing_service_chains, run};
+use exec::{
+    delete_jump, delete_udp_flows, ensure_jump, existing_service_chains, iptables_bin, run,
+};
 use rules::HOOKS;
 
+/// The iptables datapath: an [`Iptables`] proxier per address family the
+/// node proxies, as kube-proxy's meta-proxier runs one per family.
+pub struct IptablesDatapath {
+    proxiers: BTreeMap<Family, Iptables>,
+}
+
+impl IptablesDatapath {
+    /// Checks `iptables --version` (and `ip6tables --version` when the
+    /// node proxies IPv6). `cluster_cidr` (IPv4) applies to the IPv4
+    /// proxier.
+    pub fn new(cluster_cidr: Option<Cidr>, families: &BTreeSet<Family>) -> Result<Self> {
+        let mut proxiers = BTreeMap::new();
+        for &family in families {
+            let cidr = cluster_cidr.filter(|_| family == Family::V4);
+            proxiers.insert(family, Iptables::new(family, cidr)?);
+        }
+        if proxiers.is_empty() {
+            bail!("iptables mode needs at least one address family (--ip-families)");
+        }
+        Ok(Self { proxiers })
+    }
+
+    pub fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats> {
+        let mut by_family = by_family(changes);
+        if let Some((family, c)) = by_family
+            .iter()
+            .find(|(f, _)| !self.proxiers.contains_key(f))
+        {
+            bail!(
+                "frontend {} is {family}, which this node does not proxy (--ip-families)",
+                frontend_of(c[0])
+            );
+        }
+        // Each family is one transaction of its own; a failed one keeps its
+        // previous state (the next round re-diffs it) and does not hold the
+        // other back. A family without changes is left alone once its
+        // chains and hooks are in place.
+        let mut stats = ApplyStats::default();
+        let mut first_err = None;
+        for (&family, p) in &mut self.proxiers {
+            let mine = by_family.remove(&family).unwrap_or_default();
+            if mine.is_empty() && p.installed {
+                continue;
+            }
+            match p.apply(family, &mine) {
+                Ok(s) => {
+                    stats.services_added += s.services_added;
+                    stats.services_removed += s.services_removed;
+                    stats.backends_added += s.backends_added;
+                    stats.backends_removed += s.backends_removed;
+                    stats.flows_flushed += s.flows_flushed;
+                }
+                Err(e) if first_err.is_none() => {
+                    first_err = Some(e.context(format!("{family} rules")));
+                }
+                Err(e) => log::warn!("{family} rules: {e:#}"),
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(stats),
+        }
+    }
+
+    pub fn programmed_state(&self) -> DesiredState {
+        let mut all = DesiredState::default();
+        for p in self.proxiers.values() {
+            all.services.extend(p.programmed_state().services);
+        }
+        all
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.proxiers.values().map(Iptables::service_count).sum()
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.proxiers.values().map(Iptables::backend_count).sum()
+    }
+
+    /// Removes every rule and chain of ours in every family (as
+    /// `kube-proxy --cleanup`).
+    pub fn cleanup(&mut self) -> Result<()> {
+        let mut first_err = None;
+        for (&family, p) in &mut self.proxiers {
+            if let Err(e) = p.cleanup(family) {
+                let e = e.context(format!("removing the {family} rules"));
+                match first_err {
+                    None => first_err = Some(e),
+                    Some(_) => log::warn!("{e:#}"),
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// `changes` grouped by their frontends' family, in order.
+fn by_family(changes: &[Change]) -> BTreeMap<Family, Vec<&Change>> {
+    let mut out: BTreeMap<Family, Vec<&Change>> = BTreeMap::new();
+    for c in changes {
+        out.entry(frontend_of(c).family()).or_default().push(c);
+    }
+    out
+}
+
+fn frontend_of(c: &Change) -> &Frontend {
+    match c {
+        Change::AddService { frontend, .. }
+        | Change::UpdateBackends { frontend, .. }
+        | Change::RenameService { frontend, .. }
+        | Change::RemoveService { frontend } => frontend,
+    }
+}
+
+#[derive(Clone)]
 struct Svc {
     name: String,
     /// Endpoints in kube-proxy's order (sorted).
@@ -61,7 +189,12 @@ struct Svc {
     policy: Policy,
 }
 
-pub struct Iptables {
+/// One family's proxier: its frontends and the chains last written to its
+/// tables. The family it writes to is the caller's ([`IptablesDatapath`]
+/// keys them by it); what the rules say follows from the frontends'
+/// addresses.
+struct Iptables {
+    /// Only for IPv4 (`--cluster-cidr` is an IPv4 network).
     cluster_cidr: Option<Cidr>,
     services: BTreeMap<Frontend, Svc>,
     /// Rules last written per per-service/per-endpoint chain.
@@ -71,11 +204,17 @@ pub struct Iptables {
 }
 
 impl Iptables {
-    pub fn new(cluster_cidr: Option<Cidr>) -> Result<Self> {
-        let v = run(Command::new("iptables").arg("--version"))
-            .context("iptables not found: install the iptables package (cargo xtask setup does)")?;
+    fn new(family: Family, cluster_cidr: Option<Cidr>) -> Result<Self> {
+        let bin = iptables_bin(family);
+        let hint = match family {
+            Family::V4 => "",
+            Family::V6 => ", or leave IPv6 out of --ip-families",
+        };
+        let v = run(Command::new(bin).arg("--version")).with_context(|| {
+            format!("{bin} not found: install the iptables package (cargo xtask setup does){hint}")
+        })?;
         log::info!(
-            "iptables mode: {}",
+            "iptables mode, {family}: {}",
             String::from_utf8_lossy(&v.stdout).trim()
         );
         Ok(Self {
@@ -86,75 +225,18 @@ impl Iptables {
         })
     }
 
-    pub fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats> {
+    /// Applies `changes` (all of `family`) to `family`'s tables.
+    fn apply(&mut self, family: Family, changes: &[&Change]) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
-        let mut next: BTreeMap<Frontend, Svc> = std::mem::take(&mut self.services);
-        // UDP flows to delete from conntrack: (frontend, Some(backend)) or
-        // (frontend, None) for a whole service.
-        let mut stale: Vec<(Frontend, Option<BackendAddr>)> = Vec::new();
-        for c in changes {
-            match c {
-                Change::RemoveService { frontend } => {
-                    if let Some(s) = next.remove(frontend) {
-                        stats.services_removed += 1;
-                        stats.backends_removed += s.backends.len();
-                        stale.push((*frontend, None));
-                    }
-                }
-                Change::AddService {
-                    frontend,
-                    name,
-                    backends,
-                    policy,
-                } => {
-                    stats.services_added += 1;
-                    stats.backends_added += backends.len();
-                    next.insert(
-                        *frontend,
-                        Svc {
-                            name: name.clone(),
-                            backends: backends.iter().copied().collect(),
-                            policy: policy.clone(),
-                        },
-                    );
-                }
-                // The chains are named after the service port: the next
-                // render replaces them.
-                Change::RenameService { frontend, name } => {
-                    let Some(s) = next.get_mut(frontend) else {
-                        bail!("service {frontend} is not programmed");
-                    };
-                    s.name.clone_from(name);
-                }
-                Change::UpdateBackends {
-                    frontend,
-                    added,
-                    removed,
-                    flush,
-                } => {
-                    let Some(s) = next.get_mut(frontend) else {
-                        bail!("service {frontend} is not programmed");
-                    };
-                    let mut set: BTreeSet<BackendAddr> = s.backends.iter().copied().collect();
-                    for b in removed {
-                        set.remove(b);
-                    }
-                    // UDP flows of backends that are gone (not of draining
-                    // ones), as kube-proxy does.
-                    stale.extend(flush.iter().map(|b| (*frontend, Some(*b))));
-                    set.extend(added.iter().copied());
-                    s.backends = set.into_iter().collect();
-                    stats.backends_added += added.len();
-                    stats.backends_removed += removed.len();
-                }
-            }
-        }
+        // A change that does not fit leaves the frontends as they were.
+        let mut next = self.services.clone();
+        let stale = fold(&mut next, changes, &mut stats)?;
         let old_services = std::mem::replace(&mut self.services, next);
         if !self.installed {
             // Chains left by an earlier agent (crash, kill -9): adopt them as
             // "unknown content", so this sync rewrites the ones still needed
             // and deletes the rest, as kube-proxy does on start.
-            for chain in existing_service_chains() {
+            for chain in existing_service_chains(family) {
                 self.chains.entry(chain).or_default();
             }
         }
@@ -163,14 +245,14 @@ impl Iptables {
             self.render_svc(fe, svc, &mut new_chains);
         }
         let input = self.build_restore(&new_chains);
-        if let Err(e) = exec::restore(&input) {
+        if let Err(e) = exec::restore(family, &input) {
             self.services = old_services;
             return Err(e);
         }
         self.chains = new_chains;
         if !self.installed {
             for (table, chain, comment, target, extra) in HOOKS {
-                ensure_jump(table, chain, comment, target, extra)?;
+                ensure_jump(family, table, chain, comment, target, extra)?;
             }
             self.installed = true;
         }
@@ -180,7 +262,7 @@ impl Iptables {
         Ok(stats)
     }
 
-    pub fn programmed_state(&self) -> DesiredState {
+    fn programmed_state(&self) -> DesiredState {
         DesiredState {
             services: self
                 .services
@@ -202,18 +284,18 @@ impl Iptables {
         }
     }
 
-    pub fn service_count(&self) -> usize {
+    fn service_count(&self) -> usize {
         self.services.len()
     }
 
-    pub fn backend_count(&self) -> usize {
+    fn backend_count(&self) -> usize {
         self.services.values().map(|s| s.backends.len()).sum()
     }
 
-    /// Removes every rule and chain of ours (as `kube-proxy --cleanup`).
-    pub fn cleanup(&mut self) -> Result<()> {
+    /// Removes every rule and chain of ours from `family`'s tables.
+    fn cleanup(&mut self, family: Family) -> Result<()> {
         for (table, chain, comment, target, extra) in HOOKS {
-            delete_jump(table, chain, comment, target, extra);
+            delete_jump(family, table, chain, comment, target, extra);
         }
         let mut input = String::from(
             "*filter\n:KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n\
@@ -237,7 +319,7 @@ impl Iptables {
             input.push_str(&format!("-X {c}\n"));
         }
         input.push_str("COMMIT\n");
-        let r = exec::restore(&input);
+        let r = exec::restore(family, &input);
         self.chains.clear();
         self.services.clear();
         self.installed = false;
@@ -245,21 +327,90 @@ impl Iptables {
     }
 }
 
-impl Datapath for Iptables {
+/// Applies `changes` to `services`, counting them in `stats`; returns the
+/// UDP flows to delete from conntrack: (frontend, Some(backend)) or
+/// (frontend, None) for a whole service.
+fn fold(
+    services: &mut BTreeMap<Frontend, Svc>,
+    changes: &[&Change],
+    stats: &mut ApplyStats,
+) -> Result<Vec<(Frontend, Option<BackendAddr>)>> {
+    let mut stale = Vec::new();
+    for c in changes {
+        match c {
+            Change::RemoveService { frontend } => {
+                if let Some(s) = services.remove(frontend) {
+                    stats.services_removed += 1;
+                    stats.backends_removed += s.backends.len();
+                    stale.push((*frontend, None));
+                }
+            }
+            Change::AddService {
+                frontend,
+                name,
+                backends,
+                policy,
+            } => {
+                stats.services_added += 1;
+                stats.backends_added += backends.len();
+                services.insert(
+                    *frontend,
+                    Svc {
+                        name: name.clone(),
+                        backends: backends.iter().copied().collect(),
+                        policy: policy.clone(),
+                    },
+                );
+            }
+            // The chains are named after the service port: the next
+            // render replaces them.
+            Change::RenameService { frontend, name } => {
+                let Some(s) = services.get_mut(frontend) else {
+                    bail!("service {frontend} is not programmed");
+                };
+                s.name.clone_from(name);
+            }
+            Change::UpdateBackends {
+                frontend,
+                added,
+                removed,
+                flush,
+            } => {
+                let Some(s) = services.get_mut(frontend) else {
+                    bail!("service {frontend} is not programmed");
+                };
+                let mut set: BTreeSet<BackendAddr> = s.backends.iter().copied().collect();
+                for b in removed {
+                    set.remove(b);
+                }
+                // UDP flows of backends that are gone (not of draining
+                // ones), as kube-proxy does.
+                stale.extend(flush.iter().map(|b| (*frontend, Some(*b))));
+                set.extend(added.iter().copied());
+                s.backends = set.into_iter().collect();
+                stats.backends_added += added.len();
+                stats.backends_removed += removed.len();
+            }
+        }
+    }
+    Ok(stale)
+}
+
+impl Datapath for IptablesDatapath {
     fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats> {
-        Iptables::apply(self, changes)
+        IptablesDatapath::apply(self, changes)
     }
 
     fn programmed_state(&self) -> DesiredState {
-        Iptables::programmed_state(self)
+        IptablesDatapath::programmed_state(self)
     }
 
     fn service_count(&self) -> usize {
-        Iptables::service_count(self)
+        IptablesDatapath::service_count(self)
     }
 
     fn backend_count(&self) -> usize {
-        Iptables::backend_count(self)
+        IptablesDatapath::backend_count(self)
     }
 
     fn shutdown(&mut self) -> Result<()> {

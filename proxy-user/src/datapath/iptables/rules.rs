@@ -1,13 +1,22 @@
 //! The rules kube-proxy would write for the current services, and the
 //! `iptables-restore` input that moves the kernel from the chains last
 //! written to them.
+//!
+//! One ruleset holds one family's frontends (`iptables-restore` the IPv4
+//! ones, `ip6tables-restore` the IPv6 ones); what differs between the two
+//! follows from the addresses: `/32` or `/128` host matches, `[addr]:port`
+//! DNAT destinations (`BackendAddr`'s display), the `recent` lists' mask
+//! and ICMP or ICMPv6 refusals. Chain names are the same in both, as
+//! kube-proxy's: a dual-stack service port has one `KUBE-SVC-` chain in
+//! each family's nat table.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use sha2::{Digest, Sha256};
 
 use super::{Iptables, Svc};
-use crate::model::{BackendAddr, Frontend, Proto, TrafficPolicy};
+use crate::model::{BackendAddr, Family, Frontend, Proto, TrafficPolicy};
 
 const MASQ_MARK: &str = "0x4000/0x4000";
 /// Set in nat on traffic `loadBalancerSourceRanges` refuse; dropped in filter.
@@ -26,6 +35,30 @@ fn proto_arg(p: Proto) -> &'static str {
     match p {
         Proto::Tcp => "tcp",
         Proto::Udp => "udp",
+    }
+}
+
+/// `-d`/`-s` of one address: `10.96.0.10/32`, `fd00:10:96::10/128`.
+fn host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => format!("{a}/32"),
+        IpAddr::V6(a) => format!("{a}/128"),
+    }
+}
+
+/// The `recent` match's `--mask` of a family: the whole client address.
+fn recent_mask(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "255.255.255.255",
+        Family::V6 => "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+    }
+}
+
+/// "Connection refused" for a frontend without endpoints.
+fn reject_with(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "REJECT --reject-with icmp-port-unreachable",
+        Family::V6 => "REJECT --reject-with icmp6-port-unreachable",
     }
 }
 
@@ -167,21 +200,26 @@ impl Iptables {
             ));
         } else if svc.policy.external.is_some() {
             // Local: the client's address is kept, only local endpoints.
-        } else if let Some(cidr) = self.cluster_cidr {
+        } else if let Some(cidr) = self.cluster_cidr.filter(|_| fe.family() == Family::V4) {
+            // `--cluster-cidr` is an IPv4 network: IPv6 ClusterIP traffic
+            // is masqueraded only when it hairpins (`KUBE-SEP-`).
             rules.push(format!(
-                "-A {chain} -m comment --comment \"{} cluster IP\" ! -s {cidr} -d {}/32 -p {p} -m {p} --dport {} -j KUBE-MARK-MASQ",
-                svc.name, fe.ip, fe.port
+                "-A {chain} -m comment --comment \"{} cluster IP\" ! -s {cidr} -d {} -p {p} -m {p} --dport {} -j KUBE-MARK-MASQ",
+                svc.name,
+                host(fe.ip),
+                fe.port
             ));
         }
         // Session affinity, as kube-proxy: a client seen by an endpoint's
         // `recent` list within the timeout goes back to it; every new
         // connection DNATed to an endpoint (re)sets its client there.
+        let mask = recent_mask(fe.family());
         let recent_set = match svc.policy.affinity {
             Some(secs) => {
                 for b in &svc.backends {
                     let sep = sep_chain(fe, &svc.name, b);
                     rules.push(format!(
-                        "-A {chain} -m comment --comment \"{} -> {b}\" -m recent --name {sep} --mask 255.255.255.255 --rsource --rcheck --seconds {secs} --reap -j {sep}",
+                        "-A {chain} -m comment --comment \"{} -> {b}\" -m recent --name {sep} --mask {mask} --rsource --rcheck --seconds {secs} --reap -j {sep}",
                         svc.name
                     ));
                 }
@@ -205,14 +243,18 @@ impl Iptables {
                 svc.name
             ));
             let recent = if recent_set {
-                format!(" -m recent --name {sep} --mask 255.255.255.255 --rsource --set")
+                format!(" -m recent --name {sep} --mask {mask} --rsource --set")
             } else {
                 String::new()
             };
             out.insert(
                 sep.clone(),
                 vec![
-                    format!("-A {sep} -m comment --comment {} -s {}/32 -j KUBE-MARK-MASQ", svc.name, b.ip),
+                    format!(
+                        "-A {sep} -m comment --comment {} -s {} -j KUBE-MARK-MASQ",
+                        svc.name,
+                        host(b.ip)
+                    ),
                     format!(
                         "-A {sep} -m comment --comment {} -p {p} -m {p}{recent} -j DNAT --to-destination {b}",
                         svc.name
@@ -270,22 +312,17 @@ impl Iptables {
             let (dst, what) = if fe.is_nodeport() {
                 ("-m addrtype --dst-type LOCAL".to_owned(), "nodePort")
             } else if svc.policy.external.is_some() {
-                (format!("-d {}/32", fe.ip), "external IP")
+                (format!("-d {}", host(fe.ip)), "external IP")
             } else {
-                (format!("-d {}/32", fe.ip), "cluster IP")
+                (format!("-d {}", host(fe.ip)), "cluster IP")
             };
             if svc.backends.is_empty() {
+                let refuse = reject_with(fe.family());
                 let (chain, why, verdict) = match svc.policy.external {
-                    None => (
-                        "KUBE-SERVICES",
-                        "has no endpoints",
-                        "REJECT --reject-with icmp-port-unreachable",
-                    ),
-                    Some(TrafficPolicy::Cluster) => (
-                        "KUBE-EXTERNAL-SERVICES",
-                        "has no endpoints",
-                        "REJECT --reject-with icmp-port-unreachable",
-                    ),
+                    None => ("KUBE-SERVICES", "has no endpoints", refuse),
+                    Some(TrafficPolicy::Cluster) => {
+                        ("KUBE-EXTERNAL-SERVICES", "has no endpoints", refuse)
+                    }
                     Some(TrafficPolicy::Local) => {
                         ("KUBE-EXTERNAL-SERVICES", "has no local endpoints", "DROP")
                     }
@@ -494,5 +531,315 @@ mod tests {
         let input = ipt.build_restore(&BTreeMap::new());
         assert!(input.contains("-A KUBE-EXTERNAL-SERVICES -m comment --comment \"default/np:http has no endpoints\" -m addrtype --dst-type LOCAL -p tcp -m tcp --dport 30080 -j REJECT"));
         assert!(input.contains("-A KUBE-EXTERNAL-SERVICES -m comment --comment \"default/np:http has no local endpoints\" -d 203.0.113.10/32 -p tcp -m tcp --dport 80 -j DROP"));
+    }
+
+    /// Every kind of IPv4 frontend, rendered on a fresh node: the restore
+    /// input and every chain, as one text.
+    fn ipv4_everything() -> String {
+        let b = |i: u8| BackendAddr::new(std::net::Ipv4Addr::from([10, 0, 0, i]), 8080);
+        let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+        let svc = |name: &str, backends: Vec<BackendAddr>, policy: Policy| Svc {
+            name: name.into(),
+            backends,
+            policy,
+        };
+        let mut ipt = Iptables {
+            cluster_cidr: Some("10.0.0.0/16".parse().unwrap()),
+            services: BTreeMap::new(),
+            chains: BTreeMap::new(),
+            installed: false,
+        };
+        ipt.services.insert(
+            fe(),
+            svc(
+                "default/web:http",
+                vec![b(1), b(2), b(3)],
+                Policy::default(),
+            ),
+        );
+        ipt.services.insert(
+            Frontend {
+                proto: Proto::Udp,
+                port: 53,
+                ..fe()
+            },
+            svc("default/web:dns", vec![b(1)], Policy::default()),
+        );
+        ipt.services.insert(
+            Frontend {
+                ip: ip("10.96.0.20"),
+                ..fe()
+            },
+            svc(
+                "default/sticky:http",
+                vec![b(1), b(2)],
+                Policy {
+                    affinity: Some(600),
+                    ..Policy::default()
+                },
+            ),
+        );
+        ipt.services.insert(
+            Frontend {
+                ip: ip("10.96.0.30"),
+                ..fe()
+            },
+            svc("default/empty:http", vec![], Policy::default()),
+        );
+        let cluster = Policy {
+            external: Some(TrafficPolicy::Cluster),
+            ..Policy::default()
+        };
+        let local = Policy {
+            external: Some(TrafficPolicy::Local),
+            ..Policy::default()
+        };
+        ipt.services.insert(
+            Frontend::nodeport(30080, Proto::Tcp),
+            svc("default/np:http", vec![b(1), b(2)], cluster.clone()),
+        );
+        ipt.services.insert(
+            Frontend::nodeport(30081, Proto::Tcp),
+            svc("default/local:http", vec![], local.clone()),
+        );
+        ipt.services.insert(
+            Frontend {
+                ip: ip("203.0.113.7"),
+                ..fe()
+            },
+            svc("default/np:http", vec![b(3)], local),
+        );
+        ipt.services.insert(
+            Frontend {
+                ip: ip("203.0.113.9"),
+                ..fe()
+            },
+            svc(
+                "default/lb:http",
+                vec![b(2)],
+                Policy {
+                    source_ranges: vec![
+                        "192.0.2.1/32".parse().unwrap(),
+                        "198.51.100.0/24".parse().unwrap(),
+                    ],
+                    ..cluster
+                },
+            ),
+        );
+        let mut chains = BTreeMap::new();
+        for (f, s) in &ipt.services {
+            ipt.render_svc(f, s, &mut chains);
+        }
+        let mut out = ipt.build_restore(&chains);
+        for (c, rules) in &chains {
+            out.push_str(&format!("# {c}\n"));
+            for r in rules {
+                out.push_str(r);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// The IPv4 rules are byte for byte what they were before IPv6 came
+    /// in (`testdata/ipv4-everything.txt`, rendered by the IPv4-only code).
+    #[test]
+    fn ipv4_rules_are_unchanged_by_dual_stack() {
+        let got = ipv4_everything();
+        let want = include_str!("testdata/ipv4-everything.txt");
+        for (i, (g, w)) in got.lines().zip(want.lines()).enumerate() {
+            assert_eq!(g, w, "line {}", i + 1);
+        }
+        assert_eq!(got, want);
+    }
+
+    fn fe6() -> Frontend {
+        Frontend {
+            ip: "fd00:10:96::10".parse().unwrap(),
+            port: 80,
+            proto: Proto::Tcp,
+        }
+    }
+
+    fn b6(i: u16) -> BackendAddr {
+        BackendAddr::new(
+            std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, i),
+            8080,
+        )
+    }
+
+    #[test]
+    fn ipv6_frontend_gets_the_same_chains_in_ipv6_terms() {
+        let mut ipt = Iptables {
+            // IPv4: not for IPv6 ClusterIP traffic.
+            cluster_cidr: Some("10.0.0.0/16".parse().unwrap()),
+            services: BTreeMap::new(),
+            chains: BTreeMap::new(),
+            installed: false,
+        };
+        let name = "default/web6:http";
+        ipt.services.insert(
+            fe6(),
+            Svc {
+                name: name.into(),
+                backends: vec![b6(2), b6(3)],
+                policy: Policy {
+                    affinity: Some(600),
+                    ..Policy::default()
+                },
+            },
+        );
+        let empty = Frontend {
+            ip: "fd00:10:96::20".parse().unwrap(),
+            proto: Proto::Udp,
+            port: 53,
+        };
+        ipt.services.insert(
+            empty,
+            Svc {
+                name: "default/empty6:dns".into(),
+                backends: vec![],
+                policy: Policy::default(),
+            },
+        );
+        let mut chains = BTreeMap::new();
+        for (f, s) in &ipt.services {
+            ipt.render_svc(f, s, &mut chains);
+        }
+        let svc = svc_chain(&fe6(), name);
+        let sep2 = sep_chain(&fe6(), name, &b6(2));
+        let sep3 = sep_chain(&fe6(), name, &b6(3));
+        // kube-proxy's endpoint string: `[addr]:port`.
+        assert_eq!(
+            sep2,
+            hash_name("KUBE-SEP-", &[name, "tcp", "[fd00:10:244::2]:8080"])
+        );
+        let mask = "--mask ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff --rsource";
+        assert_eq!(
+            chains[&svc],
+            [
+                format!(
+                    "-A {svc} -m comment --comment \"{name} -> [fd00:10:244::2]:8080\" -m recent --name {sep2} {mask} --rcheck --seconds 600 --reap -j {sep2}"
+                ),
+                format!(
+                    "-A {svc} -m comment --comment \"{name} -> [fd00:10:244::3]:8080\" -m recent --name {sep3} {mask} --rcheck --seconds 600 --reap -j {sep3}"
+                ),
+                format!(
+                    "-A {svc} -m comment --comment \"{name} -> [fd00:10:244::2]:8080\" -m statistic --mode random --probability 0.5000000000 -j {sep2}"
+                ),
+                format!(
+                    "-A {svc} -m comment --comment \"{name} -> [fd00:10:244::3]:8080\" -j {sep3}"
+                ),
+            ],
+            "no IPv4 cluster-CIDR masquerade rule"
+        );
+        assert_eq!(
+            chains[&sep2],
+            [
+                format!(
+                    "-A {sep2} -m comment --comment {name} -s fd00:10:244::2/128 -j KUBE-MARK-MASQ"
+                ),
+                format!(
+                    "-A {sep2} -m comment --comment {name} -p tcp -m tcp -m recent --name {sep2} {mask} --set -j DNAT --to-destination [fd00:10:244::2]:8080"
+                ),
+            ]
+        );
+        let input = ipt.build_restore(&chains);
+        assert!(input.contains(&format!(
+            "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -d fd00:10:96::10/128 -p tcp -m tcp --dport 80 -j {svc}\n"
+        )), "{input}");
+        assert!(input.contains(
+            "-A KUBE-SERVICES -m comment --comment \"default/empty6:dns has no endpoints\" -d fd00:10:96::20/128 -p udp -m udp --dport 53 -j REJECT --reject-with icmp6-port-unreachable\n"
+        ), "{input}");
+        // The same base chains as IPv4: ip6tables gets the whole structure.
+        for base in [
+            ":KUBE-MARK-MASQ - [0:0]",
+            "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully",
+            "-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
+        ] {
+            assert!(input.contains(base), "{base} missing from {input}");
+        }
+        assert!(!input.contains("/32"), "{input}");
+    }
+
+    /// A dual-stack Service, through the model and the diff: each family's
+    /// proxier gets its own frontend and endpoints, under the same
+    /// `KUBE-SVC-` name (each in its own nat table, as kube-proxy's).
+    #[test]
+    fn dual_stack_service_fills_both_families() {
+        let service: k8s_openapi::api::core::v1::Service = serde_saphyr::from_str(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:10:96::10"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  ports:
+  - {name: http, port: 80, targetPort: 8080, protocol: TCP}
+"#,
+        )
+        .unwrap();
+        let slice = |family: &str, addr: &str| -> k8s_openapi::api::discovery::v1::EndpointSlice {
+            serde_saphyr::from_str(&format!(
+                r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-{family}, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: {family}
+endpoints:
+- addresses: ["{addr}"]
+  conditions: {{ready: true}}
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+"#
+            ))
+            .unwrap()
+        };
+        let state = crate::model::build(
+            &crate::model::Node::default(),
+            &[service],
+            &[slice("IPv4", "10.0.0.1"), slice("IPv6", "fd00:10:244::2")],
+        )
+        .unwrap();
+        let changes = crate::reconcile::diff(&Default::default(), &state);
+        let by_family = super::super::by_family(&changes);
+        assert_eq!(
+            by_family.keys().copied().collect::<Vec<_>>(),
+            [Family::V4, Family::V6]
+        );
+        let mut inputs = BTreeMap::new();
+        for (family, mine) in &by_family {
+            let mut ipt = Iptables {
+                cluster_cidr: None,
+                services: BTreeMap::new(),
+                chains: BTreeMap::new(),
+                installed: true,
+            };
+            let mut stats = Default::default();
+            super::super::fold(&mut ipt.services, mine, &mut stats).unwrap();
+            assert_eq!(ipt.services.len(), 1, "{family}: one frontend");
+            let mut chains = BTreeMap::new();
+            for (f, s) in &ipt.services {
+                ipt.render_svc(f, s, &mut chains);
+            }
+            inputs.insert(*family, ipt.build_restore(&chains));
+        }
+        let svc4 = svc_chain(&fe(), "default/web:http");
+        assert_eq!(svc4, svc_chain(&fe6(), "default/web:http"));
+        let v4 = &inputs[&Family::V4];
+        let v6 = &inputs[&Family::V6];
+        assert!(v4.contains(&format!(
+            "-d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j {svc4}"
+        )));
+        assert!(v4.contains("--to-destination 10.0.0.1:8080"));
+        assert!(!v4.contains("fd00"), "{v4}");
+        assert!(v6.contains(&format!(
+            "-d fd00:10:96::10/128 -p tcp -m tcp --dport 80 -j {svc4}"
+        )));
+        assert!(v6.contains("--to-destination [fd00:10:244::2]:8080"));
+        assert!(!v6.contains("10.96.0.10") && !v6.contains("/32"), "{v6}");
     }
 }
