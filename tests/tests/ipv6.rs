@@ -104,8 +104,8 @@ fn ipv6_clusterip_balances_tcp_and_udp_and_replies_from_the_clusterip() -> Resul
 
 #[test]
 fn dual_stack_service_answers_on_both_addresses_with_its_families_endpoints() -> Result<()> {
-    // IPv4 endpoints: backends 1 and 2 (the fixture's slice); IPv6: 3.
-    let mut f = Fixture::dual_stack(3, &[1, 2])?;
+    // IPv4 endpoints: backends 1 and 2 (the fixture's slice); IPv6: 3, 4.
+    let mut f = Fixture::dual_stack(4, &[1, 2])?;
     f.manifests.write(
         SERVICE_FILE,
         &web_service_yaml_with(json!({
@@ -115,16 +115,16 @@ fn dual_stack_service_answers_on_both_addresses_with_its_families_endpoints() ->
         })),
     )?;
     f.manifests
-        .write("web-slice6.yaml", &slice6(SERVICE, &[3]))?;
+        .write("web-slice6.yaml", &slice6(SERVICE, &[3, 4]))?;
     f.start_kproxy()?;
 
     let v4 = f.tcp_round(VIP, HTTP_PORT, spread_flows(2, 4))?;
     assert_spread(&v4, &[1, 2], "TCP to 10.96.0.10:80");
-    let v6 = f.tcp_round(VIP6, HTTP_PORT, spread_flows(1, 3))?;
-    assert_spread(&v6, &[3], "TCP to [fd00:10:96::10]:80");
+    let v6 = f.tcp_round(VIP6, HTTP_PORT, spread_flows(2, 4))?;
+    assert_spread(&v6, &[3, 4], "TCP to [fd00:10:96::10]:80");
     for (vip, backends) in [
         (IpAddr::V4(VIP), &[1usize, 2][..]),
-        (IpAddr::V6(VIP6), &[3]),
+        (IpAddr::V6(VIP6), &[3, 4]),
     ] {
         let replies = f.udp_round(vip, DNS_PORT, spread_flows(backends.len(), 2))?;
         let mut seen = BTreeSet::new();
@@ -166,10 +166,12 @@ fn ipv6_session_affinity_keeps_a_client_on_one_endpoint() -> Result<()> {
         names.iter().all(|n| n == first),
         "20 TCP connections of one client went to {names:?}"
     );
+    // Affinity is per service port (as kube-proxy's): the UDP port binds
+    // the client on its own, and keeps it.
     let udp = f.udp_round(VIP6, DNS_PORT, 5)?;
     assert!(
-        udp.iter().all(|(n, _)| n == first),
-        "UDP of the same client went to {udp:?}, TCP to {first}"
+        udp.iter().all(|(n, _)| *n == udp[0].0),
+        "5 UDP requests of one client went to {udp:?}"
     );
     Ok(())
 }

@@ -55,10 +55,17 @@ fn recent_mask(family: Family) -> &'static str {
 }
 
 /// "Connection refused" for a frontend without endpoints.
-fn reject_with(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "REJECT --reject-with icmp-port-unreachable",
-        Family::V6 => "REJECT --reject-with icmp6-port-unreachable",
+/// How a frontend without endpoints refuses: ICMP port unreachable, as
+/// kube-proxy — except IPv6 TCP, which gets a reset: Linux's IPv6 TCP drops
+/// an ICMPv6 error that arrives while `connect()` still holds the socket
+/// (as it does when the node answers within the SYN's own transmission over
+/// a veth), so the client would see the refusal only a second later, with
+/// its retransmission; the eBPF datapath answers the same way.
+fn reject_with(family: Family, proto: Proto) -> &'static str {
+    match (family, proto) {
+        (Family::V4, _) => "REJECT --reject-with icmp-port-unreachable",
+        (Family::V6, Proto::Tcp) => "REJECT --reject-with tcp-reset",
+        (Family::V6, Proto::Udp) => "REJECT --reject-with icmp6-port-unreachable",
     }
 }
 
@@ -317,7 +324,7 @@ impl Iptables {
                 (format!("-d {}", host(fe.ip)), "cluster IP")
             };
             if svc.backends.is_empty() {
-                let refuse = reject_with(fe.family());
+                let refuse = reject_with(fe.family(), fe.proto);
                 let (chain, why, verdict) = match svc.policy.external {
                     None => ("KUBE-SERVICES", "has no endpoints", refuse),
                     Some(TrafficPolicy::Cluster) => {
