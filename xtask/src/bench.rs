@@ -147,6 +147,25 @@ fn check_dataplane_table(out: &str, scales: &[u32]) -> Result<()> {
     if scales.len() > 1 && !out.lines().any(|l| l.starts_with("targets:")) {
         bail!("no `targets:` line in:\n{out}");
     }
+    // Both families timed in one datapath: miss, new flow, established,
+    // reverse NAT, each a positive number.
+    for family in ["IPv4", "IPv6"] {
+        let row = out
+            .lines()
+            .find(|l| l.starts_with(&format!("| {family} |")))
+            .with_context(|| format!("no {family} row in:\n{out}"))?;
+        let cells: Vec<f64> = row
+            .split('|')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .skip(1)
+            .map(|c| c.parse::<f64>())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("{family} row {row:?} has a cell that is not a number"))?;
+        if cells.len() != 4 || cells.iter().any(|v| !v.is_finite() || *v <= 0.0) {
+            bail!("implausible {family} row {row:?}");
+        }
+    }
     Ok(())
 }
 
@@ -421,6 +440,11 @@ BPF_PROG_TEST_RUN, ns/packet (repeat 1000, new flows over 100 single runs), kern
 
 ratio 1000÷1 services: miss 1.02, new flow 0.62, established 1.00, reverse NAT 1.00
 targets: established ≤ 120 ns: MISSED (167.0); miss ≤ 50 ns: MISSED (61.0)
+
+| family | miss | new flow | established | reverse NAT |
+|---|---:|---:|---:|---:|
+| IPv4 | 83.0 | 604.0 | 183.0 | 143.0 |
+| IPv6 | 65.0 | 666.0 | 190.0 | 148.0 |
 ";
         super::check_dataplane_table(table, &[1, 1000]).unwrap();
         let err = super::check_dataplane_table(table, &[1, 100_000]).unwrap_err();
@@ -431,6 +455,8 @@ targets: established ≤ 120 ns: MISSED (167.0); miss ≤ 50 ns: MISSED (61.0)
             ("| 625.2 |", "| - |"),
             ("| 134.0 |\n\n", "|\n\n"),
             ("targets:", "target"),
+            ("| 666.0 |", "| 0.0 |"),
+            ("| IPv6 |", "| IPv7 |"),
         ] {
             let broken = table.replacen(from, to, 1);
             assert_ne!(broken, table, "{from:?} not in the table");
