@@ -3,7 +3,7 @@
 //! selector, and the conntrack sweep; targets met or missed with the
 //! measured reason, a plot (SVG) and the raw figures.
 //!
-//! `cargo xtask bench dataplane --report` runs the benchmark and this.
+//! `cargo xtask bench dataplane` runs the benchmark and this.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -25,7 +25,7 @@ struct Args {
     #[arg(long)]
     date: String,
     /// The command that produced the figures, for the report.
-    #[arg(long, default_value = "cargo xtask bench dataplane --report")]
+    #[arg(long, default_value = "cargo xtask bench dataplane")]
     invocation: String,
 }
 
