@@ -20,6 +20,7 @@ use proxy_user::datapath::Datapath;
 use proxy_user::datapath::ebpf::{AttachMode, Dataplane, Following, LoadOptions};
 use proxy_user::datapath::ebpf::{NodeAddrs, XdpAttach};
 use proxy_user::datapath::iptables::IptablesDatapath;
+use proxy_user::datapath::nftables::NftablesDatapath;
 use proxy_user::inspect;
 use proxy_user::links;
 use proxy_user::model::{Cidr, Family, LbAlgorithm, Node};
@@ -70,8 +71,8 @@ struct Args {
     #[arg(long)]
     zone: Option<String>,
     /// How new flows are placed on a Service's endpoints: `round-robin`
-    /// (eBPF: exact, one cursor per frontend; iptables: random, as
-    /// kube-proxy) or `maglev` (eBPF only: consistent hashing of the flow's
+    /// (eBPF: exact, one cursor per frontend; iptables and nftables: random,
+    /// as kube-proxy) or `maglev` (eBPF only: consistent hashing of the flow's
     /// 5-tuple, the same choice on every node; 128 KiB per frontend). A
     /// Service overrides it with the annotation `kproxy.io/lb-algorithm`.
     #[arg(long, value_name = "ALGORITHM", default_value = "round-robin")]
@@ -79,7 +80,8 @@ struct Args {
     /// The address families this node proxies (comma-separated `IPv4`,
     /// `IPv6`). A Service's ClusterIPs of other families are left alone; a
     /// Service with none of these families is rejected. IPv6 ClusterIPs are
-    /// translated like IPv4 ones (ip6tables in iptables mode); nodePorts,
+    /// translated like IPv4 ones (ip6tables in iptables mode, the `ip6`
+    /// table in nftables mode); nodePorts,
     /// externalIPs and LoadBalancer addresses are IPv4 only.
     #[arg(
         long,
@@ -92,7 +94,8 @@ struct Args {
     /// arrives (the uplinks; comma-separated): NodePort, externalIP and
     /// LoadBalancer traffic is translated there, and their IPv4 addresses
     /// are the node addresses unless --node-ip is given. eBPF mode attaches
-    /// to them like to --iface; iptables rules cover the namespace.
+    /// to them like to --iface; iptables and nftables rules cover the
+    /// namespace.
     #[arg(long, value_name = "IF[,IF…]", value_delimiter = ',')]
     external_iface: Vec<String>,
     /// eBPF mode: the XDP fast path on --external-iface: source ranges and
@@ -105,20 +108,21 @@ struct Args {
     /// The node's addresses, on which NodePorts answer (comma-separated;
     /// default: the IPv4 addresses of --external-iface, or without it every
     /// non-loopback IPv4 address, read at start). eBPF mode only: iptables
-    /// matches every local address, as kube-proxy.
+    /// and nftables match every local address, as kube-proxy.
     #[arg(long, value_name = "IP[,IP…]", value_delimiter = ',')]
     node_ip: Vec<std::net::Ipv4Addr>,
     /// Valid nodePorts (the apiserver's --service-node-port-range): a
     /// Service with a nodePort outside it is rejected.
     #[arg(long, value_name = "LO-HI", default_value = "30000-32767", value_parser = parse_port_range)]
     node_port_range: (u16, u16),
-    /// Datapath: eBPF TC programs, or kube-proxy-style iptables rules (for
-    /// comparison).
+    /// Datapath: eBPF TC programs, or kube-proxy-style iptables rules or
+    /// nftables tables (for comparison).
     #[arg(long, value_enum, default_value = "ebpf")]
     mode: Mode,
     /// Interfaces that face clients (comma-separated): ingress translates
     /// ClusterIP traffic, egress restores replies. eBPF mode needs this or
-    /// --iface-prefix; iptables rules apply to the whole network namespace.
+    /// --iface-prefix; iptables and nftables rules apply to the whole
+    /// network namespace.
     #[arg(long, value_name = "IF[,IF…]", value_delimiter = ',')]
     iface: Vec<String>,
     /// eBPF mode: also attach to every interface whose name starts with one
@@ -126,9 +130,9 @@ struct Args {
     /// e.g. the kubelet's pod veths (`kcv`). Vanished ones are released.
     #[arg(long, value_name = "PREFIX[,PREFIX…]", value_delimiter = ',')]
     iface_prefix: Vec<String>,
-    /// iptables mode: masquerade service traffic from outside this IPv4 pod
-    /// CIDR (kube-proxy's --cluster-cidr). Without it, and for IPv6
-    /// ClusterIPs, only hairpin traffic is masqueraded.
+    /// iptables and nftables modes: masquerade service traffic from outside
+    /// this IPv4 pod CIDR (kube-proxy's --cluster-cidr). Without it, and for
+    /// IPv6 ClusterIPs, only hairpin traffic is masqueraded.
     #[arg(long, value_name = "CIDR")]
     cluster_cidr: Option<Cidr>,
     /// How to attach the TC programs: tcx links (kernel ≥ 6.6), netlink
@@ -192,6 +196,7 @@ enum Command {
 enum Mode {
     Ebpf,
     Iptables,
+    Nftables,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -292,20 +297,28 @@ fn start(args: &Args) -> Result<Started> {
     };
     let datapath: Box<dyn Datapath> = match args.mode {
         Mode::Ebpf => Box::new(start_ebpf(args)?),
-        Mode::Iptables => {
+        Mode::Iptables | Mode::Nftables => {
+            let mode = match args.mode {
+                Mode::Nftables => "nftables",
+                _ => "iptables",
+            };
             if args.lb_algorithm == LbAlgorithm::Maglev {
                 bail!(
-                    "--lb-algorithm maglev needs --mode ebpf (iptables picks endpoints at random, \
+                    "--lb-algorithm maglev needs --mode ebpf ({mode} picks endpoints at random, \
                      as kube-proxy)"
                 );
             }
             if !args.iface.is_empty() || !args.external_iface.is_empty() {
                 log::info!(
-                    "iptables mode: --iface and --external-iface are ignored (rules cover the namespace)"
+                    "{mode} mode: --iface and --external-iface are ignored (rules cover the namespace)"
                 );
             }
             let families = args.ip_families.iter().copied().collect();
-            Box::new(IptablesDatapath::new(args.cluster_cidr, &families)?)
+            if args.mode == Mode::Nftables {
+                Box::new(NftablesDatapath::new(args.cluster_cidr, &families)?)
+            } else {
+                Box::new(IptablesDatapath::new(args.cluster_cidr, &families)?)
+            }
         }
     };
     Ok(Started { datapath, links })
@@ -501,6 +514,9 @@ mod tests {
         let agent =
             Args::try_parse_from(["kproxy", "--mode", "iptables", "--manifests", "m"]).unwrap();
         assert!(agent.command.is_none() && agent.mode == Mode::Iptables);
+        let agent =
+            Args::try_parse_from(["kproxy", "--mode", "nftables", "--manifests", "m"]).unwrap();
+        assert!(agent.command.is_none() && agent.mode == Mode::Nftables);
         // The agent still needs a source.
         assert!(Args::try_parse_from(["kproxy", "--iface", "c0"]).is_err());
         let Some(Command::Inspect(i)) = Args::try_parse_from([

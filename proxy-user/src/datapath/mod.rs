@@ -4,6 +4,8 @@
 //!
 //! * [`ebpf`]: TC programs and BPF maps, attached per interface.
 //! * [`iptables`]: kube-proxy's chains, for the whole network namespace.
+//! * [`nftables`]: kube-proxy's nftables tables, for the whole network
+//!   namespace (what the two share is in `netfilter`).
 //! * [`memory`]: a model datapath that only keeps the state, for tests.
 //!
 //! [`Datapath`] holds what every datapath does. What only some do is a
@@ -29,6 +31,8 @@ use crate::reconcile::{ApplyStats, Change};
 pub mod ebpf;
 pub mod iptables;
 pub mod memory;
+mod netfilter;
+pub mod nftables;
 
 /// A datapath the agent programs with [`Change`]s.
 pub trait Datapath {

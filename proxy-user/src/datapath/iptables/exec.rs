@@ -1,13 +1,15 @@
-//! Running iptables, iptables-restore and conntrack, or their IPv6
-//! counterparts (ip6tables, ip6tables-restore, `conntrack -f ipv6`): each
-//! function takes the family whose tables it works on.
+//! Running iptables and iptables-restore, or their IPv6 counterparts
+//! (ip6tables, ip6tables-restore): each function takes the family whose
+//! tables it works on. `conntrack -D` is shared with the nftables mode
+//! ([`super::super::netfilter`]).
 
 use std::io::Write;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use crate::model::{BackendAddr, Family, Frontend};
+use super::super::netfilter::run;
+use crate::model::Family;
 
 /// `iptables` or `ip6tables`.
 pub(super) fn iptables_bin(family: Family) -> &'static str {
@@ -29,12 +31,6 @@ fn save_bin(family: Family) -> &'static str {
         Family::V4 => "iptables-save",
         Family::V6 => "ip6tables-save",
     }
-}
-
-/// Runs a command, with its stderr in the error.
-pub(super) fn run(cmd: &mut Command) -> Result<std::process::Output> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    Ok(out)
 }
 
 pub(super) fn ensure_jump(
@@ -133,70 +129,4 @@ pub(super) fn existing_service_chains(family: Family) -> Vec<String> {
         })
         .map(String::from)
         .collect()
-}
-
-/// `conntrack -D` for UDP flows DNATed to `backend` (or to any backend of
-/// the frontend). Returns how many entries were deleted.
-pub(super) fn delete_udp_flows(fe: &Frontend, backend: Option<&BackendAddr>) -> usize {
-    let mut cmd = Command::new("conntrack");
-    cmd.arg("-D");
-    // conntrack-tools works on IPv4 entries unless told otherwise.
-    if fe.family() == Family::V6 {
-        cmd.args(["-f", "ipv6"]);
-    }
-    cmd.args(["-p", "udp"]);
-    // A NodePort's flows are to any node address on its port.
-    if !fe.is_nodeport() {
-        cmd.args(["--orig-dst", &fe.ip.to_string()]);
-    }
-    cmd.args(["--orig-port-dst", &fe.port.to_string()]);
-    if let Some(b) = backend {
-        cmd.args([
-            "--reply-src",
-            &b.ip.to_string(),
-            "--reply-port-src",
-            &b.port.to_string(),
-        ]);
-    }
-    match cmd.output() {
-        // Exit 1 when none.
-        Ok(out) => deleted_count(&String::from_utf8_lossy(&out.stderr)),
-        Err(e) => {
-            log::warn!("conntrack not available, stale UDP flows stay: {e}");
-            0
-        }
-    }
-}
-
-/// The N of conntrack's "conntrack v1.4.7 (conntrack-tools): N flow entries
-/// have been deleted." (stderr).
-fn deleted_count(stderr: &str) -> usize {
-    let words: Vec<&str> = stderr.split_whitespace().collect();
-    words
-        .windows(2)
-        .find(|w| w[1] == "flow")
-        .and_then(|w| w[0].parse().ok())
-        .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn conntrack_deletion_count_is_parsed() {
-        assert_eq!(
-            deleted_count(
-                "conntrack v1.4.7 (conntrack-tools): 2 flow entries have been deleted.\n"
-            ),
-            2
-        );
-        assert_eq!(
-            deleted_count(
-                "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted.\n"
-            ),
-            0
-        );
-        assert_eq!(deleted_count(""), 0);
-    }
 }

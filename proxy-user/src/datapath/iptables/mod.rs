@@ -51,24 +51,19 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use super::Datapath;
-use crate::model::{
-    BackendAddr, Cidr, DesiredService, DesiredState, Family, Frontend, Policy, Proto,
-};
+use super::netfilter::{PerFamily, Proxier, Svc, delete_stale_udp_flows, fold, run};
+use crate::model::{Cidr, DesiredState, Family, Frontend};
 use crate::reconcile::{ApplyStats, Change};
 
 mod exec;
 mod rules;
 
-use exec::{
-    delete_jump, delete_udp_flows, ensure_jump, existing_service_chains, iptables_bin, run,
-};
+use exec::{delete_jump, ensure_jump, existing_service_chains, iptables_bin};
 use rules::HOOKS;
 
 /// The iptables datapath: an [`Iptables`] proxier per address family the
 /// node proxies, as kube-proxy's meta-proxier runs one per family.
-pub struct IptablesDatapath {
-    proxiers: BTreeMap<Family, Iptables>,
-}
+pub struct IptablesDatapath(PerFamily<Iptables>);
 
 impl IptablesDatapath {
     /// Checks `iptables --version` (and `ip6tables --version` when the
@@ -83,110 +78,14 @@ impl IptablesDatapath {
         if proxiers.is_empty() {
             bail!("iptables mode needs at least one address family (--ip-families)");
         }
-        Ok(Self { proxiers })
-    }
-
-    pub fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats> {
-        let mut by_family = by_family(changes);
-        if let Some((family, c)) = by_family
-            .iter()
-            .find(|(f, _)| !self.proxiers.contains_key(f))
-        {
-            bail!(
-                "frontend {} is {family}, which this node does not proxy (--ip-families)",
-                frontend_of(c[0])
-            );
-        }
-        // Each family is one transaction of its own; a failed one keeps its
-        // previous state (the next round re-diffs it) and does not hold the
-        // other back. A family without changes is left alone once its
-        // chains and hooks are in place.
-        let mut stats = ApplyStats::default();
-        let mut first_err = None;
-        for (&family, p) in &mut self.proxiers {
-            let mine = by_family.remove(&family).unwrap_or_default();
-            if mine.is_empty() && p.installed {
-                continue;
-            }
-            match p.apply(family, &mine) {
-                Ok(s) => {
-                    stats.services_added += s.services_added;
-                    stats.services_removed += s.services_removed;
-                    stats.backends_added += s.backends_added;
-                    stats.backends_removed += s.backends_removed;
-                    stats.flows_flushed += s.flows_flushed;
-                }
-                Err(e) if first_err.is_none() => {
-                    first_err = Some(e.context(format!("{family} rules")));
-                }
-                Err(e) => log::warn!("{family} rules: {e:#}"),
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(stats),
-        }
-    }
-
-    pub fn programmed_state(&self) -> DesiredState {
-        let mut all = DesiredState::default();
-        for p in self.proxiers.values() {
-            all.services.extend(p.programmed_state().services);
-        }
-        all
-    }
-
-    pub fn service_count(&self) -> usize {
-        self.proxiers.values().map(Iptables::service_count).sum()
-    }
-
-    pub fn backend_count(&self) -> usize {
-        self.proxiers.values().map(Iptables::backend_count).sum()
+        Ok(Self(PerFamily { proxiers }))
     }
 
     /// Removes every rule and chain of ours in every family (as
     /// `kube-proxy --cleanup`).
     pub fn cleanup(&mut self) -> Result<()> {
-        let mut first_err = None;
-        for (&family, p) in &mut self.proxiers {
-            if let Err(e) = p.cleanup(family) {
-                let e = e.context(format!("removing the {family} rules"));
-                match first_err {
-                    None => first_err = Some(e),
-                    Some(_) => log::warn!("{e:#}"),
-                }
-            }
-        }
-        first_err.map_or(Ok(()), Err)
+        self.0.cleanup()
     }
-}
-
-/// `changes` grouped by their frontends' family, in order.
-fn by_family(changes: &[Change]) -> BTreeMap<Family, Vec<&Change>> {
-    let mut out: BTreeMap<Family, Vec<&Change>> = BTreeMap::new();
-    for c in changes {
-        out.entry(frontend_of(c).family()).or_default().push(c);
-    }
-    out
-}
-
-fn frontend_of(c: &Change) -> &Frontend {
-    match c {
-        Change::AddService { frontend, .. }
-        | Change::UpdateBackends { frontend, .. }
-        | Change::RenameService { frontend, .. }
-        | Change::RemoveService { frontend } => frontend,
-    }
-}
-
-#[derive(Clone)]
-struct Svc {
-    name: String,
-    /// Endpoints in kube-proxy's order (sorted).
-    backends: Vec<BackendAddr>,
-    /// Traffic policy (`None`: a ClusterIP), source ranges (`KUBE-FW-`),
-    /// session affinity (`recent` lists).
-    policy: Policy,
 }
 
 /// One family's proxier: its frontends and the chains last written to its
@@ -224,8 +123,9 @@ impl Iptables {
             installed: false,
         })
     }
+}
 
-    /// Applies `changes` (all of `family`) to `family`'s tables.
+impl Proxier for Iptables {
     fn apply(&mut self, family: Family, changes: &[&Change]) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
         // A change that does not fit leaves the frontends as they were.
@@ -256,40 +156,16 @@ impl Iptables {
             }
             self.installed = true;
         }
-        for (fe, backend) in stale.into_iter().filter(|(fe, _)| fe.proto == Proto::Udp) {
-            stats.flows_flushed += delete_udp_flows(&fe, backend.as_ref());
-        }
+        stats.flows_flushed += delete_stale_udp_flows(stale);
         Ok(stats)
     }
 
-    fn programmed_state(&self) -> DesiredState {
-        DesiredState {
-            services: self
-                .services
-                .iter()
-                .map(|(fe, s)| {
-                    (
-                        *fe,
-                        DesiredService {
-                            policy: s.policy.clone(),
-                            ..DesiredService::new(
-                                s.name.clone(),
-                                s.backends.iter().copied().collect(),
-                            )
-                        },
-                    )
-                })
-                .collect(),
-            health_checks: Default::default(),
-        }
+    fn installed(&self) -> bool {
+        self.installed
     }
 
-    fn service_count(&self) -> usize {
-        self.services.len()
-    }
-
-    fn backend_count(&self) -> usize {
-        self.services.values().map(|s| s.backends.len()).sum()
+    fn services(&self) -> &BTreeMap<Frontend, Svc> {
+        &self.services
     }
 
     /// Removes every rule and chain of ours from `family`'s tables.
@@ -327,90 +203,21 @@ impl Iptables {
     }
 }
 
-/// Applies `changes` to `services`, counting them in `stats`; returns the
-/// UDP flows to delete from conntrack: (frontend, Some(backend)) or
-/// (frontend, None) for a whole service.
-fn fold(
-    services: &mut BTreeMap<Frontend, Svc>,
-    changes: &[&Change],
-    stats: &mut ApplyStats,
-) -> Result<Vec<(Frontend, Option<BackendAddr>)>> {
-    let mut stale = Vec::new();
-    for c in changes {
-        match c {
-            Change::RemoveService { frontend } => {
-                if let Some(s) = services.remove(frontend) {
-                    stats.services_removed += 1;
-                    stats.backends_removed += s.backends.len();
-                    stale.push((*frontend, None));
-                }
-            }
-            Change::AddService {
-                frontend,
-                name,
-                backends,
-                policy,
-            } => {
-                stats.services_added += 1;
-                stats.backends_added += backends.len();
-                services.insert(
-                    *frontend,
-                    Svc {
-                        name: name.clone(),
-                        backends: backends.iter().copied().collect(),
-                        policy: policy.clone(),
-                    },
-                );
-            }
-            // The chains are named after the service port: the next
-            // render replaces them.
-            Change::RenameService { frontend, name } => {
-                let Some(s) = services.get_mut(frontend) else {
-                    bail!("service {frontend} is not programmed");
-                };
-                s.name.clone_from(name);
-            }
-            Change::UpdateBackends {
-                frontend,
-                added,
-                removed,
-                flush,
-            } => {
-                let Some(s) = services.get_mut(frontend) else {
-                    bail!("service {frontend} is not programmed");
-                };
-                let mut set: BTreeSet<BackendAddr> = s.backends.iter().copied().collect();
-                for b in removed {
-                    set.remove(b);
-                }
-                // UDP flows of backends that are gone (not of draining
-                // ones), as kube-proxy does.
-                stale.extend(flush.iter().map(|b| (*frontend, Some(*b))));
-                set.extend(added.iter().copied());
-                s.backends = set.into_iter().collect();
-                stats.backends_added += added.len();
-                stats.backends_removed += removed.len();
-            }
-        }
-    }
-    Ok(stale)
-}
-
 impl Datapath for IptablesDatapath {
     fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats> {
-        IptablesDatapath::apply(self, changes)
+        self.0.apply(changes)
     }
 
     fn programmed_state(&self) -> DesiredState {
-        IptablesDatapath::programmed_state(self)
+        self.0.programmed_state()
     }
 
     fn service_count(&self) -> usize {
-        IptablesDatapath::service_count(self)
+        self.0.service_count()
     }
 
     fn backend_count(&self) -> usize {
-        IptablesDatapath::backend_count(self)
+        self.0.backend_count()
     }
 
     fn shutdown(&mut self) -> Result<()> {

@@ -15,7 +15,8 @@ use std::net::IpAddr;
 
 use sha2::{Digest, Sha256};
 
-use super::{Iptables, Svc};
+use super::Iptables;
+use crate::datapath::netfilter::{Masquerade, Refusal, Svc, masquerade, refusal};
 use crate::model::{BackendAddr, Family, Frontend, Proto, TrafficPolicy};
 
 const MASQ_MARK: &str = "0x4000/0x4000";
@@ -54,18 +55,13 @@ fn recent_mask(family: Family) -> &'static str {
     }
 }
 
-/// "Connection refused" for a frontend without endpoints.
-/// How a frontend without endpoints refuses: ICMP port unreachable, as
-/// kube-proxy — except IPv6 TCP, which gets a reset: Linux's IPv6 TCP drops
-/// an ICMPv6 error that arrives while `connect()` still holds the socket
-/// (as it does when the node answers within the SYN's own transmission over
-/// a veth), so the client would see the refusal only a second later, with
-/// its retransmission; the eBPF datapath answers the same way.
-fn reject_with(family: Family, proto: Proto) -> &'static str {
-    match (family, proto) {
-        (Family::V4, _) => "REJECT --reject-with icmp-port-unreachable",
-        (Family::V6, Proto::Tcp) => "REJECT --reject-with tcp-reset",
-        (Family::V6, Proto::Udp) => "REJECT --reject-with icmp6-port-unreachable",
+/// The verdict of a [`Refusal`] in `family`.
+fn reject_with(family: Family, how: Refusal) -> &'static str {
+    match (family, how) {
+        (_, Refusal::Drop) => "DROP",
+        (_, Refusal::TcpReset) => "REJECT --reject-with tcp-reset",
+        (Family::V4, Refusal::PortUnreachable) => "REJECT --reject-with icmp-port-unreachable",
+        (Family::V6, Refusal::PortUnreachable) => "REJECT --reject-with icmp6-port-unreachable",
     }
 }
 
@@ -200,22 +196,18 @@ impl Iptables {
             chain = ext;
         }
         let mut rules = Vec::new();
-        if svc.policy.external == Some(TrafficPolicy::Cluster) {
-            rules.push(format!(
+        match masquerade(fe, svc, self.cluster_cidr) {
+            Masquerade::All => rules.push(format!(
                 "-A {chain} -m comment --comment \"masquerade traffic for {} external destinations\" -j KUBE-MARK-MASQ",
                 svc.name
-            ));
-        } else if svc.policy.external.is_some() {
-            // Local: the client's address is kept, only local endpoints.
-        } else if let Some(cidr) = self.cluster_cidr.filter(|_| fe.family() == Family::V4) {
-            // `--cluster-cidr` is an IPv4 network: IPv6 ClusterIP traffic
-            // is masqueraded only when it hairpins (`KUBE-SEP-`).
-            rules.push(format!(
+            )),
+            Masquerade::NotFrom(cidr) => rules.push(format!(
                 "-A {chain} -m comment --comment \"{} cluster IP\" ! -s {cidr} -d {} -p {p} -m {p} --dport {} -j KUBE-MARK-MASQ",
                 svc.name,
                 host(fe.ip),
                 fe.port
-            ));
+            )),
+            Masquerade::HairpinOnly => {}
         }
         // Session affinity, as kube-proxy: a client seen by an endpoint's
         // `recent` list within the timeout goes back to it; every new
@@ -324,14 +316,12 @@ impl Iptables {
                 (format!("-d {}", host(fe.ip)), "cluster IP")
             };
             if svc.backends.is_empty() {
-                let refuse = reject_with(fe.family(), fe.proto);
-                let (chain, why, verdict) = match svc.policy.external {
-                    None => ("KUBE-SERVICES", "has no endpoints", refuse),
-                    Some(TrafficPolicy::Cluster) => {
-                        ("KUBE-EXTERNAL-SERVICES", "has no endpoints", refuse)
-                    }
+                let verdict = reject_with(fe.family(), refusal(fe, &svc.policy));
+                let (chain, why) = match svc.policy.external {
+                    None => ("KUBE-SERVICES", "has no endpoints"),
+                    Some(TrafficPolicy::Cluster) => ("KUBE-EXTERNAL-SERVICES", "has no endpoints"),
                     Some(TrafficPolicy::Local) => {
-                        ("KUBE-EXTERNAL-SERVICES", "has no local endpoints", "DROP")
+                        ("KUBE-EXTERNAL-SERVICES", "has no local endpoints")
                     }
                 };
                 filter.push_str(&format!(
@@ -812,7 +802,7 @@ ports:
         )
         .unwrap();
         let changes = crate::reconcile::diff(&Default::default(), &state);
-        let by_family = super::super::by_family(&changes);
+        let by_family = crate::datapath::netfilter::by_family(&changes);
         assert_eq!(
             by_family.keys().copied().collect::<Vec<_>>(),
             [Family::V4, Family::V6]
@@ -826,7 +816,7 @@ ports:
                 installed: true,
             };
             let mut stats = Default::default();
-            super::super::fold(&mut ipt.services, mine, &mut stats).unwrap();
+            crate::datapath::netfilter::fold(&mut ipt.services, mine, &mut stats).unwrap();
             assert_eq!(ipt.services.len(), 1, "{family}: one frontend");
             let mut chains = BTreeMap::new();
             for (f, s) in &ipt.services {
