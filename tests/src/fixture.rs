@@ -194,7 +194,7 @@ impl RandomSpread {
 pub fn spread_flows(backends: usize, ebpf_flows: usize) -> usize {
     match mode() {
         Mode::Ebpf => ebpf_flows,
-        Mode::Iptables => RandomSpread::for_backends(backends).flows,
+        Mode::Iptables | Mode::Nftables => RandomSpread::for_backends(backends).flows,
     }
 }
 
@@ -217,7 +217,7 @@ pub fn assert_spread(names: &[String], backends: &[usize], what: &str) {
             let expected: Vec<(usize, usize)> = backends.iter().map(|b| (*b, each)).collect();
             assert_eq!(tally(names), counts(&expected), "{what}: {names:?}");
         }
-        Mode::Iptables => {
+        Mode::Iptables | Mode::Nftables => {
             let spread = RandomSpread::for_backends(k);
             assert_eq!(
                 names.len(),

@@ -151,7 +151,7 @@ impl Kproxy {
             // No interfaces: the caller follows them by `--iface-prefix`.
             Mode::Ebpf if ifaces.is_empty() => &mut cmd,
             Mode::Ebpf => cmd.arg("--iface").arg(ifaces.join(",")),
-            Mode::Iptables => cmd.args(["--mode", Mode::Iptables.as_str()]),
+            Mode::Iptables | Mode::Nftables => cmd.args(["--mode", mode.as_str()]),
         };
         if let Ok(level) = std::env::var(KPROXY_LOG_LEVEL_ENV) {
             cmd.args(["--log-level", &level]);

@@ -25,6 +25,7 @@ pub mod kproxy;
 pub mod manifest;
 pub mod mode;
 pub mod netns;
+pub mod nftables;
 pub mod servers;
 pub mod topology;
 pub mod util;

@@ -1,15 +1,17 @@
 //! Which datapath the suite runs kproxy with: `KPROXY_MODE=ebpf` (the
-//! default) or `KPROXY_MODE=iptables`.
+//! default), `KPROXY_MODE=iptables` or `KPROXY_MODE=nftables`.
 //!
-//! The same tests run in both modes. Only where the datapaths legitimately
+//! The same tests run in every mode. Only where the datapaths legitimately
 //! differ do tests look at [`mode()`]: exact round-robin (eBPF) against
-//! random choice (iptables' `statistic --mode random`), and what "nothing
-//! left behind" means after SIGTERM (BPF links and tc state against
-//! `KUBE-` chains and rules).
+//! random choice (iptables' `statistic --mode random`, nftables' `numgen
+//! random`: [`Mode::is_netfilter`]), and what "nothing left behind" means
+//! after SIGTERM (BPF links and tc state, `KUBE-` chains and rules, or the
+//! `kube-proxy` tables).
 
 use std::fmt;
 
-/// Environment variable selecting the datapath (`ebpf` or `iptables`).
+/// Environment variable selecting the datapath (`ebpf`, `iptables` or
+/// `nftables`).
 pub const KPROXY_MODE_ENV: &str = "KPROXY_MODE";
 
 /// kproxy's `--mode`.
@@ -19,6 +21,8 @@ pub enum Mode {
     Ebpf,
     /// kube-proxy's iptables rules in the node namespace.
     Iptables,
+    /// kube-proxy's nftables tables in the node namespace.
+    Nftables,
 }
 
 impl Mode {
@@ -27,7 +31,16 @@ impl Mode {
         match self {
             Mode::Ebpf => "ebpf",
             Mode::Iptables => "iptables",
+            Mode::Nftables => "nftables",
         }
+    }
+
+    /// kube-proxy's netfilter datapaths (iptables, nftables): rules for the
+    /// whole node namespace, netfilter's conntrack, a random endpoint
+    /// choice, masquerade for hairpin traffic, and REJECT answered by the
+    /// node's stack (so the service CIDR must be routed).
+    pub fn is_netfilter(self) -> bool {
+        matches!(self, Mode::Iptables | Mode::Nftables)
     }
 
     /// Parses a `KPROXY_MODE` value (case-insensitive, surrounding blanks
@@ -36,6 +49,7 @@ impl Mode {
         match value.trim().to_ascii_lowercase().as_str() {
             "" | "ebpf" => Some(Mode::Ebpf),
             "iptables" => Some(Mode::Iptables),
+            "nftables" => Some(Mode::Nftables),
             _ => None,
         }
     }
@@ -53,7 +67,7 @@ pub fn mode() -> Mode {
     match std::env::var(KPROXY_MODE_ENV) {
         Ok(v) => Mode::parse(&v).unwrap_or_else(|| {
             panic!(
-                "{KPROXY_MODE_ENV}={v:?} is not a kproxy mode: use `ebpf` (default) or `iptables`"
+                "{KPROXY_MODE_ENV}={v:?} is not a kproxy mode: use `ebpf` (default), `iptables` or `nftables`"
             )
         }),
         Err(std::env::VarError::NotPresent) => Mode::Ebpf,

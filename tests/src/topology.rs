@@ -164,8 +164,9 @@ impl Topology {
     }
 
     /// [`Topology::new`] for an explicit datapath `mode` instead of the
-    /// suite's: only iptables mode gets the service CIDR route (and
-    /// unlimited ICMP destination-unreachable messages). eBPF mode
+    /// suite's: only the netfilter modes (iptables, nftables) get the
+    /// service CIDR route (and unlimited ICMP destination-unreachable
+    /// messages). eBPF mode
     /// works on that topology too (its programs translate before routing),
     /// so a program comparing both modes on one topology builds it for
     /// [`Mode::Iptables`].
@@ -202,7 +203,7 @@ impl Topology {
         for i in 1..=n_backends {
             topo.add_backend(i)?;
         }
-        if mode == Mode::Iptables {
+        if mode.is_netfilter() {
             route_service_cidr(&topo.node, ipv6)?;
             unlimit_icmp_unreachable(&topo.node, ipv6)?;
         }

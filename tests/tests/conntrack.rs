@@ -86,7 +86,7 @@ fn a_closed_flow_does_not_rewrite_a_later_direct_connection_from_its_port() -> R
         Mode::Ebpf => {
             f.start_kproxy_with(&["--conntrack-tcp-close-seconds", &close])?;
         }
-        Mode::Iptables => {
+        Mode::Iptables | Mode::Nftables => {
             for state in ["fin_wait", "close_wait", "last_ack", "time_wait", "close"] {
                 f.topo.node.sysctl(
                     &format!("net.netfilter.nf_conntrack_tcp_timeout_{state}"),

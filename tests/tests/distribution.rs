@@ -28,7 +28,7 @@ fn assert_round_robin(names: &[String], what: &str) {
 fn flows() -> usize {
     match mode() {
         Mode::Ebpf => 9,
-        Mode::Iptables => RandomSpread::for_backends(3).flows,
+        Mode::Iptables | Mode::Nftables => RandomSpread::for_backends(3).flows,
     }
 }
 
@@ -36,7 +36,7 @@ fn flows() -> usize {
 fn assert_distribution(names: &[String], what: &str) {
     match mode() {
         Mode::Ebpf => assert_round_robin(names, what),
-        Mode::Iptables => assert_spread(names, &[1, 2, 3], what),
+        Mode::Iptables | Mode::Nftables => assert_spread(names, &[1, 2, 3], what),
     }
 }
 

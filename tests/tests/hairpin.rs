@@ -18,7 +18,7 @@ use kproxy_tests::{Fixture, Mode, mode};
 fn max_sessions() -> usize {
     match mode() {
         Mode::Ebpf => 3,
-        Mode::Iptables => 60,
+        Mode::Iptables | Mode::Nftables => 60,
     }
 }
 
@@ -27,7 +27,7 @@ fn expected_hairpin_source(f: &Fixture, index: usize) -> Ipv4Addr {
     match mode() {
         Mode::Ebpf => Ipv4Addr::from(proxy_common::HAIRPIN_SNAT_IP),
         // MASQUERADE picks the address of the interface towards the backend.
-        Mode::Iptables => f.topo.backend(index).gateway,
+        Mode::Iptables | Mode::Nftables => f.topo.backend(index).gateway,
     }
 }
 

@@ -38,7 +38,7 @@ fn topology_direct_traffic() -> Result<()> {
     assert_eq!(topo.client_ip().to_string(), "10.0.1.2");
     assert_eq!(topo.node.sysctl_get("net.ipv4.ip_forward")?, "1");
     assert_eq!(topo.node.sysctl_get("net.ipv4.conf.c0.rp_filter")?, "0");
-    // In iptables mode only: the service CIDR is routed (into a device that
+    // In the netfilter modes only: the service CIDR is routed (into a device that
     // drops) and ICMP destination-unreachable messages are not rate-limited.
     let route = topo.node.ip(&["route", "show", SERVICE_CIDR])?;
     let ratemask: u32 = topo.node.sysctl_get("net.ipv4.icmp_ratemask")?.parse()?;
@@ -47,7 +47,7 @@ fn topology_direct_traffic() -> Result<()> {
             assert!(route.trim().is_empty(), "{route}");
             assert_ne!(ratemask & ICMP_RATEMASK_DEST_UNREACH, 0, "{ratemask}");
         }
-        Mode::Iptables => {
+        Mode::Iptables | Mode::Nftables => {
             assert!(route.contains(SERVICE_CIDR_IFACE), "{route}");
             assert_eq!(ratemask & ICMP_RATEMASK_DEST_UNREACH, 0, "{ratemask}");
         }

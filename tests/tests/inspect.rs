@@ -1,11 +1,13 @@
-//! `kproxy inspect` against a running agent, in both datapaths: the `web`
+//! `kproxy inspect` against a running agent, in every datapath: the `web`
 //! frontends with their backends, the backends following a slice change,
 //! the open connections in conntrack (eBPF: the `CONNTRACK` map's forward
-//! and reply entries; iptables: netfilter's entry), a ClientIP binding
-//! (eBPF: `AFFINITY`; iptables: the endpoint's `recent` list), and what an
-//! agent that exited with `--keep-datapath-on-exit` left (eBPF); an IPv6
-//! ClusterIP's frontends and backends next to the IPv4 ones (eBPF:
-//! `SERVICES6`, `SLOTS6`; iptables: the ip6tables rules; no IPv6 traffic,
+//! and reply entries; iptables and nftables: netfilter's entry), a ClientIP
+//! binding (eBPF: `AFFINITY`; iptables: the endpoint's `recent` list;
+//! nftables: the endpoint's affinity set), and what an agent that exited
+//! with `--keep-datapath-on-exit` left (eBPF); an IPv6 ClusterIP's
+//! frontends and backends next to the IPv4 ones (eBPF: `SERVICES6`,
+//! `SLOTS6`; iptables: the ip6tables rules; nftables: the `ip6` table; no
+//! IPv6 traffic,
 //! which tests/tests/ipv6.rs sends). Without a datapath, with another
 //! layout, or asked for an unknown subject it fails with one error line and
 //! exit code 1.
@@ -59,7 +61,7 @@ impl Drop for PinDir {
 fn start(f: &Fixture, pin: &PinDir, extra: &[&str]) -> Result<Kproxy> {
     let mut args: Vec<&str> = match mode() {
         Mode::Ebpf => vec!["--pin-dir", pin.arg()],
-        Mode::Iptables => vec![],
+        Mode::Iptables | Mode::Nftables => vec![],
     };
     args.extend(extra);
     let mut kp = Kproxy::start_with(
@@ -90,7 +92,7 @@ fn inspect(f: &Fixture, pin: &PinDir, subject: &str) -> Result<Value> {
     let mut args = vec![subject, "-o", "json"];
     match mode() {
         Mode::Ebpf => args.extend(["--pin-dir", pin.arg()]),
-        Mode::Iptables => args.extend(["--mode", "iptables"]),
+        Mode::Iptables | Mode::Nftables => args.extend(["--mode", mode().as_str()]),
     }
     let out = run_inspect(&f.topo.node, &args)?;
     ensure!(
@@ -175,7 +177,9 @@ fn services_backends_and_conntrack_show_what_the_datapath_holds() -> Result<()> 
     assert_eq!(services["total"], 2, "web's two frontends: {services:#}");
     match mode() {
         Mode::Ebpf => assert!(http["service_id"].is_u64(), "{http:#}"),
-        Mode::Iptables => assert_eq!(http["name"], format!("default/{SERVICE}:http")),
+        Mode::Iptables | Mode::Nftables => {
+            assert_eq!(http["name"], format!("default/{SERVICE}:http"))
+        }
     }
 
     let backends = inspect(&f, &pin, "backends")?;
@@ -195,6 +199,12 @@ fn services_backends_and_conntrack_show_what_the_datapath_holds() -> Result<()> 
             assert_eq!(b[0]["probability"], 0.5, "{b:#}");
             assert_eq!(b[1]["probability"], Value::Null, "the last jump: {b:#}");
             assert!(b[0]["chain"].as_str().unwrap().starts_with("KUBE-SEP-"));
+        }
+        // `numgen random mod 2`: no probabilities to show.
+        Mode::Nftables => {
+            let b = &http_backends["backends"];
+            assert_eq!(b[0]["probability"], Value::Null, "{b:#}");
+            assert!(b[0]["chain"].as_str().unwrap().starts_with("endpoint-"));
         }
     }
 
@@ -222,7 +232,7 @@ fn services_backends_and_conntrack_show_what_the_datapath_holds() -> Result<()> 
                 assert_eq!(reply[0]["translated"], format!("{VIP}:{HTTP_PORT}"));
                 assert_eq!(reply[0]["service_id"], fwd["service_id"]);
             }
-            Mode::Iptables => {
+            Mode::Iptables | Mode::Nftables => {
                 assert_eq!(fwd["direction"], "original");
                 assert!(
                     fwd["state"].as_str().unwrap().contains("ESTABLISHED"),
@@ -316,6 +326,15 @@ fn affinity_lists_the_clients_binding() -> Result<()> {
                 .expect("the endpoint's chain");
             assert_eq!(b["chain"], sep, "{doc:#}");
         }
+        Mode::Nftables => {
+            // The set of the chosen endpoint, named after it.
+            let set = b["chain"].as_str().expect("the set's name");
+            assert!(
+                set.starts_with("affinity-")
+                    && set.ends_with(&format!("__{}", backend.replace(':', "/"))),
+                "{doc:#}"
+            );
+        }
     }
     Ok(())
 }
@@ -378,7 +397,7 @@ fn ipv6_clusterips_are_listed_next_to_ipv4_ones() -> Result<()> {
             http["service_id"],
             row(&services, "services", "frontend", WEB_HTTP)["service_id"]
         ),
-        Mode::Iptables => assert_eq!(http["name"], "default/web6:http"),
+        Mode::Iptables | Mode::Nftables => assert_eq!(http["name"], "default/web6:http"),
     }
 
     let backends = inspect(&f, &pin, "backends")?;
@@ -398,11 +417,16 @@ fn ipv6_clusterips_are_listed_next_to_ipv4_ones() -> Result<()> {
             .is_some_and(|a| a.starts_with("fd00:10:244::")),
         "{first:#}"
     );
-    if mode() == Mode::Iptables {
+    let endpoint_chain = match mode() {
+        Mode::Ebpf => None,
+        Mode::Iptables => Some("KUBE-SEP-"),
+        Mode::Nftables => Some("endpoint-"),
+    };
+    if let Some(prefix) = endpoint_chain {
         assert!(
             first["chain"]
                 .as_str()
-                .is_some_and(|c| c.starts_with("KUBE-SEP-")),
+                .is_some_and(|c| c.starts_with(prefix)),
             "{first:#}"
         );
     }
@@ -463,5 +487,8 @@ fn inspect_without_a_datapath_fails_with_one_clear_line() -> Result<()> {
     // iptables mode in a namespace without kproxy's rules.
     let err = one_error_line(&node, &["services", "--mode", "iptables"])?;
     assert!(err.contains("no KUBE-SERVICES chain"), "{err}");
+    // nftables mode in a namespace without kproxy's tables.
+    let err = one_error_line(&node, &["services", "--mode", "nftables"])?;
+    assert!(err.contains("no kube-proxy table"), "{err}");
     Ok(())
 }

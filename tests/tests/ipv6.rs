@@ -189,12 +189,12 @@ fn ipv6_backend_reaches_itself_through_its_service() -> Result<()> {
     // it 60 times in a row with probability (2/3)^60 = 3e-11.
     let max = match mode() {
         Mode::Ebpf => 3,
-        Mode::Iptables => 60,
+        Mode::Iptables | Mode::Nftables => 60,
     };
     let expected_source = match mode() {
         Mode::Ebpf => IpAddr::V6(Ipv6Addr::from(proxy_common::HAIRPIN_SNAT_IP6)),
         // MASQUERADE: the node's address on the link to the backend.
-        Mode::Iptables => {
+        Mode::Iptables | Mode::Nftables => {
             let mut gw = backend_ip6(1).segments();
             gw[7] = 1;
             IpAddr::V6(Ipv6Addr::from(gw))

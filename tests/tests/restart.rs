@@ -1,10 +1,12 @@
-//! Restart without disruption, in both datapaths: `kill -9` of the agent
+//! Restart without disruption, in every datapath: `kill -9` of the agent
 //! during a running TCP connection and a UDP exchange. The flows keep working
 //! through the gap and new ones are still balanced (eBPF: pinned links and
-//! maps stay; iptables: the rules and netfilter's conntrack stay, as with
-//! kube-proxy), the next agent adopts the datapath, applies a change, and
-//! leaves no duplicate or orphaned entries (eBPF: the pinned tables; iptables:
-//! the `KUBE-` rules); a clean stop then removes everything.
+//! maps stay; iptables and nftables: the rules and netfilter's conntrack
+//! stay, as with kube-proxy), the next agent adopts the datapath (nftables:
+//! replaces the table in one transaction), applies a change, and leaves no
+//! duplicate or orphaned entries (eBPF: the pinned tables; iptables: the
+//! `KUBE-` rules; nftables: the `kube-proxy` tables); a clean stop then
+//! removes everything.
 //!
 //! kproxy is started with `nsenter --net` (not `ip netns exec`, whose private
 //! /sys would take the pins with it) and, in eBPF mode, a pin directory of its
@@ -20,7 +22,7 @@ use kproxy_tests::fixture::{
     spread_flows, web_slice_yaml,
 };
 use kproxy_tests::kproxy::Launch;
-use kproxy_tests::{Fixture, Kproxy, Mode, iptables, mode};
+use kproxy_tests::{Fixture, Kproxy, Mode, iptables, mode, nftables};
 use proxy_common::{SlotKey, SvcKey, SvcValue};
 use proxy_user::datapath::ebpf::{LoadOptions, layout_tag};
 
@@ -37,7 +39,7 @@ fn start(f: &Fixture, pin: &Path) -> Result<Kproxy> {
     let pin = pin.to_str().context("pin path is UTF-8")?;
     let extra: &[&str] = match mode() {
         Mode::Ebpf => &["--pin-dir", pin],
-        Mode::Iptables => &[],
+        Mode::Iptables | Mode::Nftables => &[],
     };
     let mut kp = Kproxy::start_with(
         &f.topo.node,
@@ -80,7 +82,8 @@ fn pinned_tables(root: &Path) -> Result<Vec<(SvcKey, SvcValue)>> {
 
 /// What the datapath holds for the services, to compare across a restart:
 /// eBPF, the pinned frontends and their slots (checked to be consistent);
-/// iptables, kproxy's `KUBE-` rules, sorted.
+/// iptables, kproxy's `KUBE-` rules, sorted; nftables, what the
+/// `kube-proxy` tables hold, sorted.
 fn datapath_state(f: &Fixture, root: &Path) -> Result<Vec<String>> {
     match mode() {
         Mode::Ebpf => {
@@ -96,6 +99,7 @@ fn datapath_state(f: &Fixture, root: &Path) -> Result<Vec<String>> {
             rules.sort();
             Ok(rules)
         }
+        Mode::Nftables => nftables::kube_proxy_lines(&f.topo.node),
     }
 }
 
@@ -190,6 +194,13 @@ fn kill_9_keeps_flows_and_the_next_agent_adopts_the_datapath() -> Result<()> {
             assert!(
                 left.is_empty(),
                 "KUBE- rules left on a clean stop: {left:#?}"
+            );
+        }
+        Mode::Nftables => {
+            let left = nftables::kube_proxy_tables(&f.topo.node)?;
+            assert!(
+                left.is_empty(),
+                "kube-proxy tables left on a clean stop: {left:#?}"
             );
         }
     }

@@ -14,7 +14,7 @@ use kproxy_tests::{Fixture, Mode, mode};
 fn max_sessions() -> usize {
     match mode() {
         Mode::Ebpf => 3,
-        Mode::Iptables => 60,
+        Mode::Iptables | Mode::Nftables => 60,
     }
 }
 

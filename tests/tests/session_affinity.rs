@@ -144,7 +144,7 @@ fn affinity_ends_when_the_timeout_passes_without_a_new_connection() -> Result<()
                 assert_ne!(w[0], w[1], "the binding outlived its timeout: {chosen:?}");
             }
         }
-        Mode::Iptables => {
+        Mode::Iptables | Mode::Nftables => {
             let t = tally(chosen.iter().map(|i| i.to_string()));
             assert!(t.len() > 1, "the binding outlived its timeout: {chosen:?}");
         }

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the whole gate CI runs (.ci/run): setup, build, format
 //! check, clippy on both workspaces, then the test suite against the freshly
-//! built agent (eBPF mode), the namespace suite once more against the agent's
-//! iptables mode, the README's main command (`cargo xtask up --once`), a smoke
+//! built agent (eBPF mode), the namespace suite once more against each of the
+//! agent's netfilter modes (iptables, nftables), the README's main command
+//! (`cargo xtask up --once`), a smoke
 //! run of every other workflow, and the dataplane suite in qemu. It ends with
 //! how many tests ran in each datapath mode.
 
@@ -27,8 +28,8 @@ const TESTS_DIR: &str = "tests/tests";
 /// object itself (BPF_PROG_TEST_RUN), attaching to interfaces as they appear,
 /// `--attach netlink`, the north-south cases with `--xdp off` and the XDP
 /// program's own checks, the conntrack sweep, and the cluster (which runs kproxy in eBPF mode). Not
-/// generated for the iptables step; each fails with a message when run with
-/// `KPROXY_MODE=iptables`.
+/// generated for the iptables and nftables steps; each fails with a message when run with
+/// `KPROXY_MODE=iptables` (or `nftables`).
 const EBPF_ONLY_TESTS: &[&str] = &[
     "packet_classes",
     "packet_classes_v6",
@@ -78,13 +79,18 @@ struct ModeCounts {
     /// kproxy-tests with KPROXY_MODE=ebpf.
     ebpf: Option<Counts>,
     iptables: Option<Counts>,
+    nftables: Option<Counts>,
     namespace_targets: Vec<String>,
     ebpf_only_targets: Vec<String>,
 }
 
 impl ModeCounts {
     fn print(&self) {
-        if self.independent.is_none() && self.ebpf.is_none() && self.iptables.is_none() {
+        if self.independent.is_none()
+            && self.ebpf.is_none()
+            && self.iptables.is_none()
+            && self.nftables.is_none()
+        {
             return;
         }
         say!("==> tests run per datapath mode:");
@@ -115,6 +121,13 @@ impl ModeCounts {
             let (t, n) = c.of(both);
             say!(
                 "    iptables mode  namespace suite: {}",
+                testcount::describe(t, n)
+            );
+        }
+        if let Some(c) = &self.nftables {
+            let (t, n) = c.of(both);
+            say!(
+                "    nftables mode  namespace suite: {}",
                 testcount::describe(t, n)
             );
         }
@@ -253,13 +266,18 @@ fn steps(
         Ok(())
     })?;
 
-    // The namespace suite again against `kproxy --mode iptables`.
-    let mut iptables_args = vec!["--package", TESTS_PACKAGE];
+    // The namespace suite again against `kproxy --mode iptables`, then
+    // against `kproxy --mode nftables`: the same targets.
+    let mut netfilter_args = vec!["--package", TESTS_PACKAGE];
     for target in &counts.namespace_targets {
-        iptables_args.extend(["--test", target.as_str()]);
+        netfilter_args.extend(["--test", target.as_str()]);
     }
     step("tests (iptables)", &mut || {
-        counts.iptables = Some(cargo_test("iptables", &iptables_args)?);
+        counts.iptables = Some(cargo_test("iptables", &netfilter_args)?);
+        Ok(())
+    })?;
+    step("tests (nftables)", &mut || {
+        counts.nftables = Some(cargo_test("nftables", &netfilter_args)?);
         Ok(())
     })?;
 
@@ -348,7 +366,7 @@ mod tests {
     use crate::util;
 
     #[test]
-    fn iptables_step_runs_every_namespace_test_but_not_the_ebpf_only_ones() {
+    fn netfilter_steps_run_every_namespace_test_but_not_the_ebpf_only_ones() {
         let targets = namespace_test_targets(&util::workspace_root().join(TESTS_DIR)).unwrap();
         for t in ["distribution", "removal", "reject", "cleanup", "harness"] {
             assert!(targets.iter().any(|x| x == t), "{t} missing: {targets:?}");

@@ -13,8 +13,9 @@ use crate::util::{output, run, which};
 
 /// Debian packages the tests and the demo use: `ip` (iproute2), iptables (the
 /// comparison baseline in tests), iperf3 (throughput checks), sysctl/pkill
-/// (procps), modprobe (kmod), `conntrack` (kproxy's iptables mode deletes
-/// stale UDP flows with it, as kube-proxy does), and `nc` (netcat-openbsd),
+/// (procps), modprobe (kmod), `conntrack` (kproxy's iptables and nftables
+/// modes delete stale UDP flows with it, as kube-proxy does), `nft`
+/// (nftables: kproxy's nftables mode), and `nc` (netcat-openbsd),
 /// which the demo (`cargo xtask up`) tells the user to try. `cargo xtask
 /// vm-test` boots kernels in qemu (qemu-system-x86), unpacks their .ko.xz
 /// modules (xz-utils) and builds static musl binaries, some with C inside
@@ -36,6 +37,7 @@ pub const APT_REQUIRED: &[&str] = &[
     "procps",
     "kmod",
     "conntrack",
+    "nftables",
     "netcat-openbsd",
     "qemu-system-x86",
     "xz-utils",
@@ -68,6 +70,8 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("iptables-save", "iptables"),
     ("iptables-restore", "iptables"),
     ("conntrack", "conntrack"),
+    ("nft", "nftables"),
+    ("unshare", "util-linux"),
     ("iperf3", "iperf3"),
     ("sysctl", "procps"),
     ("modinfo", "kmod"),
