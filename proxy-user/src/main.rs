@@ -188,7 +188,8 @@ struct Args {
 enum Command {
     /// Show what the datapath holds right now, read-only: `services`,
     /// `backends`, `conntrack` or `affinity` (eBPF: the pinned maps;
-    /// iptables: the rules, netfilter's conntrack, the recent lists).
+    /// iptables: the rules, netfilter's conntrack, the recent lists;
+    /// nftables: the tables, netfilter's conntrack, the affinity sets).
     Inspect(inspect::InspectArgs),
 }
 

@@ -122,7 +122,7 @@ fn save(family: Family, table: &str) -> Result<Option<String>> {
 }
 
 /// `conntrack -L` of one family (it lists IPv4 unless told otherwise).
-fn list_conntrack(family: Family) -> Result<String> {
+pub(super) fn list_conntrack(family: Family) -> Result<String> {
     let f = match family {
         Family::V4 => "ipv4",
         Family::V6 => "ipv6",
@@ -456,7 +456,7 @@ fn dnat_of(nat: &Tables, sep: &str) -> Option<BackendAddr> {
     ))
 }
 
-fn service_row(s: &Svc) -> ServiceRow {
+pub(super) fn service_row(s: &Svc) -> ServiceRow {
     let (flags, traffic_policy) = super::flags(
         s.external,
         s.external && s.local,
@@ -475,7 +475,7 @@ fn service_row(s: &Svc) -> ServiceRow {
     }
 }
 
-fn backends_row(s: &Svc) -> BackendsRow {
+pub(super) fn backends_row(s: &Svc) -> BackendsRow {
     BackendsRow {
         id: FrontendId::from(&s.fe),
         service_id: None,

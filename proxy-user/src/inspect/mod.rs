@@ -9,12 +9,15 @@
 //!   `ip6tables-save`) turned back into frontends and endpoints, netfilter's
 //!   conntrack table (`conntrack -L`, both families) and the `recent` lists
 //!   of session affinity (`/proc/net/xt_recent/KUBE-SEP-*`).
+//! - nftables ([`nftables`]): the live `kube-proxy` tables (`nft -j list
+//!   table`, `ip` and `ip6`) turned back into the same frontends and
+//!   endpoints, the same conntrack reading, and the affinity sets.
 //!
 //! IPv6 frontends, backends, flows and bindings are rows like IPv4 ones:
 //! address columns as std prints addresses, `ip:port` columns as it prints
 //! socket addresses (`[fd00::1]:8080`).
 //!
-//! Both produce the same [`Report`]s, printed as an aligned table
+//! All produce the same [`Report`]s, printed as an aligned table
 //! ([`table`]) or as JSON with stable field names.
 
 use std::fmt::Write as _;
@@ -27,6 +30,7 @@ use crate::model::{BackendAddr, Frontend};
 
 pub mod ebpf;
 pub mod iptables;
+pub mod nftables;
 mod table;
 
 /// `kproxy inspect`'s command line.
@@ -40,7 +44,9 @@ pub struct InspectArgs {
     /// The datapath to read: `ebpf` reads the maps pinned under --pin-dir;
     /// `iptables` reads this network namespace's rules (`iptables-save`,
     /// `ip6tables-save`), netfilter's conntrack table (`conntrack -L`) and
-    /// the `recent` lists (/proc/net/xt_recent).
+    /// the `recent` lists (/proc/net/xt_recent); `nftables` reads its
+    /// `kube-proxy` tables (`nft -j`), the conntrack table and the affinity
+    /// sets.
     #[arg(long, value_enum, default_value = "ebpf")]
     pub mode: InspectMode,
     /// eBPF mode: the agent's --pin-dir; the maps are read from
@@ -66,6 +72,7 @@ pub struct InspectArgs {
 pub enum InspectMode {
     Ebpf,
     Iptables,
+    Nftables,
 }
 
 impl InspectMode {
@@ -73,6 +80,7 @@ impl InspectMode {
         match self {
             InspectMode::Ebpf => "ebpf",
             InspectMode::Iptables => "iptables",
+            InspectMode::Nftables => "nftables",
         }
     }
 }
@@ -115,6 +123,7 @@ pub fn run(args: &InspectArgs) -> Result<String> {
     let mut report = match args.mode {
         InspectMode::Ebpf => ebpf::read(subject, &args.pin_dir)?,
         InspectMode::Iptables => iptables::read(subject)?,
+        InspectMode::Nftables => nftables::read(subject)?,
     };
     report.limit(args.limit);
     Ok(match args.output {

@@ -69,8 +69,31 @@ fn proto(p: Proto) -> &'static str {
 pub(super) struct Ruleset {
     pub(super) chains: BTreeMap<String, Vec<String>>,
     pub(super) sets: BTreeMap<String, String>,
-    /// (map, key) → verdict.
-    pub(super) elements: BTreeMap<(&'static str, String), String>,
+    /// (map, key) → element.
+    pub(super) elements: BTreeMap<(&'static str, String), Element>,
+}
+
+/// A dispatch map's element: its verdict, and the service port's name in
+/// its comment (as kube-proxy's), which `kproxy inspect` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Element {
+    pub(super) name: String,
+    pub(super) verdict: String,
+}
+
+impl Element {
+    fn new(name: &str, verdict: String) -> Element {
+        Element {
+            name: name.to_owned(),
+            verdict,
+        }
+    }
+}
+
+impl std::fmt::Display for Element {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "comment \"{}\" : {}", self.name, self.verdict)
+    }
 }
 
 /// kube-proxy's chain name: a kind, a hash that makes it unique, and the
@@ -187,11 +210,12 @@ fn render_svc(
     let port_key = format!("{p} . {}", fe.port);
     if svc.backends.is_empty() {
         let verdict = refusal_verdict(refusal(fe, &svc.policy));
+        let element = Element::new(&svc.name, verdict);
         if fe.is_nodeport() {
             out.elements
-                .insert((NO_ENDPOINT_NODEPORTS, port_key), verdict);
+                .insert((NO_ENDPOINT_NODEPORTS, port_key), element);
         } else {
-            out.elements.insert((NO_ENDPOINT_SERVICES, key), verdict);
+            out.elements.insert((NO_ENDPOINT_SERVICES, key), element);
         }
         return;
     }
@@ -200,12 +224,11 @@ fn render_svc(
     } else {
         service_chain(fe, &svc.name)
     };
+    let element = Element::new(&svc.name, format!("goto {chain}"));
     if fe.is_nodeport() {
-        out.elements
-            .insert((SERVICE_NODEPORTS, port_key), format!("goto {chain}"));
+        out.elements.insert((SERVICE_NODEPORTS, port_key), element);
     } else {
-        out.elements
-            .insert((SERVICE_IPS, key.clone()), format!("goto {chain}"));
+        out.elements.insert((SERVICE_IPS, key.clone()), element);
     }
     if !svc.policy.source_ranges.is_empty() {
         let fw = firewall_chain(fe, &svc.name);
@@ -223,8 +246,10 @@ fn render_svc(
                 svc.name
             )],
         );
-        out.elements
-            .insert((FIREWALL_IPS, key), format!("goto {fw}"));
+        out.elements.insert(
+            (FIREWALL_IPS, key),
+            Element::new(&svc.name, format!("goto {fw}")),
+        );
     }
     let mut rules = Vec::new();
     match masquerade(fe, svc, cluster_cidr) {
@@ -466,14 +491,14 @@ pub(super) fn transaction(family: Family, fresh: bool, old: &Ruleset, new: &Rule
             let _ = writeln!(s, "add rule {t} {c} {r}");
         }
     }
-    for ((map, key), verdict) in &old.elements {
-        if new.elements.get(&(*map, key.clone())) != Some(verdict) {
+    for ((map, key), element) in &old.elements {
+        if new.elements.get(&(*map, key.clone())) != Some(element) {
             let _ = writeln!(s, "delete element {t} {map} {{ {key} }}");
         }
     }
-    for ((map, key), verdict) in &new.elements {
-        if old.elements.get(&(*map, key.clone())) != Some(verdict) {
-            let _ = writeln!(s, "add element {t} {map} {{ {key} : {verdict} }}");
+    for ((map, key), element) in &new.elements {
+        if old.elements.get(&(*map, key.clone())) != Some(element) {
+            let _ = writeln!(s, "add element {t} {map} {{ {key} {element} }}");
         }
     }
     // Rules first, so no chain still jumps to another one being deleted.

@@ -171,7 +171,8 @@ fn structure_is_kube_proxys() {
         .elements
         .get(&(rules::SERVICE_IPS, "10.96.0.10 . tcp . 80".to_owned()))
         .expect("ClusterIP in service-ips");
-    let chain = web.strip_prefix("goto ").unwrap();
+    assert_eq!(web.name, "default/web:http");
+    let chain = web.verdict.strip_prefix("goto ").unwrap();
     assert!(
         chain.starts_with("service-") && chain.ends_with("-default/web/tcp/http"),
         "{chain}"
@@ -205,21 +206,22 @@ fn structure_is_kube_proxys() {
         set.elements[&(
             rules::NO_ENDPOINT_SERVICES,
             "10.96.0.30 . tcp . 80".to_owned()
-        )],
+        )]
+            .verdict,
         "goto reject-chain"
     );
     assert_eq!(
-        set.elements[&(rules::NO_ENDPOINT_NODEPORTS, "tcp . 30081".to_owned())],
+        set.elements[&(rules::NO_ENDPOINT_NODEPORTS, "tcp . 30081".to_owned())].verdict,
         "drop"
     );
     // A nodePort under Cluster: masquerade everything, then balance.
     let np = &set.elements[&(rules::SERVICE_NODEPORTS, "tcp . 30080".to_owned())];
-    let np = np.strip_prefix("goto ").unwrap();
+    let np = np.verdict.strip_prefix("goto ").unwrap();
     assert!(np.starts_with("external-"), "{np}");
     assert_eq!(set.chains[np][0], "jump mark-for-masquerade");
     // Source ranges: a firewall element and chain for the LB address.
     let fw = &set.elements[&(rules::FIREWALL_IPS, "203.0.113.9 . tcp . 80".to_owned())];
-    let fw = fw.strip_prefix("goto ").unwrap();
+    let fw = fw.verdict.strip_prefix("goto ").unwrap();
     assert!(
         set.chains[fw][0].starts_with("ip saddr != { 192.0.2.1/32, 198.51.100.0/24 } drop"),
         "{:?}",
@@ -243,14 +245,16 @@ fn ipv6_tcp_without_endpoints_gets_a_reset() {
         set.elements[&(
             rules::NO_ENDPOINT_SERVICES,
             "fd00:10:96::20 . tcp . 80".to_owned()
-        )],
+        )]
+            .verdict,
         "goto reset-chain"
     );
     assert_eq!(
         set.elements[&(
             rules::NO_ENDPOINT_SERVICES,
             "fd00:10:96::20 . udp . 53".to_owned()
-        )],
+        )]
+            .verdict,
         "goto reject-chain"
     );
     assert!(
@@ -287,6 +291,7 @@ fn an_endpoint_change_is_a_minimal_transaction() {
     let new = rules::render(Family::V4, None, &services);
     let got = rules::transaction(Family::V4, false, &old, &new);
     let svc_a = old.elements[&(rules::SERVICE_IPS, "10.96.0.10 . tcp . 80".to_owned())]
+        .verdict
         .strip_prefix("goto ")
         .unwrap()
         .to_owned();
@@ -348,7 +353,7 @@ fn losing_the_last_endpoint_moves_the_element_between_maps() {
         &lines[..2],
         [
             "delete element ip kube-proxy service-ips { 10.96.0.10 . udp . 53 }",
-            "add element ip kube-proxy no-endpoint-services { 10.96.0.10 . udp . 53 : goto reject-chain }",
+            "add element ip kube-proxy no-endpoint-services { 10.96.0.10 . udp . 53 comment \"default/dns:dns\" : goto reject-chain }",
         ]
     );
     assert_eq!(lines.len(), 6, "{got}");
