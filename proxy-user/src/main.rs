@@ -518,6 +518,26 @@ mod tests {
         let agent =
             Args::try_parse_from(["kproxy", "--mode", "nftables", "--manifests", "m"]).unwrap();
         assert!(agent.command.is_none() && agent.mode == Mode::Nftables);
+        // Maglev is the eBPF datapath's: both netfilter modes refuse it at
+        // start, before touching the kernel.
+        for mode in ["iptables", "nftables"] {
+            let args = Args::try_parse_from([
+                "kproxy",
+                "--mode",
+                mode,
+                "--lb-algorithm",
+                "maglev",
+                "--manifests",
+                "m",
+            ])
+            .unwrap();
+            let err = start(&args).err().expect("maglev refused");
+            assert!(
+                err.to_string()
+                    .contains(&format!("maglev needs --mode ebpf ({mode} picks")),
+                "{err}"
+            );
+        }
         // The agent still needs a source.
         assert!(Args::try_parse_from(["kproxy", "--iface", "c0"]).is_err());
         let Some(Command::Inspect(i)) = Args::try_parse_from([

@@ -131,8 +131,15 @@ impl Proxier for Nftables {
         // A change that does not fit, or a transaction nft refuses, leaves
         // everything as it was.
         let plan = self.plan(family, changes, &mut stats)?;
-        if !plan.input.is_empty() {
-            exec::nft(&plan.input, false)?;
+        if !plan.input.is_empty()
+            && let Err(e) = exec::nft(&plan.input, false)
+        {
+            // What the table holds may not be what this proxier last wrote
+            // (someone flushed it, or it is gone): the next round rebuilds
+            // it whole, as kube-proxy follows a failed partial sync with a
+            // full one.
+            self.installed = false;
+            return Err(e);
         }
         self.services = plan.services;
         self.written = plan.next;

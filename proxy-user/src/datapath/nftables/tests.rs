@@ -454,3 +454,76 @@ fn transactions_load_into_the_real_nft() {
     let listed = run_in_throwaway_netns(&steps);
     assert!(!listed.contains("kube-proxy"), "{listed}");
 }
+
+/// Runs `f` on a thread of its own in a new network namespace: the
+/// namespace is the thread's (`unshare(CLONE_NEWNET)`), so `nft` started
+/// from it works on that namespace's tables and the test's never reach the
+/// host's; it goes away with the thread.
+fn in_throwaway_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: unshare changes only the calling thread's namespaces.
+        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("the namespace thread panicked")
+}
+
+fn nft_out(args: &[&str]) -> String {
+    let out = Command::new("nft").args(args).output().expect("nft runs");
+    assert!(
+        out.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The proxier through the real nft: it builds its table, applies a change
+/// as a partial sync, rebuilds the table whole after a transaction failed
+/// because the table was deleted behind its back, and deletes it on
+/// cleanup.
+#[test]
+fn the_proxier_recovers_from_a_table_deleted_behind_its_back() {
+    use super::super::netfilter::Proxier;
+    use crate::reconcile::Change;
+    use std::collections::BTreeSet;
+
+    in_throwaway_netns(|| {
+        let web = fe("10.96.0.10", 80, Proto::Tcp);
+        let mut p = super::Nftables::new(None);
+        let add = Change::AddService {
+            frontend: web,
+            name: "default/web:http".into(),
+            backends: BTreeSet::from([b(1)]),
+            policy: Policy::default(),
+        };
+        p.apply(Family::V4, &[&add]).expect("first sync");
+        assert!(p.installed);
+        assert!(nft_out(&["list", "tables"]).contains("table ip kube-proxy"));
+
+        let grow = Change::UpdateBackends {
+            frontend: web,
+            added: BTreeSet::from([b(2)]),
+            removed: BTreeSet::new(),
+            flush: BTreeSet::new(),
+        };
+        nft_out(&["delete", "table", "ip", "kube-proxy"]);
+        let err = p
+            .apply(Family::V4, &[&grow])
+            .expect_err("a partial sync into a missing table fails");
+        assert!(err.to_string().contains("nft -f failed"), "{err:#}");
+        assert!(!p.installed, "the next round rebuilds the table");
+        assert_eq!(p.services[&web].backends, [b(1)], "state kept on failure");
+
+        // The agent's next round sends the change again.
+        p.apply(Family::V4, &[&grow]).expect("full sync");
+        let listed = nft_out(&["list", "table", "ip", "kube-proxy"]);
+        assert!(listed.contains("dnat to 10.0.0.2:8080"), "{listed}");
+        assert!(listed.contains("numgen random mod 2"), "{listed}");
+
+        p.cleanup(Family::V4).expect("cleanup");
+        assert!(!nft_out(&["list", "tables"]).contains("kube-proxy"));
+    });
+}
