@@ -1,5 +1,5 @@
 //! Running `nft`: its version, and transactions fed on its standard input
-//! (`nft -f -`), either applied or only checked (`nft -c`).
+//! (`nft -f -`).
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -21,14 +21,9 @@ pub(super) fn version() -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// Feeds `input` to `nft -f -`: one transaction, all or nothing. With
-/// `check`, nft only parses and validates it against the kernel (`-c`).
-pub(super) fn nft(input: &str, check: bool) -> Result<()> {
-    let mut cmd = Command::new("nft");
-    if check {
-        cmd.arg("-c");
-    }
-    let mut child = cmd
+/// Feeds `input` to `nft -f -`: one transaction, all or nothing.
+pub(super) fn nft(input: &str) -> Result<()> {
+    let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

@@ -50,7 +50,7 @@ use anyhow::{Result, bail};
 
 use super::Datapath;
 use super::netfilter::{PerFamily, Proxier, Svc, delete_stale_udp_flows, fold};
-use crate::model::{Cidr, DesiredState, Family, Frontend};
+use crate::model::{BackendAddr, Cidr, DesiredState, Family, Frontend};
 use crate::reconcile::{ApplyStats, Change};
 
 mod exec;
@@ -118,11 +118,16 @@ impl Nftables {
     }
 }
 
+/// One round for one family, worked out before anything is run.
 struct Plan {
+    /// The frontends after the changes.
     services: BTreeMap<Frontend, Svc>,
+    /// What the table holds after the transaction.
     next: Ruleset,
+    /// The `nft -f` input; empty when nothing changed.
     input: String,
-    stale: Vec<(Frontend, Option<crate::model::BackendAddr>)>,
+    /// UDP flows to delete from conntrack afterwards.
+    stale: Vec<(Frontend, Option<BackendAddr>)>,
 }
 
 impl Proxier for Nftables {
@@ -132,7 +137,7 @@ impl Proxier for Nftables {
         // everything as it was.
         let plan = self.plan(family, changes, &mut stats)?;
         if !plan.input.is_empty()
-            && let Err(e) = exec::nft(&plan.input, false)
+            && let Err(e) = exec::nft(&plan.input)
         {
             // What the table holds may not be what this proxier last wrote
             // (someone flushed it, or it is gone): the next round rebuilds
@@ -157,7 +162,7 @@ impl Proxier for Nftables {
     }
 
     fn cleanup(&mut self, family: Family) -> Result<()> {
-        let r = exec::nft(&rules::teardown(family), false);
+        let r = exec::nft(&rules::teardown(family));
         self.services.clear();
         self.written = Ruleset::default();
         self.installed = false;

@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::IpAddr;
 
 use sha2::{Digest, Sha256};
 
@@ -171,10 +170,6 @@ fn affinity_set(fe: &Frontend, name: &str, b: &BackendAddr, secs: u32) -> String
     )
 }
 
-fn host(ip: IpAddr) -> String {
-    ip.to_string()
-}
-
 /// The verdict of a frontend without endpoints.
 fn refusal_verdict(how: Refusal) -> String {
     match how {
@@ -206,7 +201,7 @@ fn render_svc(
 ) {
     let ip = nft_family(family);
     let p = proto(fe.proto);
-    let key = format!("{} . {p} . {}", host(fe.ip), fe.port);
+    let key = format!("{} . {p} . {}", fe.ip, fe.port);
     let port_key = format!("{p} . {}", fe.port);
     if svc.backends.is_empty() {
         let verdict = refusal_verdict(refusal(fe, &svc.policy));
@@ -256,8 +251,7 @@ fn render_svc(
         Masquerade::All => rules.push("jump mark-for-masquerade".to_owned()),
         Masquerade::NotFrom(cidr) => rules.push(format!(
             "{ip} daddr {} {p} dport {} {ip} saddr != {cidr} jump mark-for-masquerade",
-            host(fe.ip),
-            fe.port
+            fe.ip, fe.port
         )),
         Masquerade::HairpinOnly => {}
     }
@@ -295,10 +289,7 @@ fn render_svc(
     out.chains.insert(chain, rules);
     for b in &svc.backends {
         let ep = endpoint_chain(fe, &svc.name, b);
-        let mut rules = vec![format!(
-            "{ip} saddr {} jump mark-for-masquerade",
-            host(b.ip)
-        )];
+        let mut rules = vec![format!("{ip} saddr {} jump mark-for-masquerade", b.ip)];
         if let Some(secs) = affinity {
             rules.push(format!(
                 "update @{} {{ {ip} saddr }}",
