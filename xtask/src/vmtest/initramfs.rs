@@ -22,8 +22,9 @@ use crate::util::{self, which};
 /// netns.
 const REQUIRED_TOOLS: &[&str] = &["ip", "tc", "sysctl", "nsenter", "ethtool"];
 /// Copied when the host has them: `bpftool` (cleanup.rs checks links with
-/// it, and skips that part without it), iptables and `conntrack` (kproxy's
-/// iptables mode), `kubectl` (api.rs drives kcontrol with it; a static Go
+/// it, and skips that part without it), iptables, `nft` and `conntrack`
+/// (kproxy's iptables and nftables modes; inspect.rs asks both in a bare
+/// namespace), `kubectl` (api.rs drives kcontrol with it; a static Go
 /// binary of ~57 MB, the largest file in the initramfs), `etcd` (api.rs runs
 /// kcontrol on a one-member etcd too; Debian's etcd-server, ~21 MB).
 const OPTIONAL_TOOLS: &[&str] = &[
@@ -31,6 +32,7 @@ const OPTIONAL_TOOLS: &[&str] = &[
     "iptables",
     "iptables-save",
     "iptables-restore",
+    "nft",
     "conntrack",
     "kubectl",
     "etcd",
