@@ -27,7 +27,7 @@ pub fn monotonic_ns() -> u64 {
 /// Whether an entry last seen at `v.seen_ns` is past its timeout at `now`
 /// (the rule the programs apply in `flow.rs::ct_live`).
 pub fn expired(k: &CtKey, v: &CtValue, now: u64, tcp_close_ns: u64) -> bool {
-    now.saturating_sub(v.seen_ns) > ct_timeout_ns(k.proto, v.flags, tcp_close_ns)
+    entry_expired(k, v, now, tcp_close_ns)
 }
 
 /// Free entries the kernel's LRU keeps per CPU (`LOCAL_FREE_TARGET` in
@@ -43,59 +43,86 @@ pub fn lru_usable(capacity: usize, nr_cpus: usize) -> usize {
         .max(capacity / 2)
 }
 
+/// An entry of either family's conntrack table, as the expiry rule reads
+/// it: protocol, `CT_F_*` flags, time of the last packet.
+trait CtEntry: aya::Pod {
+    type Value: aya::Pod;
+    fn fields(&self, v: &Self::Value) -> (u8, u32, u64);
+}
+
+impl CtEntry for CtKey {
+    type Value = CtValue;
+    fn fields(&self, v: &CtValue) -> (u8, u32, u64) {
+        (self.proto, v.flags, v.seen_ns)
+    }
+}
+
+impl CtEntry for CtKey6 {
+    type Value = CtValue6;
+    fn fields(&self, v: &CtValue6) -> (u8, u32, u64) {
+        (self.proto, v.flags, v.seen_ns)
+    }
+}
+
+fn entry_expired<K: CtEntry>(k: &K, v: &K::Value, now: u64, tcp_close_ns: u64) -> bool {
+    let (proto, flags, seen_ns) = k.fields(v);
+    now.saturating_sub(seen_ns) > ct_timeout_ns(proto, flags, tcp_close_ns)
+}
+
+/// One sweep of a table: reads it in batches, then deletes the entries
+/// that were expired and still are (a packet may have refreshed one since
+/// the scan). Returns (entries scanned, entries deleted).
+fn sweep<K: CtEntry>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, K::Value>,
+    tcp_close_ns: u64,
+    what: &str,
+) -> (usize, usize) {
+    let now = monotonic_ns();
+    let mut doomed = Vec::new();
+    let scanned = match batch::for_each(fd, |k: K, v: K::Value| {
+        if entry_expired(&k, &v, now, tcp_close_ns) {
+            doomed.push(k);
+        }
+    }) {
+        Ok(n) => n,
+        Err(e) => {
+            log::warn!("conntrack sweep: reading the {what} table: {e}");
+            0
+        }
+    };
+    let mut deleted = 0usize;
+    for k in &doomed {
+        match map.get(k, 0) {
+            Ok(v)
+                if entry_expired(k, &v, monotonic_ns(), tcp_close_ns) && map.remove(k).is_ok() =>
+            {
+                deleted += 1;
+            }
+            _ => {}
+        }
+    }
+    (scanned, deleted)
+}
+
 impl ConntrackGc for Dataplane {
     fn collect(&mut self) -> GcReport {
         let started = Instant::now();
-        let now = monotonic_ns();
-        let mut doomed = Vec::new();
         let close = self.ct_tcp_close_ns;
-        let scanned = match batch::for_each(self.conntrack_fd.as_fd(), |k: CtKey, v: CtValue| {
-            if expired(&k, &v, now, close) {
-                doomed.push(k);
-            }
-        }) {
-            Ok(n) => n,
-            Err(e) => {
-                log::warn!("conntrack sweep: reading the table: {e}");
-                0
-            }
-        };
-        let mut deleted = 0usize;
-        for k in &doomed {
-            // Refreshed by a packet since the scan: leave it.
-            match self.conntrack.get(k, 0) {
-                Ok(v)
-                    if expired(k, &v, monotonic_ns(), self.ct_tcp_close_ns)
-                        && self.conntrack.remove(k).is_ok() =>
-                {
-                    deleted += 1;
-                }
-                _ => {}
-            }
-        }
-        // The IPv6 table: swept the same way; its figures are not in the
+        let (scanned, deleted) = sweep(
+            self.conntrack_fd.as_fd(),
+            &mut self.conntrack,
+            close,
+            "IPv4",
+        );
+        // The IPv6 table is swept the same way; its figures are not in the
         // report's live/capacity (those size the IPv4 table).
-        let mut doomed6 = Vec::new();
-        if let Err(e) = batch::for_each(self.conntrack6_fd.as_fd(), |k: CtKey6, v: CtValue6| {
-            if now.saturating_sub(v.seen_ns) > ct_timeout_ns(k.proto, v.flags, close) {
-                doomed6.push(k);
-            }
-        }) {
-            log::warn!("conntrack sweep: reading the IPv6 table: {e}");
-        }
-        let mut deleted6 = 0usize;
-        for k in &doomed6 {
-            match self.conntrack6.get(k, 0) {
-                Ok(v)
-                    if monotonic_ns().saturating_sub(v.seen_ns)
-                        > ct_timeout_ns(k.proto, v.flags, close)
-                        && self.conntrack6.remove(k).is_ok() =>
-                {
-                    deleted6 += 1;
-                }
-                _ => {}
-            }
-        }
+        let (_, deleted6) = sweep(
+            self.conntrack6_fd.as_fd(),
+            &mut self.conntrack6,
+            close,
+            "IPv6",
+        );
         GcReport {
             live: scanned - deleted,
             deleted: deleted + deleted6,

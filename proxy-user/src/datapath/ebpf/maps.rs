@@ -669,46 +669,23 @@ impl Dataplane {
     ) -> Result<usize> {
         let doomed =
             |svc_id: u32, b: BackendAddr| ids.contains(&svc_id) || backends.contains(&(svc_id, b));
-        let mut gone = Vec::new();
-        for entry in self.conntrack.iter() {
-            let (k, v) = match entry {
-                Ok(kv) => kv,
-                // An LRU entry evicted while we walk: nothing to flush.
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            let backend = if k.dir == CT_DIR_FORWARD {
+        let v4 = remove_where(&mut self.conntrack, |k, v| {
+            let b = if k.dir == CT_DIR_FORWARD {
                 v4_backend(v.addr, v.port)
             } else {
                 v4_backend(k.saddr, k.sport)
             };
-            if doomed(v.svc_id, backend) {
-                gone.push(k);
-            }
-        }
-        let mut gone6 = Vec::new();
-        for entry in self.conntrack6.iter() {
-            let (k, v) = match entry {
-                Ok(kv) => kv,
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            let backend = if k.dir == CT_DIR_FORWARD {
+            doomed(v.svc_id, b)
+        })?;
+        let v6 = remove_where(&mut self.conntrack6, |k, v| {
+            let b = if k.dir == CT_DIR_FORWARD {
                 v6_backend(v.addr, v.port)
             } else {
                 v6_backend(k.saddr, k.sport)
             };
-            if doomed(v.svc_id, backend) {
-                gone6.push(k);
-            }
-        }
-        for k in &gone {
-            self.conntrack.remove(k).or_else(ignore_missing)?;
-        }
-        for k in &gone6 {
-            self.conntrack6.remove(k).or_else(ignore_missing)?;
-        }
-        Ok(gone.len() + gone6.len())
+            doomed(v.svc_id, b)
+        })?;
+        Ok(v4 + v6)
     }
 }
 
@@ -755,36 +732,34 @@ impl Dataplane {
     ) -> Result<()> {
         let doomed =
             |svc_id: u32, b: BackendAddr| ids.contains(&svc_id) || backends.contains(&(svc_id, b));
-        let mut gone = Vec::new();
-        for entry in self.affinity.iter() {
-            let (k, v) = match entry {
-                Ok(kv) => kv,
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            if doomed(k.svc_id, v4_backend(v.backend.addr, v.backend.port)) {
-                gone.push(k);
-            }
-        }
-        let mut gone6 = Vec::new();
-        for entry in self.affinity6.iter() {
-            let (k, v) = match entry {
-                Ok(kv) => kv,
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            if doomed(k.svc_id, v6_backend(v.backend.addr, v.backend.port)) {
-                gone6.push(k);
-            }
-        }
-        for k in &gone {
-            self.affinity.remove(k).or_else(ignore_missing)?;
-        }
-        for k in &gone6 {
-            self.affinity6.remove(k).or_else(ignore_missing)?;
-        }
+        remove_where(&mut self.affinity, |k, v| {
+            doomed(k.svc_id, v4_backend(v.backend.addr, v.backend.port))
+        })?;
+        remove_where(&mut self.affinity6, |k, v| {
+            doomed(k.svc_id, v6_backend(v.backend.addr, v.backend.port))
+        })?;
         Ok(())
     }
+}
+
+/// Deletes the entries of `map` for which `doomed` holds; returns how many.
+/// An LRU entry evicted while the map is walked is simply not there.
+fn remove_where<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
+    doomed: impl Fn(&K, &V) -> bool,
+) -> Result<usize> {
+    let mut gone = Vec::new();
+    for entry in map.iter() {
+        match entry {
+            Ok((k, v)) if doomed(&k, &v) => gone.push(k),
+            Ok(_) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for k in &gone {
+        map.remove(k).or_else(ignore_missing)?;
+    }
+    Ok(gone.len())
 }
 
 pub(super) fn ignore_missing(e: aya::maps::MapError) -> Result<(), aya::maps::MapError> {
