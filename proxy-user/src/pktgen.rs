@@ -75,39 +75,60 @@ impl Frame {
     }
 
     fn l4_bytes(&self) -> Vec<u8> {
-        let mut l4 = Vec::new();
-        match self.proto {
-            6 => {
-                l4.extend_from_slice(&self.sport.to_be_bytes());
-                l4.extend_from_slice(&self.dport.to_be_bytes());
-                l4.extend_from_slice(&1u32.to_be_bytes()); // seq
-                l4.extend_from_slice(&0u32.to_be_bytes()); // ack
-                l4.push(5 << 4);
-                l4.push(0x02); // SYN
-                l4.extend_from_slice(&64240u16.to_be_bytes());
-                l4.extend_from_slice(&[0, 0, 0, 0]); // csum, urg
-                l4.extend_from_slice(&self.payload);
-                let c = l4_checksum(self.src, self.dst, 6, &l4);
-                l4[16..18].copy_from_slice(&c.to_be_bytes());
-            }
-            17 => {
-                l4.extend_from_slice(&self.sport.to_be_bytes());
-                l4.extend_from_slice(&self.dport.to_be_bytes());
-                l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
-                l4.extend_from_slice(&[0, 0]);
-                l4.extend_from_slice(&self.payload);
-                if !self.udp_zero_csum {
-                    let mut c = l4_checksum(self.src, self.dst, 17, &l4);
-                    if c == 0 {
-                        c = 0xffff;
-                    }
-                    l4[6..8].copy_from_slice(&c.to_be_bytes());
-                }
-            }
-            _ => l4.extend_from_slice(&self.payload),
-        }
-        l4
+        let (src, dst) = (self.src, self.dst);
+        l4_segment(
+            (self.sport, self.dport, self.proto),
+            0x02,
+            &self.payload,
+            !self.udp_zero_csum,
+            |proto, l4| l4_checksum(src, dst, proto, l4),
+        )
     }
+}
+
+/// A TCP segment (seq 1, ack 0, `tcp_flags`), a UDP datagram (checksum
+/// only with `udp_csum`; a computed 0 is sent as 0xffff) or, for any other
+/// protocol, the payload alone; `csum` sums the pseudo-header of the
+/// family and the segment.
+fn l4_segment(
+    (sport, dport, proto): (u16, u16, u8),
+    tcp_flags: u8,
+    payload: &[u8],
+    udp_csum: bool,
+    csum: impl Fn(u8, &[u8]) -> u16,
+) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    match proto {
+        6 => {
+            l4.extend_from_slice(&sport.to_be_bytes());
+            l4.extend_from_slice(&dport.to_be_bytes());
+            l4.extend_from_slice(&1u32.to_be_bytes()); // seq
+            l4.extend_from_slice(&0u32.to_be_bytes()); // ack
+            l4.push(5 << 4);
+            l4.push(tcp_flags);
+            l4.extend_from_slice(&64240u16.to_be_bytes());
+            l4.extend_from_slice(&[0, 0, 0, 0]); // csum, urg
+            l4.extend_from_slice(payload);
+            let c = csum(6, &l4);
+            l4[16..18].copy_from_slice(&c.to_be_bytes());
+        }
+        17 => {
+            l4.extend_from_slice(&sport.to_be_bytes());
+            l4.extend_from_slice(&dport.to_be_bytes());
+            l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+            l4.extend_from_slice(payload);
+            if udp_csum {
+                let mut c = csum(17, &l4);
+                if c == 0 {
+                    c = 0xffff;
+                }
+                l4[6..8].copy_from_slice(&c.to_be_bytes());
+            }
+        }
+        _ => l4.extend_from_slice(payload),
+    }
+    l4
 }
 
 /// Internet checksum of `data` with an initial partial `sum`.
@@ -231,35 +252,14 @@ impl Frame6 {
 
     /// Serialises the frame with valid checksums.
     pub fn build(&self) -> Vec<u8> {
-        let mut l4 = Vec::new();
-        match self.proto {
-            6 => {
-                l4.extend_from_slice(&self.sport.to_be_bytes());
-                l4.extend_from_slice(&self.dport.to_be_bytes());
-                l4.extend_from_slice(&1u32.to_be_bytes()); // seq
-                l4.extend_from_slice(&0u32.to_be_bytes()); // ack
-                l4.push(5 << 4);
-                l4.push(self.tcp_flags);
-                l4.extend_from_slice(&64240u16.to_be_bytes());
-                l4.extend_from_slice(&[0, 0, 0, 0]);
-                l4.extend_from_slice(&self.payload);
-                let c = l4_checksum6(self.src, self.dst, 6, &l4);
-                l4[16..18].copy_from_slice(&c.to_be_bytes());
-            }
-            17 => {
-                l4.extend_from_slice(&self.sport.to_be_bytes());
-                l4.extend_from_slice(&self.dport.to_be_bytes());
-                l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
-                l4.extend_from_slice(&[0, 0]);
-                l4.extend_from_slice(&self.payload);
-                let mut c = l4_checksum6(self.src, self.dst, 17, &l4);
-                if c == 0 {
-                    c = 0xffff;
-                }
-                l4[6..8].copy_from_slice(&c.to_be_bytes());
-            }
-            _ => l4.extend_from_slice(&self.payload),
-        }
+        let (src, dst) = (self.src, self.dst);
+        let l4 = l4_segment(
+            (self.sport, self.dport, self.proto),
+            self.tcp_flags,
+            &self.payload,
+            true,
+            |proto, l4| l4_checksum6(src, dst, proto, l4),
+        );
         let mut ext = Vec::new();
         if self.hop_by_hop {
             // Next header, length 0 (8 bytes), PadN filling the rest.
